@@ -1,0 +1,149 @@
+"""The virtual clock: guest time measured in retired instructions.
+
+There is one clock per machine and it is the only time a guest ever sees.
+One *tick* is one retired instruction at the nominal rate ``TICK_HZ``
+(100 MHz: one instruction = 10 ns, and the TSC counts ticks).  While the vCPU
+is halted the machine skips straight to the next deadline; the skipped ticks
+are kept in ``idle`` so that ``now() == retired_instructions + idle``.
+
+Devices schedule callbacks at absolute tick deadlines.  Timers due at the same
+tick fire in the order they were scheduled, so firing order never depends on
+hashing or host timing.  No host clock is read anywhere in here.
+
+Tests drive a clock by hand: with no ``source`` it is a manual clock whose
+time moves only by ``advance_to``/``advance``.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Callable
+
+TICK_HZ = 100_000_000
+NS_PER_TICK = 1_000_000_000 // TICK_HZ
+
+
+class Timer:
+    """A scheduled callback; ``cancel()`` it, or let it fire once."""
+
+    __slots__ = ("deadline", "seq", "callback", "active", "name")
+
+    def __init__(self, deadline: int, seq: int, callback: Callable[[int], None], name: str):
+        self.deadline = deadline
+        self.seq = seq
+        self.callback = callback
+        self.active = True
+        self.name = name
+
+    def __lt__(self, other: "Timer") -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+    def cancel(self) -> None:
+        self.active = False
+
+    def __repr__(self) -> str:
+        return f"Timer({self.name!r} at {self.deadline}{'' if self.active else ', cancelled'})"
+
+
+class VirtualClock:
+    """Instruction-counted time with deadline timers.
+
+    ``source`` returns the exact number of instructions retired so far (the
+    vCPU supplies it, exact even in the middle of a translation block).
+    ``on_new_deadline(tick)`` is told whenever a timer is scheduled, so that a
+    running vCPU can shorten its budget and stop in time.
+    """
+
+    def __init__(self, source: Callable[[], int] | None = None):
+        self._source = source
+        self._manual = 0
+        self.idle = 0
+        self._heap: list[Timer] = []
+        self._seq = 0
+        self.on_new_deadline: Callable[[int], None] | None = None
+
+    # -- time ---------------------------------------------------------------
+    def now(self) -> int:
+        """Current guest time in ticks."""
+        if self._source is None:
+            return self._manual + self.idle
+        return self._source() + self.idle
+
+    def ns(self) -> int:
+        return self.now() * NS_PER_TICK
+
+    def ticks_to_icount(self, tick: int) -> int:
+        """The retired-instruction count at which guest time reaches ``tick``."""
+        return tick - self.idle
+
+    # -- timers -------------------------------------------------------------
+    def schedule(self, deadline: int, callback: Callable[[int], None], name: str = "timer") -> Timer:
+        """Call ``callback(now)`` once guest time reaches ``deadline`` ticks."""
+        self._seq += 1
+        t = Timer(int(deadline), self._seq, callback, name)
+        heapq.heappush(self._heap, t)
+        if self.on_new_deadline is not None:
+            self.on_new_deadline(t.deadline)
+        return t
+
+    def schedule_in(self, delta: int, callback: Callable[[int], None], name: str = "timer") -> Timer:
+        return self.schedule(self.now() + max(0, int(delta)), callback, name)
+
+    def next_deadline(self) -> int | None:
+        """Tick of the earliest active timer, or None."""
+        heap = self._heap
+        while heap and not heap[0].active:
+            heapq.heappop(heap)
+        return heap[0].deadline if heap else None
+
+    def fire_due(self) -> int:
+        """Fire every active timer whose deadline has been reached; return how many."""
+        fired = 0
+        heap = self._heap
+        while True:
+            while heap and not heap[0].active:
+                heapq.heappop(heap)
+            if not heap:
+                break
+            now = self.now()
+            if heap[0].deadline > now:
+                break
+            t = heapq.heappop(heap)
+            t.active = False
+            t.callback(now)
+            fired += 1
+        return fired
+
+    def skip_idle_to(self, tick: int) -> None:
+        """While halted: jump guest time forward to ``tick`` without retiring instructions."""
+        now = self.now()
+        if tick > now:
+            self.idle += tick - now
+
+    # -- manual clocks (tests, qtest harness) -------------------------------
+    def advance_to(self, tick: int) -> int:
+        """Manual clock: move time to ``tick``, firing timers in deadline order."""
+        if self._source is not None:
+            raise RuntimeError("advance_to() is only for manual clocks; a vCPU drives this one")
+        fired = 0
+        while True:
+            nd = self.next_deadline()
+            if nd is None or nd > tick:
+                break
+            if nd > self._manual + self.idle:
+                self._manual = nd - self.idle
+            fired += self.fire_due()
+        if tick > self._manual + self.idle:
+            self._manual = tick - self.idle
+        return fired
+
+    def advance(self, ticks: int) -> int:
+        return self.advance_to(self.now() + ticks)
+
+    # -- state --------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Time only; timers belong to their devices, which re-arm them on load."""
+        return {"kind": "clock", "version": 1, "idle": self.idle, "manual": self._manual}
+
+    def load_state(self, state: dict) -> None:
+        self.idle = int(state["idle"])
+        self._manual = int(state["manual"])
