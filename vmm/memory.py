@@ -1,0 +1,92 @@
+"""Guest physical memory: RAM backed by one host buffer.
+
+The buffer is a page-aligned numpy array that the vCPU maps into Unicorn with
+``mem_map_ptr``, so the guest and the VMM see the same bytes without copies.
+Accesses outside RAM raise ``GuestMemoryError`` (a VMM bug or a bad image,
+never a host crash: every index is bounds-checked here).
+
+Host writes do not invalidate Unicorn's translated code (UNICORN.md section
+6), so every write that may land on guest code goes through ``write`` and
+notifies ``on_host_write`` (the vCPU drops cached translations there).
+"""
+from __future__ import annotations
+
+import mmap
+from typing import Callable
+
+import numpy as np
+
+PAGE = 4096
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access outside RAM."""
+
+
+class GuestMemory:
+    def __init__(self, size: int):
+        if size <= 0 or size % PAGE:
+            raise GuestMemoryError(f"RAM size must be a positive multiple of 4 KiB, not {size}")
+        self.size = size
+        # anonymous mmap: page aligned and zero filled, as Unicorn requires
+        self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.ram = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.on_host_write: Callable[[int, int], None] | None = None
+
+    # -- raw byte access ------------------------------------------------------
+    def _check(self, pa: int, n: int) -> None:
+        if pa < 0 or n < 0 or pa + n > self.size:
+            raise GuestMemoryError(f"guest-physical access {pa:#x}+{n} is outside RAM (size {self.size:#x})")
+
+    def read(self, pa: int, n: int) -> bytes:
+        self._check(pa, n)
+        return self.ram[pa : pa + n].tobytes()
+
+    def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self._check(pa, n)
+        self.ram[pa : pa + n] = np.frombuffer(bytes(data), dtype=np.uint8)
+        if self.on_host_write is not None:
+            self.on_host_write(pa, n)
+
+    def fill(self, pa: int, n: int, value: int = 0) -> None:
+        self._check(pa, n)
+        self.ram[pa : pa + n] = value
+        if self.on_host_write is not None:
+            self.on_host_write(pa, n)
+
+    # -- little-endian scalars (the page walker's PhysMem protocol) -----------
+    def read_u8(self, pa: int) -> int:
+        self._check(pa, 1)
+        return int(self.ram[pa])
+
+    def read_u16(self, pa: int) -> int:
+        return int.from_bytes(self.read(pa, 2), "little")
+
+    def read_u32(self, pa: int) -> int:
+        return int.from_bytes(self.read(pa, 4), "little")
+
+    def read_u64(self, pa: int) -> int:
+        return int.from_bytes(self.read(pa, 8), "little")
+
+    def write_u8(self, pa: int, v: int) -> None:
+        self._check(pa, 1)
+        self.ram[pa] = v & 0xFF
+
+    def write_u16(self, pa: int, v: int) -> None:
+        self._check(pa, 2)
+        self.ram[pa : pa + 2] = np.frombuffer((v & 0xFFFF).to_bytes(2, "little"), dtype=np.uint8)
+
+    def write_u32(self, pa: int, v: int) -> None:
+        self._check(pa, 4)
+        self.ram[pa : pa + 4] = np.frombuffer((v & 0xFFFF_FFFF).to_bytes(4, "little"), dtype=np.uint8)
+
+    def write_u64(self, pa: int, v: int) -> None:
+        self._check(pa, 8)
+        self.ram[pa : pa + 8] = np.frombuffer(
+            (v & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"), dtype=np.uint8
+        )
+
+    def address(self) -> int:
+        """Host address of the buffer, for mapping into the CPU core."""
+        return self.ram.ctypes.data

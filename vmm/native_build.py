@@ -1,0 +1,480 @@
+"""cffi build of the vCPU's C fast path (``vmm._vmmfast``).
+
+What runs in C, and why (measurements in ../shared/UNICORN.md section 5 and
+benchmarks/):
+
+* the block hook that keeps the exact instruction clock: a direct-mapped cache
+  of translation-block instruction counts, the budget check that stops the
+  vCPU before a block that would run past the next deadline, and the trap
+  range check used by the HLE BIOS;
+* the IN/OUT hooks, which call the Python port bus and, when the bus asks for
+  it, stop the vCPU *exactly after* the I/O instruction.  Unicorn's own
+  ``uc_emu_stop`` only takes effect at the end of the translation block, so
+  the hook sets EIP to the next instruction and leaves the CPU loop with
+  Unicorn's exported ``cpu_loop_exit`` (a longjmp back into ``cpu_exec``,
+  taken only after the Python callback has returned);
+* SYSCALL and SYSENTER stop exactly *at* the instruction the same way, so the
+  VMM emulates them from their MSRs while the vCPU is stopped;
+* the interrupt and invalid-instruction hooks record the exception and stop;
+* RDTSC/RDTSCP (the Python binding refuses these hooks) and CPUID call back
+  into Python and skip the native instruction.
+
+Python keeps the reference versions (vmm/vcpu.py) that tests compare to.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from cffi import FFI
+
+CDEF = r"""
+typedef struct {
+    uint64_t pc;
+    uint32_t size;
+    uint32_t icount;
+    uint32_t mode;
+    uint32_t pad;
+} vmm_tbc_entry;
+
+typedef struct vmm_core {
+    void *uc;
+    void *cpu;
+    uint8_t *env;
+    uint64_t icount;
+    uint64_t budget;
+    uint64_t tb_start;
+    uint32_t tb_size;
+    uint32_t tb_icount;
+    uint32_t stop_flags;
+    int32_t exc_vector;
+    uint64_t exc_eip;
+    uint32_t exc_error;
+    uint32_t exc_is_int;
+    uint64_t trap_lo;
+    uint64_t trap_len;
+    uint64_t io_count;
+    uint64_t tb_count;
+    uint64_t tb_misses;
+    uint64_t stop_eip;
+    uint32_t trap_kind;
+    uint32_t io_late_stops;
+    uint32_t irq_pending;
+    void *handle;
+    ...;
+} vmm_core;
+
+#define VMM_STOP_BUDGET ...
+#define VMM_STOP_TRAP ...
+#define VMM_STOP_IO ...
+#define VMM_STOP_IO_LATE ...
+#define VMM_STOP_EXC ...
+#define VMM_STOP_UD ...
+#define VMM_STOP_INSN ...
+#define VMM_STOP_IRQWIN ...
+#define VMM_IO_STOP ...
+#define VMM_EV_RDTSC ...
+#define VMM_EV_RDTSCP ...
+#define VMM_EV_CPUID ...
+#define VMM_INSN_SYSCALL ...
+#define VMM_INSN_SYSENTER ...
+
+extern "Python" int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
+                              uint32_t value, uint32_t *result);
+extern "Python" int vmm_py_event(void *handle, int kind);
+
+vmm_core *vmm_core_new(void);
+void vmm_core_free(vmm_core *c);
+int vmm_core_attach(vmm_core *c, void *uc, uint64_t reg_read_fn, uint64_t loop_exit_fn);
+int vmm_core_install_hooks(vmm_core *c);
+void vmm_core_flush_tbc(vmm_core *c);
+int vmm_vmem_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t size);
+int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until);
+"""
+
+CSRC = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unicorn/unicorn.h>
+
+#define TBC_BITS 16
+#define TBC_SIZE (1u << TBC_BITS)
+
+#define VMM_STOP_BUDGET   0x01u
+#define VMM_STOP_TRAP     0x02u
+#define VMM_STOP_IO       0x04u
+#define VMM_STOP_IO_LATE  0x08u
+#define VMM_STOP_EXC      0x10u
+#define VMM_STOP_UD       0x20u
+#define VMM_STOP_INSN     0x40u
+#define VMM_STOP_IRQWIN   0x80u
+
+#define VMM_IO_STOP       0x1
+
+#define VMM_EV_RDTSC      1
+#define VMM_EV_RDTSCP     2
+#define VMM_EV_CPUID      3
+
+#define VMM_INSN_SYSCALL  1
+#define VMM_INSN_SYSENTER 2
+
+/* CPUX86State field offsets (QEMU 5 as built into Unicorn 2.1.4); checked at
+   attach time against values written through the public API. */
+#define ENV_EIP        128
+#define ENV_EFLAGS     136
+#define IF_MASK        0x200u
+#define ENV_HFLAGS     176
+#define ENV_SEG_CS     (184 + 24 * 1)
+#define ENV_ERROR_CODE 5384
+#define ENV_EXC_IS_INT 5388
+#define ENV_OLD_EXC    5496
+
+#define HF_CS32 (1u << 4)
+#define HF_CS64 (1u << 15)
+
+typedef struct {
+    uint64_t pc;
+    uint32_t size;
+    uint32_t icount;
+    uint32_t mode;
+    uint32_t pad;
+} vmm_tbc_entry;
+
+typedef struct vmm_core {
+    void *uc;
+    void *cpu;
+    uint8_t *env;
+    uint64_t icount;      /* retired instructions, counting the current block in full */
+    uint64_t budget;      /* stop before a block that would end past this count */
+    uint64_t tb_start;    /* linear address of the block now running */
+    uint32_t tb_size;
+    uint32_t tb_icount;   /* what the current block added to icount */
+    uint32_t stop_flags;
+    int32_t exc_vector;
+    uint64_t exc_eip;
+    uint32_t exc_error;
+    uint32_t exc_is_int;
+    uint64_t trap_lo;     /* blocks starting in [trap_lo, trap_lo+trap_len) stop */
+    uint64_t trap_len;
+    uint64_t io_count;
+    uint64_t tb_count;
+    uint64_t tb_misses;
+    uint64_t stop_eip;
+    uint32_t trap_kind;
+    uint32_t io_late_stops;
+    uint32_t irq_pending; /* an interrupt waits for IF=1: stop at the first block with IF set */
+    void *handle;
+    void (*loop_exit)(void *cpu);
+    uc_hook hooks[10];
+    vmm_tbc_entry tbc[TBC_SIZE];
+} vmm_core;
+
+static int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
+                     uint32_t value, uint32_t *result);
+static int vmm_py_event(void *handle, int kind);
+
+static vmm_core *vmm_core_new(void)
+{
+    vmm_core *c = calloc(1, sizeof(vmm_core));
+    if (c) {
+        c->budget = UINT64_MAX;
+        c->exc_vector = -1;
+    }
+    return c;
+}
+
+static void vmm_core_free(vmm_core *c) { free(c); }
+
+static void vmm_core_flush_tbc(vmm_core *c)
+{
+    memset(c->tbc, 0, sizeof(c->tbc));
+}
+
+static inline uint32_t code_mode(vmm_core *c)
+{
+    return *(uint32_t *)(c->env + ENV_HFLAGS) & (HF_CS32 | HF_CS64);
+}
+
+static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+{
+    vmm_core *c = ud;
+    uint32_t mode = code_mode(c);
+    vmm_tbc_entry *e = &c->tbc[(addr ^ (addr >> TBC_BITS) ^ (mode >> 4)) & (TBC_SIZE - 1)];
+    uint32_t n;
+
+    if (addr - c->trap_lo < c->trap_len) {
+        c->stop_flags |= VMM_STOP_TRAP;
+        c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;
+        uc_emu_stop(uc);
+        return;
+    }
+    /* IF only goes from 0 to 1 through instructions that end their block
+       (STI, POPF, IRET, ...), so a block boundary is the first boundary at
+       which a waiting interrupt can be taken; the STI/MOV SS shadow is
+       honoured by the VMM, which single-steps when hflags still inhibit. */
+    if (c->irq_pending && (*(uint64_t *)(c->env + ENV_EFLAGS) & IF_MASK)) {
+        c->stop_flags |= VMM_STOP_IRQWIN;
+        c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;
+        uc_emu_stop(uc);
+        return;
+    }
+    if (e->pc == addr && e->size == size && e->mode == mode && e->icount) {
+        n = e->icount;
+    } else {
+        uc_tb tb;
+        c->tb_misses++;
+        if (uc_ctl(uc, UC_CTL_READ_WRITE(UC_CTL_TB_REQUEST_CACHE, 2), addr, &tb) != UC_ERR_OK) {
+            n = 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
+        } else {
+            n = tb.icount;
+            e->pc = addr; e->size = size; e->mode = mode; e->icount = n;
+        }
+    }
+    if (c->icount + n > c->budget) {
+        c->stop_flags |= VMM_STOP_BUDGET;
+        c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;
+        uc_emu_stop(uc);
+        return;
+    }
+    c->icount += n;
+    c->tb_count++;
+    c->tb_start = addr;
+    c->tb_size = size;
+    c->tb_icount = n;
+}
+
+/* Length of a non-string IN/OUT at the current EIP, or 0 for string forms
+   (INS/OUTS update ESI/EDI/ECX after the port access, so they cannot be cut
+   short: they stop at the end of the block instead). */
+static int io_insn_len(vmm_core *c, uint64_t eip)
+{
+    uint8_t b[16];
+    uint64_t cs_base = *(uint64_t *)(c->env + ENV_SEG_CS + 8);
+    uint32_t mode = code_mode(c);
+    int i;
+    if (uc_vmem_read(c->uc, cs_base + eip, UC_PROT_EXEC, b, sizeof(b)) != UC_ERR_OK) {
+        /* the instruction may end right before an unmapped page */
+        for (i = 0; i < 15; i++) {
+            if (uc_vmem_read(c->uc, cs_base + eip + i, UC_PROT_EXEC, b + i, 1) != UC_ERR_OK)
+                break;
+        }
+        if (i == 0) return 0;
+    }
+    for (i = 0; i < 15; i++) {
+        uint8_t x = b[i];
+        if (x == 0x66 || x == 0x67 || x == 0xF0 || x == 0xF2 || x == 0xF3 || x == 0x2E ||
+            x == 0x36 || x == 0x3E || x == 0x26 || x == 0x64 || x == 0x65)
+            continue;
+        if ((mode & HF_CS64) && (x & 0xF0) == 0x40)
+            continue;
+        if (x == 0xE4 || x == 0xE5 || x == 0xE6 || x == 0xE7) return i + 2;
+        if (x == 0xEC || x == 0xED || x == 0xEE || x == 0xEF) return i + 1;
+        return 0;
+    }
+    return 0;
+}
+
+static void exit_now(vmm_core *c)
+{
+    uc_emu_stop(c->uc);
+    c->loop_exit(c->cpu);   /* longjmp into cpu_exec; does not return */
+}
+
+static void io_stop(vmm_core *c, int is_in, int size, uint32_t value)
+{
+    uint64_t eip = *(uint64_t *)(c->env + ENV_EIP);
+    int len = io_insn_len(c, eip);
+    if (len == 0) {
+        c->stop_flags |= VMM_STOP_IO_LATE;
+        c->io_late_stops++;
+        uc_emu_stop(c->uc);
+        return;
+    }
+    if (is_in) {
+        uint64_t *rax = (uint64_t *)(c->env + 0);
+        if (size == 1) *rax = (*rax & ~0xFFull) | (value & 0xFF);
+        else if (size == 2) *rax = (*rax & ~0xFFFFull) | (value & 0xFFFF);
+        else *rax = value;  /* a 32-bit destination zero-extends */
+    }
+    *(uint64_t *)(c->env + ENV_EIP) = eip + len;
+    c->stop_eip = eip + len;
+    c->stop_flags |= VMM_STOP_IO;
+    exit_now(c);
+}
+
+static void out_hook(uc_engine *uc, uint32_t port, int size, uint32_t value, void *ud)
+{
+    vmm_core *c = ud;
+    uint32_t dummy = 0;
+    c->io_count++;
+    if (vmm_py_io(c->handle, 1, port, size, value, &dummy) & VMM_IO_STOP)
+        io_stop(c, 0, size, value);
+}
+
+static uint32_t in_hook(uc_engine *uc, uint32_t port, int size, void *ud)
+{
+    vmm_core *c = ud;
+    uint32_t v = 0xFFFFFFFFu;
+    c->io_count++;
+    if (vmm_py_io(c->handle, 0, port, size, 0, &v) & VMM_IO_STOP)
+        io_stop(c, 1, size, v);
+    return v;
+}
+
+static void intr_hook(uc_engine *uc, uint32_t intno, void *ud)
+{
+    vmm_core *c = ud;
+    c->exc_vector = (int32_t)intno;
+    c->exc_eip = *(uint64_t *)(c->env + ENV_EIP);
+    c->exc_error = *(uint32_t *)(c->env + ENV_ERROR_CODE);
+    c->exc_is_int = *(uint32_t *)(c->env + ENV_EXC_IS_INT);
+    /* Unicorn never runs do_interrupt, so QEMU's double-fault bookkeeping
+       would turn the next fault into #DF: the VMM applies the SDM rules. */
+    *(int32_t *)(c->env + ENV_OLD_EXC) = -1;
+    c->stop_flags |= VMM_STOP_EXC;
+    uc_emu_stop(uc);
+}
+
+static bool invalid_hook(uc_engine *uc, void *ud)
+{
+    vmm_core *c = ud;
+    c->exc_vector = 6;
+    c->exc_eip = *(uint64_t *)(c->env + ENV_EIP);
+    c->exc_error = 0;
+    c->exc_is_int = 0;
+    c->stop_flags |= VMM_STOP_UD;
+    uc_emu_stop(uc);
+    return true;
+}
+
+static int rdtsc_hook(uc_engine *uc, void *ud)
+{
+    return vmm_py_event(((vmm_core *)ud)->handle, VMM_EV_RDTSC);
+}
+
+static int rdtscp_hook(uc_engine *uc, void *ud)
+{
+    return vmm_py_event(((vmm_core *)ud)->handle, VMM_EV_RDTSCP);
+}
+
+static int cpuid_hook(uc_engine *uc, void *ud)
+{
+    return vmm_py_event(((vmm_core *)ud)->handle, VMM_EV_CPUID);
+}
+
+static void syscall_hook(uc_engine *uc, void *ud)
+{
+    vmm_core *c = ud;
+    c->trap_kind = VMM_INSN_SYSCALL;
+    c->stop_eip = *(uint64_t *)(c->env + ENV_EIP);
+    c->stop_flags |= VMM_STOP_INSN;
+    exit_now(c);
+}
+
+static void sysenter_hook(uc_engine *uc, void *ud)
+{
+    vmm_core *c = ud;
+    c->trap_kind = VMM_INSN_SYSENTER;
+    c->stop_eip = *(uint64_t *)(c->env + ENV_EIP);
+    c->stop_flags |= VMM_STOP_INSN;
+    exit_now(c);
+}
+
+/* Locate CPUState and CPUX86State behind the public handle.  uc_struct holds
+   `reg_read` and, 38 pointers later, `cpu` (include/uc_priv.h of 2.1.4); the
+   X86CPU object holds env after CPUState.  Both are validated: env must hold
+   the register values the caller just wrote through uc_reg_write. */
+static int vmm_core_attach(vmm_core *c, void *uc, uint64_t reg_read_fn, uint64_t loop_exit_fn)
+{
+    uint64_t *w = (uint64_t *)uc;
+    int i, off = -1;
+    uint64_t probe[4];
+    uint8_t *cpu;
+
+    for (i = 0; i < 4; i++)
+        probe[i] = 0x5a17c0de00000000ull | ((uint64_t)(i + 1) * 0x01010101ull);
+    uc_reg_write(uc, UC_X86_REG_RAX, &probe[0]);
+    uc_reg_write(uc, UC_X86_REG_RCX, &probe[1]);
+    uc_reg_write(uc, UC_X86_REG_RDX, &probe[2]);
+    uc_reg_write(uc, UC_X86_REG_RBX, &probe[3]);
+
+    for (i = 0; i < 512; i++) {
+        if (w[i] == reg_read_fn) { off = i; break; }
+    }
+    if (off < 0) return -1;
+    cpu = (uint8_t *)w[off + 38];
+    if (!cpu) return -2;
+    for (i = 0; i < 0x40000; i += 8) {
+        if (memcmp(cpu + i, probe, sizeof(probe)) == 0) {
+            c->env = cpu + i;
+            break;
+        }
+    }
+    if (!c->env) return -3;
+    c->uc = uc;
+    c->cpu = cpu;
+    c->loop_exit = (void (*)(void *))(uintptr_t)loop_exit_fn;
+    return 0;
+}
+
+static int vmm_core_install_hooks(vmm_core *c)
+{
+    uc_engine *uc = c->uc;
+    uc_err e = UC_ERR_OK;
+    e |= uc_hook_add(uc, &c->hooks[0], UC_HOOK_BLOCK, (void *)block_hook, c, 1, 0);
+    e |= uc_hook_add(uc, &c->hooks[1], UC_HOOK_INSN, (void *)in_hook, c, 1, 0, UC_X86_INS_IN);
+    e |= uc_hook_add(uc, &c->hooks[2], UC_HOOK_INSN, (void *)out_hook, c, 1, 0, UC_X86_INS_OUT);
+    e |= uc_hook_add(uc, &c->hooks[3], UC_HOOK_INTR, (void *)intr_hook, c, 1, 0);
+    e |= uc_hook_add(uc, &c->hooks[4], UC_HOOK_INSN_INVALID, (void *)invalid_hook, c, 1, 0);
+    e |= uc_hook_add(uc, &c->hooks[5], UC_HOOK_INSN, (void *)rdtsc_hook, c, 1, 0, UC_X86_INS_RDTSC);
+    e |= uc_hook_add(uc, &c->hooks[6], UC_HOOK_INSN, (void *)rdtscp_hook, c, 1, 0, UC_X86_INS_RDTSCP);
+    e |= uc_hook_add(uc, &c->hooks[7], UC_HOOK_INSN, (void *)cpuid_hook, c, 1, 0, UC_X86_INS_CPUID);
+    e |= uc_hook_add(uc, &c->hooks[8], UC_HOOK_INSN, (void *)syscall_hook, c, 1, 0, UC_X86_INS_SYSCALL);
+    e |= uc_hook_add(uc, &c->hooks[9], UC_HOOK_INSN, (void *)sysenter_hook, c, 1, 0, UC_X86_INS_SYSENTER);
+    return (int)e;
+}
+
+static int vmm_vmem_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t size)
+{
+    return (int)uc_vmem_read(c->uc, addr, UC_PROT_EXEC, buf, size);
+}
+
+/* One entry into guest code.  Resets the per-run stop state first. */
+static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
+{
+    c->stop_flags = 0;
+    c->exc_vector = -1;
+    c->trap_kind = 0;
+    return (int)uc_emu_start(c->uc, begin, until, 0, 0);
+}
+"""
+
+
+def _unicorn_paths() -> tuple[str, str]:
+    spec = importlib.util.find_spec("unicorn")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the unicorn package is not installed (pip install unicorn==2.1.4)")
+    pkg = os.path.dirname(spec.origin)
+    return os.path.join(pkg, "include"), os.path.join(pkg, "lib")
+
+
+def make_builder() -> FFI:
+    inc, lib = _unicorn_paths()
+    ffibuilder = FFI()
+    ffibuilder.cdef(CDEF)
+    ffibuilder.set_source(
+        "vmm._vmmfast",
+        CSRC,
+        include_dirs=[inc],
+        library_dirs=[lib],
+        extra_link_args=[f"-Wl,-rpath,{lib}", "-l:libunicorn.so.2"],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    )
+    return ffibuilder
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
