@@ -158,6 +158,11 @@ class Vcpu:
         self._stop_requested = False
         self._pending_error: BaseException | None = None
         self.exits = 0
+        # Exit points come from an explicit set (empty except for exact stops):
+        # with a plain `until`, Unicorn invalidates code at until-1 after every
+        # run, and that lookup of an unmapped address clobbers the guest's CR2.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
         self._reset_context = self._make_reset_context()
         self._check_layout()
         self.reset()
@@ -191,6 +196,9 @@ class Vcpu:
         self.uc.context_restore(ctx)
         self.load_seg(CS, cs, cs << 4, 0xFFFF, 0x9B00)
         self.set_u64(ENV_EIP, ip)
+        # SDM vol. 3A table 9-1: IDTR and GDTR base 0, limit 0xFFFF after reset
+        self.set_sys_seg("idt", 0, 0, 0xFFFF, 0)
+        self.set_sys_seg("gdt", 0, 0, 0xFFFF, 0)
         self.uc.ctl_flush_tb()
         lib.vmm_core_flush_tbc(self._core)
         self._core.icount = 0
@@ -540,12 +548,19 @@ class Vcpu:
         x = self._enter(budget, NO_UNTIL)
         if x is not None:
             return x
-        # stopped before a block that would pass the deadline: run its first k instructions
-        k = until_icount - c.icount
+        # stopped before a block that would pass the deadline (which a timer armed
+        # during the run may have brought forward): run its first k instructions
+        k = c.budget - c.icount
+        if k <= 0:
+            return VmExit(ExitReason.DEADLINE, self.rip, c.icount)
         start = self.seg(CS).base + self.rip
         target = self.nth_insn_address(start, k)
         self.uc.ctl_remove_cache(target - 1, target)
-        x = self._enter(U64, target)
+        self.uc.ctl_set_exits([target])
+        try:
+            x = self._enter(U64, target)
+        finally:
+            self.uc.ctl_set_exits([])
         if x is not None:
             return x
         return VmExit(ExitReason.DEADLINE, self.rip, c.icount)
@@ -561,7 +576,7 @@ class Vcpu:
             self.invalidate_code()
         c.budget = budget
         self._stop_requested = False
-        err = lib.vmm_core_run(c, self.rip, until)
+        err = lib.vmm_core_run(c, self.rip, 0)
         self.exits += 1
         if self._pending_error is not None:
             e, self._pending_error = self._pending_error, None
