@@ -157,6 +157,8 @@ class Vcpu:
         self.tsc_aux = 0
         self._stop_requested = False
         self._pending_error: BaseException | None = None
+        self._ref_hook = None
+        self.ref_icount = 0
         self.exits = 0
         # Exit points come from an explicit set (empty except for exact stops):
         # with a plain `until`, Unicorn invalidates code at until-1 after every
@@ -500,6 +502,22 @@ class Vcpu:
             pos += size
         return start + pos
 
+    # -- the reference clock ------------------------------------------------------
+    def enable_reference_clock(self) -> None:
+        """Count instructions the slow, obvious way, to check the C clock against.
+
+        A Python code hook counts every instruction that starts; an instruction
+        that faults started but did not retire, so exception exits that are
+        faults take one back.  Costs ~1 us per instruction: tests only.
+        """
+        self.ref_icount = self.icount
+
+        def on_code(uc, address, size, user_data):
+            self.ref_icount += 1
+
+        self._ref_hook = self.uc.hook_add(unicorn.UC_HOOK_CODE, on_code)
+        self.invalidate_code()
+
     # -- callbacks from C ------------------------------------------------------------
     def request_stop(self) -> None:
         """Stop the vCPU right after the instruction now executing (from a hook)."""
@@ -605,6 +623,8 @@ class Vcpu:
             vec = c.exc_vector
             sw = bool(flags & lib.VMM_STOP_EXC and c.exc_is_int)
             ec = c.exc_error if vec in (8, 10, 11, 12, 13, 14, 17) and not sw else None
+            if self._ref_hook is not None and not sw and not self._is_trap(vec):
+                self.ref_icount -= 1
             return VmExit(ExitReason.EXCEPTION, self.rip, icount, vector=vec, error_code=ec, software=bool(sw))
         if flags & lib.VMM_STOP_INSN:
             reason = ExitReason.SYSCALL if c.trap_kind == lib.VMM_INSN_SYSCALL else ExitReason.SYSENTER
@@ -625,6 +645,10 @@ class Vcpu:
         if self._code_bytes(lin - 1, 1) == b"\xf4":
             return VmExit(ExitReason.HLT, self.rip, icount)
         return VmExit(ExitReason.ERROR, self.rip, icount, detail="the CPU core stopped for no known reason")
+
+    def _is_trap(self, vector: int) -> bool:
+        # #DB from single-step or a data breakpoint is reported after the instruction
+        return vector == 1 and bool(self.reg("dr6") & 0x4000_000F)
 
     def _is_fetch_fault(self, lin: int) -> bool:
         ec = self._core.exc_error

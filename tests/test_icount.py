@@ -1,0 +1,130 @@
+"""The instruction clock: exact, whatever the program does.
+
+Random programs (straight-line code, loops, memory traffic, port I/O, REP
+strings, and faults and traps that handlers resume from) run on the real
+vCPU with the C clock and, at the same time, the Python reference clock (a
+code hook on every instruction, one taken back per fault).  They must agree
+at every exit, and ``run(until_icount=N)`` must stop at exactly N.
+"""
+from __future__ import annotations
+
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tools.guestkit import Guest
+
+DATA = 0x50000
+
+ALU = [
+    "add eax, ebx", "sub ebx, 7", "xor edx, eax", "inc esi", "dec edi", "imul eax, ebx, 3",
+    "shl ebx, 1", "or eax, 0x55", "lea esi, [esi+eax*2]", "nop", "mov edx, esi", "neg eax",
+]
+MEM = ["mov [0x50000], eax", "add [0x50004], ebx", "mov ebx, [0x50008]", "push eax", "pop ebx",
+       "inc dword ptr [0x50010]"]
+IO = ["out 0x80, al", "in al, 0x71", "out 0xe9, al"]
+FAULTS = ["ud2", "int3", "int 0x40", "div ecx"]  # div: ecx is zero where this is emitted
+
+
+def _item():
+    return st.one_of(
+        st.sampled_from(ALU),
+        st.sampled_from(MEM),
+        st.sampled_from(IO),
+        st.sampled_from(FAULTS),
+        st.tuples(st.integers(1, 6), st.lists(st.sampled_from(ALU + MEM + IO), min_size=1, max_size=6)),
+        st.integers(0, 5).map(lambda n: f"REP {n}"),
+    )
+
+
+def render(items) -> str:
+    out = []
+    label = 0
+    for it in items:
+        if isinstance(it, tuple):
+            n, body = it
+            label += 1
+            out.append(f"push ecx; mov ecx, {n}; L{label}: " + "; ".join(body) + f"; dec ecx; jnz L{label}; pop ecx")
+        elif it.startswith("REP"):
+            n = int(it.split()[1])
+            out.append(f"push ecx; push edi; mov edi, {DATA + 0x100}; mov ecx, {n}; rep stosb; pop edi; pop ecx")
+        elif it == "div ecx":
+            out.append("push ecx; xor ecx, ecx; div ecx; pop ecx")
+        else:
+            out.append(it)
+    return "; ".join(out)
+
+
+def make_guest(program: str) -> Guest:
+    g = Guest()
+    g.protected_mode("mov eax, 1; mov ebx, 2; xor esi, esi; xor edi, edi; xor ecx, ecx; "
+                     + program + "; mov dx, 0x501; mov al, 0; out dx, al; hlt")
+    # faults resume after the faulting instruction; traps already point past it
+    g.idt32(6, "add dword ptr [esp], 2; iretd")          # ud2 is 2 bytes
+    g.idt32(0, "add dword ptr [esp], 2; iretd")          # div ecx is 2 bytes
+    g.idt32(3, "iretd")
+    g.idt32(0x40, "iretd")
+    g.put(DATA, struct.pack("<IIII", 0, 0, 0, 0))
+    return g
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_item(), min_size=1, max_size=25))
+def test_icount_matches_reference(items):
+    g = make_guest(render(items))
+    g.cpu.enable_reference_clock()
+    r = g.run(200_000)
+    assert r.reason.value == "exit", r
+    assert g.cpu.icount == g.cpu.ref_icount
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_item(), min_size=1, max_size=25), st.data())
+def test_run_until_stops_exactly(items, data):
+    program = render(items)
+    g = make_guest(program)
+    total = g.run(200_000).icount
+    n = data.draw(st.integers(0, total))
+    g2 = make_guest(program)
+    g2.cpu.enable_reference_clock()
+    r = g2.m.run(max_instructions=n)
+    assert g2.cpu.icount == n == g2.cpu.ref_icount
+    assert r.reason.value in ("limit", "exit")
+    if r.reason.value == "exit":  # the limit fell on the exit instruction itself
+        assert n == total
+        return
+    # continuing from the stop point reaches the same end as the straight run
+    r2 = g2.m.run(max_instructions=200_000)
+    assert r2.reason.value == "exit" and g2.cpu.icount == total == g2.cpu.ref_icount
+
+
+def test_loop_count_is_exact():
+    # 1 setup + 1000 * 3 + exit sequence (mov, mov, out) = known by construction
+    g = Guest()
+    g.protected_mode("mov ecx, 1000; L: add eax, 1; dec ecx; jnz L; mov dx, 0x501; mov al, 0; out dx, al; hlt")
+    r = g.run()
+    assert r.reason.value == "exit"
+    assert g.cpu.icount == 1 + 1000 * 3 + 3
+
+
+def test_faulting_instruction_does_not_retire_trap_does():
+    g = Guest()
+    g.protected_mode("ud2; int 0x40; mov dx, 0x501; mov al, 0; out dx, al")
+    g.idt32(6, "add dword ptr [esp], 2; iretd")
+    g.idt32(0x40, "iretd")
+    r = g.run()
+    assert r.reason.value == "exit"
+    # ud2 faults (0), its handler: add, iretd (2); int 0x40 retires (1), handler iretd (1); exit 3
+    assert g.cpu.icount == 0 + 2 + 1 + 1 + 3
+
+
+def test_stop_at_every_count_of_a_block():
+    # a long straight-line block; every stop point inside it is reachable exactly
+    body = "; ".join(["add eax, 1"] * 30)
+    for n in range(0, 32, 3):
+        g = Guest()
+        g.protected_mode(body + "; mov dx, 0x501; out dx, al")
+        r = g.m.run(max_instructions=n)
+        assert g.cpu.icount == n, (n, r)
+        assert g.cpu.gpr(0) == min(n, 30)
