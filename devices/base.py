@@ -11,7 +11,8 @@ bytes, lists and dicts (never a live object) carrying a ``"version"`` key;
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NewType, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, NewType, Protocol, runtime_checkable
 
 Port = NewType("Port", int)
 GuestPhysAddr = NewType("GuestPhysAddr", int)
@@ -72,7 +73,7 @@ class IrqLine:
     only remembers its level, so devices can be unit-tested on their own.
     """
 
-    __slots__ = ("name", "level", "_sink", "edges")
+    __slots__ = ("_sink", "edges", "level", "name")
 
     def __init__(self, name: str = "irq", sink: Callable[[bool], None] | None = None):
         self.name = name

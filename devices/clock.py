@@ -16,7 +16,7 @@ time moves only by ``advance_to``/``advance``.
 from __future__ import annotations
 
 import heapq
-from typing import Callable
+from collections.abc import Callable
 
 TICK_HZ = 100_000_000
 NS_PER_TICK = 1_000_000_000 // TICK_HZ
@@ -25,7 +25,7 @@ NS_PER_TICK = 1_000_000_000 // TICK_HZ
 class Timer:
     """A scheduled callback; ``cancel()`` it, or let it fire once."""
 
-    __slots__ = ("deadline", "seq", "callback", "active", "name")
+    __slots__ = ("active", "callback", "deadline", "name", "seq")
 
     def __init__(self, deadline: int, seq: int, callback: Callable[[int], None], name: str):
         self.deadline = deadline
@@ -34,7 +34,7 @@ class Timer:
         self.active = True
         self.name = name
 
-    def __lt__(self, other: "Timer") -> bool:
+    def __lt__(self, other: Timer) -> bool:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
 
     def cancel(self) -> None:

@@ -28,7 +28,7 @@ class DiskImage:
         self.writes = 0
 
     @classmethod
-    def open(cls, path: str) -> "DiskImage":
+    def open(cls, path: str) -> DiskImage:
         try:
             with open(path, "rb") as f:
                 data = f.read()

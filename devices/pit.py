@@ -58,9 +58,9 @@ NEVER = 1 << 62  # a pulse index no guest reaches: "not scheduled"
 _CHANNEL_FIELDS = (
     "mode_bits", "rw", "bcd", "gate", "cr", "have_cr", "wff", "wlsb", "rff",
     "latch", "latch_status", "frozen_ce", "frozen_out", "load_at", "n", "d0", "run",
-    "next_at", "next_n", "next_d0", "null_until",
+    "next_at", "next_n", "next_d0", "null_until", "trig_at",
 )
-_PULSE_FIELDS = ("load_at", "next_at", "null_until")
+_PULSE_FIELDS = ("load_at", "next_at", "null_until", "trig_at")
 
 
 def pulse_index(tick: int) -> int:
@@ -113,6 +113,7 @@ class _Channel:
         self.next_n = 0x10000
         self.next_d0 = 0
         self.null_until = NEVER
+        self.trig_at = NEVER
 
     def count_of(self, raw: int) -> int:
         if self.bcd:
@@ -214,6 +215,7 @@ class _Channel:
         self.load_at = NEVER
         self.next_at = NEVER
         self.null_until = NEVER
+        self.trig_at = NEVER
         self.have_cr = False
         self.wff = False
         self.rff = False
@@ -234,6 +236,8 @@ class _Channel:
                 self.sync(c)
                 self.freeze(c)
                 self.frozen_out = False
+                if c < self.load_at < NEVER:
+                    self.null_until = NEVER  # the pending load is abandoned, not done
                 self.load_at = NEVER
         else:
             self.wff = False
@@ -254,6 +258,9 @@ class _Channel:
             if c < self.load_at < NEVER:
                 self.n = n  # a trigger in this same CLK period loads the newest count
                 self.null_until = self.load_at
+            elif c < self.trig_at:
+                self.freeze(c)
+                self._start(n, self.trig_at, True)
             else:
                 self.null_until = NEVER  # waits for the next trigger
         elif self.load_at >= NEVER:
@@ -299,11 +306,13 @@ class _Channel:
         self.gate = level
         mode = self.mode
         if mode == 1 or mode == 5:
-            if level and self.have_cr:
+            if level and not self.have_cr:
+                self.trig_at = c + 1  # the edge is sampled at the next CLK; a count may still come
+            elif level:
                 self.freeze(c)
                 null = c < self.null_until
                 self._start(self.count_of(self.cr), c + 1, True)
-                if null:
+                if not null:
                     self.null_until = 0
             return
         if self.load_at >= NEVER:
@@ -329,7 +338,7 @@ class _Channel:
             self.freeze(c)
             null = c < self.null_until
             self._start(self.count_of(self.cr), c + 1, True)
-            if null:
+            if not null:
                 self.null_until = 0
 
     def read_byte(self, c: int) -> int:

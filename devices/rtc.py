@@ -630,7 +630,7 @@ class Rtc146818:
         p = _PERIOD_CYCLES[self._regs[REG_A] & A_RS_MASK]
         if b & B_PIE and p:
             k = ((now - ref) * OSC_HZ) // (TICK_HZ * p) + 1
-            best = ref + ((k * p * TICK_HZ) // OSC_HZ)  # first tick at or past edge k
+            best = ref - ((-k * p * TICK_HZ) // OSC_HZ)  # first tick at or past edge k
         if not b & B_SET and b & (B_UIE | B_AIE):
             k_now = (now - ref) // TICK_HZ
             if b & B_UIE:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -44,20 +45,12 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    t = text.strip().upper()
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if t.endswith(suffix) or t.endswith(suffix + "B") or t.endswith(suffix + "IB"):
-            mult = m
-            t = t.rstrip("IB").rstrip(suffix) if not t.endswith(suffix) else t[:-1]
-            break
-    try:
-        value = int(t, 0) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 512K, 1G)") from None
-    if mult == 1 and value < (1 << 20):
-        value <<= 20  # a bare number is MiB, as in QEMU's -m
-    return value
+    """'64M', '512K', '1G', '65536K', or a bare number of MiB (as QEMU's -m)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:I?B)?\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 512K, 1G)")
+    value, unit = int(m.group(1)), m.group(2) or "M"
+    return value << {"K": 10, "M": 20, "G": 30}[unit]
 
 
 def parse_int(text: str) -> int:
@@ -148,7 +141,7 @@ def cmd_run(args) -> int:
     try:
         m = PcMachine(config)
         try:
-            info = boot(m, data, kind, name=args.image if args.cmdline is None else args.image,
+            info = boot(m, data, kind, name=args.image,
                         load_addr=args.load_addr, cmdline=args.cmdline if args.cmdline is not None else args.image)
         except BootError as e:
             raise UsageError(str(e)) from None

@@ -8,8 +8,9 @@ pending interrupt at the next instruction boundary that allows it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from devices.bus import IoBus, MmioBus
 from devices.clock import VirtualClock

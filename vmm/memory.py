@@ -12,7 +12,7 @@ notifies ``on_host_write`` (the vCPU drops cached translations there).
 from __future__ import annotations
 
 import mmap
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -196,49 +196,58 @@ static inline uint32_t code_mode(vmm_core *c)
     return *(uint32_t *)(c->env + ENV_HFLAGS) & (HF_CS32 | HF_CS64);
 }
 
+static uint32_t tbc_fill(vmm_core *c, uc_engine *uc, vmm_tbc_entry *e, uint64_t addr, uint32_t size,
+                         uint32_t mode)
+{
+    uc_tb tb;
+    c->tb_misses++;
+    if (uc_ctl(uc, UC_CTL_READ_WRITE(UC_CTL_TB_REQUEST_CACHE, 2), addr, &tb) != UC_ERR_OK)
+        return 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
+    e->pc = addr; e->size = size; e->mode = mode; e->icount = tb.icount;
+    return tb.icount;
+}
+
+/* The rare cases, out of the hot path: returns 1 if the vCPU must stop
+   before this block. */
+static int block_slow(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t size, uint32_t n)
+{
+    uint32_t why = 0;
+    if (addr - c->trap_lo < c->trap_len)
+        why = VMM_STOP_TRAP;
+    /* IF only goes from 0 to 1 through instructions that end their block
+       (STI, POPF, IRET, ...), so a block boundary is the first boundary at
+       which a waiting interrupt can be taken; the STI/MOV SS shadow is
+       honoured by the VMM, which single-steps when hflags still inhibit. */
+    else if (c->irq_pending && (*(uint64_t *)(c->env + ENV_EFLAGS) & IF_MASK))
+        why = VMM_STOP_IRQWIN;
+    else if (c->icount + n > c->budget)
+        why = VMM_STOP_BUDGET;
+    if (!why)
+        return 0;
+    c->stop_flags |= why;
+    c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;  /* nothing of this block ran */
+    uc_emu_stop(uc);
+    return 1;
+}
+
 static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
     uint32_t mode = code_mode(c);
     vmm_tbc_entry *e = &c->tbc[(addr ^ (addr >> TBC_BITS) ^ (mode >> 4)) & (TBC_SIZE - 1)];
     uint32_t n;
+    uint64_t next;
 
-    if (addr - c->trap_lo < c->trap_len) {
-        c->stop_flags |= VMM_STOP_TRAP;
-        c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;
-        uc_emu_stop(uc);
-        return;
-    }
-    /* IF only goes from 0 to 1 through instructions that end their block
-       (STI, POPF, IRET, ...), so a block boundary is the first boundary at
-       which a waiting interrupt can be taken; the STI/MOV SS shadow is
-       honoured by the VMM, which single-steps when hflags still inhibit. */
-    if (c->irq_pending && (*(uint64_t *)(c->env + ENV_EFLAGS) & IF_MASK)) {
-        c->stop_flags |= VMM_STOP_IRQWIN;
-        c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;
-        uc_emu_stop(uc);
-        return;
-    }
-    if (e->pc == addr && e->size == size && e->mode == mode && e->icount) {
+    if (__builtin_expect(e->pc == addr && e->size == size && e->mode == mode, 1))
         n = e->icount;
-    } else {
-        uc_tb tb;
-        c->tb_misses++;
-        if (uc_ctl(uc, UC_CTL_READ_WRITE(UC_CTL_TB_REQUEST_CACHE, 2), addr, &tb) != UC_ERR_OK) {
-            n = 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
-        } else {
-            n = tb.icount;
-            e->pc = addr; e->size = size; e->mode = mode; e->icount = n;
-        }
+    else
+        n = tbc_fill(c, uc, e, addr, size, mode);
+    next = c->icount + n;
+    if (__builtin_expect((next > c->budget) | (c->irq_pending != 0) | (addr - c->trap_lo < c->trap_len), 0)) {
+        if (block_slow(c, uc, addr, size, n))
+            return;
     }
-    if (c->icount + n > c->budget) {
-        c->stop_flags |= VMM_STOP_BUDGET;
-        c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;
-        uc_emu_stop(uc);
-        return;
-    }
-    c->icount += n;
-    c->tb_count++;
+    c->icount = next;
     c->tb_start = addr;
     c->tb_size = size;
     c->tb_icount = n;

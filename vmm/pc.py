@@ -10,8 +10,8 @@ reaches the guest is a function of virtual time only.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from devices.debugports import DebugConsole, DebugExit, PostCode
 from devices.i8042 import I8042, Port92

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import capstone
 import unicorn
@@ -33,7 +33,7 @@ from unicorn import x86_const as X
 from vmm import native
 from vmm.exits import ExitReason, VmExit
 from vmm.memory import GuestMemory
-from vmm.paging import PageFault, translate
+from vmm.paging import translate
 
 _fast = native.load()
 ffi = _fast.ffi
@@ -604,11 +604,7 @@ class Vcpu:
         lin = cs_base + self.rip
         if c.tb_icount:
             end = c.tb_start + c.tb_size
-            if flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD) and c.exc_vector == 14 and self._is_fetch_fault(lin):
-                retired = c.tb_icount
-            elif err != 0 and err in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT):
-                retired = c.tb_icount
-            elif lin == end and until == NO_UNTIL:
+            if flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD) and c.exc_vector == 14 and self._is_fetch_fault(lin) or err != 0 and err in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT) or lin == end and until == NO_UNTIL:
                 retired = c.tb_icount
             elif c.tb_start <= lin < end or (lin == end):
                 retired = self.count_insns(c.tb_start, lin)
@@ -671,7 +667,7 @@ def vmm_py_io(handle, is_write, port, size, value, result):
     vcpu = ffi.from_handle(handle)
     try:
         return vcpu._on_io(is_write, port, size, value, result)
-    except BaseException as e:  # never unwind through C: stop and re-raise after the run
+    except BaseException as e:  # noqa: BLE001 - never unwind through C: stop, re-raise after the run
         vcpu._pending_error = e
         vcpu._stop_requested = False
         return 1
@@ -682,6 +678,6 @@ def vmm_py_event(handle, kind):
     vcpu = ffi.from_handle(handle)
     try:
         return vcpu._on_event(kind)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - never unwind through C
         vcpu._pending_error = e
         return 0

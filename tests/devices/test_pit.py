@@ -796,6 +796,7 @@ _ref_action = st.one_of(
     st.tuples(st.just("ctrl"), st.integers(0, 5)),
     st.tuples(st.just("byte"), st.sampled_from([0, 0, 0, 1, 2, 3, 4, 5, 7, 12, 25, 0x80])),
     st.tuples(st.just("gate"), st.booleans()),
+    st.tuples(st.just("count"), st.integers(1, 40)),
 )
 
 
@@ -834,12 +835,12 @@ def test_closed_form_matches_pulse_by_pulse_reference(start: int, program: list)
             if kind == "ctrl":
                 r.ctrl(ch, arg)
                 ref.control(arg)
-            elif kind == "byte":
-                v = arg
-                if ref.wff and ref.mode in (2, 3) and (ref.lsb | v << 8) == 1:
-                    v = 1  # a count of 1 is illegal in modes 2 and 3
-                r.outb(0x40 + ch, v)
-                ref.write(v)
+            elif kind in ("byte", "count"):
+                for v in (arg,) if kind == "byte" else (arg, 0):
+                    if ref.wff and ref.mode in (2, 3) and (ref.lsb | v << 8) == 1:
+                        v = 1  # a count of 1 is illegal in modes 2 and 3
+                    r.outb(0x40 + ch, v)
+                    ref.write(v)
             elif ch == 0:
                 r.pit.set_gate(0, arg)
                 ref.set_gate(arg)

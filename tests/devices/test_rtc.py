@@ -383,6 +383,16 @@ def test_alarm_in_12_hour_mode_matches_pm_bit():
     assert rd(rtc, RC) & AF == AF
 
 
+@pytest.mark.parametrize("byte, every_second", [(0xC0, True), (0xE7, True), (0xFF, True), (0xBF, False)])
+def test_alarm_dont_care_code_is_c0_to_ff(byte, every_second):
+    clock, _, rtc = make(epoch(2024, 1, 1, 10, 0, 0))
+    for reg in (ASEC, AMIN, AHOUR):
+        wr(rtc, reg, byte)
+    for k in range(1, 4):
+        clock.advance_to(k * TICK_HZ)
+        assert bool(rd(rtc, RC) & AF) == every_second
+
+
 def test_alarm_polled_without_aie_and_impossible_alarm():
     clock, irq, rtc = make(epoch(2024, 1, 1, 10, 0, 0))
     wr(rtc, ASEC, 0x05)
@@ -557,7 +567,7 @@ def _drive_both(pairs, steps):
 def test_save_load_round_trip_behaves_identically():
     clock, irq, rtc = make(epoch(2024, 2, 29, 23, 59, 0))
     wr(rtc, RB, SET | H24)
-    set_time_bcd(rtc, 2031, 12, 31, 23, 58, 30, dow=4)
+    set_time_bcd(rtc, 2031, 12, 31, 23, 58, 30, dow=2)  # really a Wednesday (4)
     clock.advance_to(TICK_HZ // 3)
     wr(rtc, RB, H24)
     wr(rtc, RA, 0x2A)  # 64 Hz

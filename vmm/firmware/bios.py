@@ -43,7 +43,7 @@ SERVICE_VECTORS = (0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0
 
 
 class Bios:
-    def __init__(self, machine: "PcMachine", disks: dict[int, DiskImage] | None = None):
+    def __init__(self, machine: PcMachine, disks: dict[int, DiskImage] | None = None):
         self.m = machine
         self.disks = disks or {}
         self.calls: dict[int, int] = {}
@@ -367,7 +367,7 @@ class Bios:
             self._set_cf(False)
             return
         if disk is None:
-            self._disk_status(dl, 0x01 if ah != 0x15 else 0x01)
+            self._disk_status(dl, 0x01)
             if ah == 0x15:
                 self._set8(0, True, 0)
             return

@@ -113,7 +113,7 @@ def _multiboot(machine, data: bytes, name: str, cmdline: str, modules: list[tupl
     off = find_multiboot(data)
     if off is None:
         raise BootError(f"{name}: no Multiboot header (magic 1BADB002 with a valid checksum) in the first 8 KiB")
-    magic, flags, checksum = struct.unpack_from("<III", data, off)
+    flags = struct.unpack_from("<I", data, off + 4)[0]
     mem = machine.memory
     if flags & (1 << 16):
         if len(data) < off + 32:
@@ -170,7 +170,7 @@ def _multiboot(machine, data: bytes, name: str, cmdline: str, modules: list[tupl
 def _load_elf(mem, data: bytes, name: str) -> tuple[int, int]:
     if len(data) < 52 or data[4] != 1 or data[5] != 1:
         raise BootError(f"{name}: only 32-bit little-endian ELF Multiboot kernels are supported")
-    (e_type, e_machine, _ver, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum) = struct.unpack_from(
+    (_e_type, e_machine, _ver, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum) = struct.unpack_from(
         "<HHIIIIIHHH", data, 16)
     if e_machine != 3:
         raise BootError(f"{name}: ELF machine {e_machine} is not i386")
