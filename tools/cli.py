@@ -196,21 +196,15 @@ def cmd_run(args) -> int:
 
 
 def _attach_terminal(m, stdio) -> None:
-    """Live console input: polled on virtual time, so only its content is nondeterministic."""
-    from vmm.pc import INPUT_POLL_TICKS
+    """Live console input from the terminal, asked on virtual time (see PcMachine.start_input_polling)."""
 
-    def poll(now: int) -> None:
+    def source() -> bytes:
         data = stdio.poll_input()
         if stdio.quit_requested:
             m.request_host_stop("quit (Ctrl-A x)")
-            return
-        if data:
-            m.console_input(data)
-        if m.halted:
-            time.sleep(0.001)  # an idle guest should not spin the host
-        m.clock.schedule_in(INPUT_POLL_TICKS * 10, poll, "terminal-poll")
+        return data
 
-    m.clock.schedule_in(INPUT_POLL_TICKS * 10, poll, "terminal-poll")
+    m.start_input_polling(source, pace_idle=True)
 
 
 def _attach_trace(m) -> None:

@@ -142,7 +142,13 @@ class Delivery:
         Raises TripleFault when the processor would shut down.
         """
         first = vector
-        ec, sw, ext, c2 = error_code, software, external, cr2
+        ec, sw, c2 = error_code, software, cr2
+        # EXT (SDM 6.13): the event being delivered is external to the program --
+        # an interrupt or an earlier exception; clear only for INT n/INT3/INTO
+        ext = external or not software
+        # table 6-5 classifies exceptions only: a fault while delivering INT n or
+        # an external interrupt (whatever its vector) is handled serially
+        exc = not (software or external)
         while True:
             try:
                 self._deliver_once(vector, ec, sw, ext, c2)
@@ -150,12 +156,14 @@ class Delivery:
                 self.delivered += 1
                 return
             except GuestFault as f:
-                if sw or ext and first == vector and vector not in HAS_ERROR_CODE and vector >= 32:
-                    outcome = "serial"
-                else:
-                    outcome = double_fault_outcome(first, f.vector)
-                if first == 8 and outcome != "serial":
+                outcome = double_fault_outcome(first, f.vector) if exc else "serial"
+                if exc and first == 8 and outcome != "serial":
                     raise TripleFault(f"fault {f.vector} while delivering #DF") from None
+                if sw:
+                    # the INT n/INT3/INTO did not complete: the fault's saved
+                    # CS:EIP is the instruction itself, and it did not retire
+                    self._rewind_software_int(vector)
+                exc = True
                 if outcome == "df":
                     vector, ec, sw, ext, c2 = 8, 0, False, True, None
                     first = 8
@@ -164,6 +172,24 @@ class Delivery:
                     first = vector
                     sw = False
                     ext = True
+
+    def _rewind_software_int(self, vector: int) -> None:
+        """Move RIP back from after an INT n/INT3/INTO (where Unicorn leaves it) to its start."""
+        cpu = self.cpu
+        lin = cpu.seg(CS).base + cpu.rip
+        try:
+            last = cpu.read_linear(lin - 1, 1)[0]
+            if (vector == 3 and last == 0xCC) or (vector == 4 and last == 0xCE):
+                n = 1  # INT3, INTO (INT 3 / INT 4 end in 03 / 04)
+            elif last == vector and cpu.read_linear(lin - 2, 1)[0] == 0xCD:
+                n = 2
+            else:
+                return
+        except PageFault:
+            return
+        cpu.rip = cpu.rip - n
+        if cpu.icount:
+            cpu.icount = cpu.icount - 1
 
     def _deliver_once(self, vector: int, ec: int | None, sw: bool, ext: bool, cr2: int | None) -> None:
         cpu = self.cpu

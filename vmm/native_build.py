@@ -43,9 +43,8 @@ typedef struct vmm_core {
     uint8_t *env;
     uint64_t icount;
     uint64_t budget;
-    uint64_t tb_start;
-    uint32_t tb_size;
-    uint32_t tb_icount;
+    vmm_tbc_entry *cur;
+    uint32_t slow;
     uint32_t stop_flags;
     int32_t exc_vector;
     uint64_t exc_eip;
@@ -61,6 +60,7 @@ typedef struct vmm_core {
     uint32_t io_late_stops;
     uint32_t irq_pending;
     void *handle;
+    size_t hooks[10];
     ...;
 } vmm_core;
 
@@ -73,6 +73,8 @@ typedef struct vmm_core {
 #define VMM_STOP_INSN ...
 #define VMM_STOP_IRQWIN ...
 #define VMM_IO_STOP ...
+#define VMM_SLOW_IRQ ...
+#define VMM_SLOW_TRAP ...
 #define VMM_EV_RDTSC ...
 #define VMM_EV_RDTSCP ...
 #define VMM_EV_CPUID ...
@@ -111,6 +113,8 @@ CSRC = r"""
 #define VMM_STOP_IRQWIN   0x80u
 
 #define VMM_IO_STOP       0x1
+#define VMM_SLOW_IRQ      0x1
+#define VMM_SLOW_TRAP     0x2
 
 #define VMM_EV_RDTSC      1
 #define VMM_EV_RDTSCP     2
@@ -147,9 +151,8 @@ typedef struct vmm_core {
     uint8_t *env;
     uint64_t icount;      /* retired instructions, counting the current block in full */
     uint64_t budget;      /* stop before a block that would end past this count */
-    uint64_t tb_start;    /* linear address of the block now running */
-    uint32_t tb_size;
-    uint32_t tb_icount;   /* what the current block added to icount */
+    vmm_tbc_entry *cur;   /* the block now running (its pc, size, count), or NULL */
+    uint32_t slow;        /* nonzero when the block hook must look closer: SLOW_IRQ | SLOW_TRAP */
     uint32_t stop_flags;
     int32_t exc_vector;
     uint64_t exc_eip;
@@ -202,7 +205,7 @@ static uint32_t tbc_fill(vmm_core *c, uc_engine *uc, vmm_tbc_entry *e, uint64_t 
     uc_tb tb;
     c->tb_misses++;
     if (uc_ctl(uc, UC_CTL_READ_WRITE(UC_CTL_TB_REQUEST_CACHE, 2), addr, &tb) != UC_ERR_OK)
-        return 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
+        tb.icount = 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
     e->pc = addr; e->size = size; e->mode = mode; e->icount = tb.icount;
     return tb.icount;
 }
@@ -225,7 +228,7 @@ static int block_slow(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t size, 
     if (!why)
         return 0;
     c->stop_flags |= why;
-    c->tb_start = addr; c->tb_size = size; c->tb_icount = 0;  /* nothing of this block ran */
+    c->cur = NULL;  /* nothing of this block ran */
     uc_emu_stop(uc);
     return 1;
 }
@@ -234,7 +237,8 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
     uint32_t mode = code_mode(c);
-    vmm_tbc_entry *e = &c->tbc[(addr ^ (addr >> TBC_BITS) ^ (mode >> 4)) & (TBC_SIZE - 1)];
+    /* index by address only, so the entry load does not wait for the hflags load */
+    vmm_tbc_entry *e = &c->tbc[(addr ^ (addr >> TBC_BITS)) & (TBC_SIZE - 1)];
     uint32_t n;
     uint64_t next;
 
@@ -243,14 +247,12 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     else
         n = tbc_fill(c, uc, e, addr, size, mode);
     next = c->icount + n;
-    if (__builtin_expect((next > c->budget) | (c->irq_pending != 0) | (addr - c->trap_lo < c->trap_len), 0)) {
+    if (__builtin_expect((next > c->budget) | c->slow, 0)) {
         if (block_slow(c, uc, addr, size, n))
             return;
     }
     c->icount = next;
-    c->tb_start = addr;
-    c->tb_size = size;
-    c->tb_icount = n;
+    c->cur = e;
 }
 
 /* Length of a non-string IN/OUT at the current EIP, or 0 for string forms

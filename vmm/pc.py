@@ -20,10 +20,12 @@ from devices.pit import Pit8254, SystemControlB
 from devices.rtc import Rtc146818
 from devices.serial_backends import NullBackend, SerialBackend
 from devices.uart import Uart16550
+from vmm.digest import OutputStream
 from vmm.machine import Machine
 
 DEFAULT_EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z: guest wall-clock start unless told otherwise
-INPUT_POLL_TICKS = 100_000     # 1 ms of virtual time
+INPUT_POLL_TICKS = 100_000     # 1 ms of virtual time: console input reaches the UART/8042 on these ticks
+SOURCE_POLL_TICKS = 1_000_000  # 10 ms of virtual time: the input source (terminal, log) is asked on these
 
 
 @dataclass
@@ -51,6 +53,7 @@ class PcMachine(Machine):
         self.rtc = self.add_device(Rtc146818(clock, pic.irq_line(8), config.start_epoch))
         self.rtc.store_memory_size(config.mem_size)
         self.serial_out = bytearray()
+        self.outputs = {"com1": OutputStream("com1"), "debugcon": OutputStream("debugcon")}
         self.com1 = self.add_device(Uart16550(0x3F8, pic.irq_line(4), "com1", backend=config.serial,
                                               on_tx=self._serial_tx))
         self.com2 = None
@@ -70,6 +73,39 @@ class PcMachine(Machine):
         self.on_console_output: Callable[[bytes], None] | None = None
         self._input_pending = bytearray()
         self._input_timer = None
+        self.input_source: Callable[[], bytes] | None = None
+        self.pace_idle = False
+
+    # -- the input source: everything typed comes through here, on virtual time --
+    def start_input_polling(self, source: Callable[[], bytes], pace_idle: bool = False) -> None:
+        """Ask ``source()`` for console input every SOURCE_POLL_TICKS of virtual time.
+
+        Only *what* the source returns can differ between runs; *when* it is
+        asked is a function of virtual time, which is what makes recording
+        input (replay/) enough to reproduce a run.  ``pace_idle`` sleeps the
+        host briefly while the guest is halted, so an idle live guest does not
+        spin; it changes nothing the guest can observe.
+        """
+        self.input_source = source
+        self.pace_idle = pace_idle
+        self.clock.schedule_in(SOURCE_POLL_TICKS, self._poll_source, "input-source")
+
+    def _poll_source(self, now: int) -> None:
+        src = self.input_source
+        if src is None:
+            return
+        data = src()
+        if data:
+            self.console_input(data)
+        if self.pace_idle and self.halted:
+            import time
+
+            time.sleep(0.002)
+        if self.input_source is not None:
+            self.clock.schedule_in(SOURCE_POLL_TICKS, self._poll_source, "input-source")
+
+    def stop_input_polling(self) -> None:
+        self.input_source = None
 
     # -- A20 -------------------------------------------------------------------------
     def _a20_from_kbd(self, on: bool) -> None:
@@ -92,9 +128,11 @@ class PcMachine(Machine):
     # -- output ---------------------------------------------------------------------
     def _serial_tx(self, byte: int) -> None:
         self.serial_out.append(byte)
+        self.outputs["com1"].append(bytes((byte,)))
 
     def _debugcon(self, data: bytes) -> None:
         self.debugcon_out += data
+        self.outputs["debugcon"].append(data)
         if self.on_console_output is not None:
             self.on_console_output(data)
 

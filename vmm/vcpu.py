@@ -204,8 +204,8 @@ class Vcpu:
         self.uc.ctl_flush_tb()
         lib.vmm_core_flush_tbc(self._core)
         self._core.icount = 0
-        self._core.tb_icount = 0
-        self._core.irq_pending = 0
+        self._core.cur = ffi.NULL
+        self.set_irq_pending(False)
 
     # -- raw CPU state ----------------------------------------------------------
     def _u64(self, off: int) -> int:
@@ -444,15 +444,16 @@ class Vcpu:
     @icount.setter
     def icount(self, v: int) -> None:
         self._core.icount = v
-        self._core.tb_icount = 0
+        self._core.cur = ffi.NULL
 
     def current_icount(self) -> int:
         """Exact retired count at the instruction now executing (valid inside hooks)."""
         c = self._core
-        if c.tb_icount == 0:
+        cur = c.cur
+        if cur == ffi.NULL:
             return c.icount
         lin = self.seg(CS).base + self.rip
-        return c.icount - c.tb_icount + self.count_insns(c.tb_start, lin)
+        return c.icount - cur.icount + self.count_insns(cur.pc, lin)
 
     def _code_bytes(self, lin: int, n: int) -> bytes | None:
         buf = ffi.new("uint8_t[]", n)
@@ -525,7 +526,16 @@ class Vcpu:
 
     def set_irq_pending(self, pending: bool) -> None:
         """Tell the block hook an interrupt waits for IF=1 (or stop no longer needed)."""
-        self._core.irq_pending = 1 if pending else 0
+        c = self._core
+        c.irq_pending = 1 if pending else 0
+        c.slow = (c.slow & ~lib.VMM_SLOW_IRQ) | (lib.VMM_SLOW_IRQ if pending else 0)
+
+    def set_trap_range(self, lo: int, length: int) -> None:
+        """Blocks starting in [lo, lo+length) stop with a TRAP exit (the HLE firmware's entry points)."""
+        c = self._core
+        c.trap_lo = lo
+        c.trap_len = length
+        c.slow = (c.slow & ~lib.VMM_SLOW_TRAP) | (lib.VMM_SLOW_TRAP if length else 0)
 
     def _on_io(self, is_write: int, port: int, size: int, value: int, result) -> int:
         if is_write:
@@ -602,16 +612,22 @@ class Vcpu:
         flags = c.stop_flags
         cs_base = self.seg(CS).base
         lin = cs_base + self.rip
-        if c.tb_icount:
-            end = c.tb_start + c.tb_size
-            if flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD) and c.exc_vector == 14 and self._is_fetch_fault(lin) or err != 0 and err in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT) or lin == end and until == NO_UNTIL:
-                retired = c.tb_icount
-            elif c.tb_start <= lin < end or (lin == end):
-                retired = self.count_insns(c.tb_start, lin)
+        cur = c.cur
+        if cur != ffi.NULL:
+            tb_start, tb_icount = cur.pc, cur.icount
+            end = tb_start + cur.size
+            if flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD) and c.exc_vector == 14 and self._is_fetch_fault(lin):
+                retired = tb_icount
+            elif err != 0 and err in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT):
+                retired = tb_icount
+            elif lin == end and until == NO_UNTIL:
+                retired = tb_icount
+            elif tb_start <= lin <= end:
+                retired = self.count_insns(tb_start, lin)
             else:
-                retired = c.tb_icount
-            c.icount += retired - c.tb_icount
-            c.tb_icount = 0
+                retired = tb_icount
+            c.icount += retired - tb_icount
+            c.cur = ffi.NULL
         icount = c.icount
         if err != 0:
             return VmExit(ExitReason.ERROR, self.rip, icount, detail=unicorn.UcError(err).__str__())

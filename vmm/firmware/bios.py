@@ -72,8 +72,7 @@ class Bios:
                 off = IRET_OFF  # the user timer hook does nothing until a program installs one
             ivt += struct.pack("<HH", off, ROM_SEG)
         mem.write(0, bytes(ivt))
-        m.vcpu._core.trap_lo = ROM_BASE + TRAP_OFF
-        m.vcpu._core.trap_len = 0x100
+        m.vcpu.set_trap_range(ROM_BASE + TRAP_OFF, 0x100)
         self._init_bda()
         # the PIT as a BIOS leaves it: channel 0, mode 3, 18.2 Hz
         m.io.write(0x43, 1, 0x36)

@@ -1,0 +1,294 @@
+"""Recording and replaying a run: the determinism boundary made concrete.
+
+A run of a PcMachine is a deterministic function of its configuration, its
+images and the inputs that cross the boundary.  Everything that crosses it
+passes through the ``EventLog``: the RTC start epoch (in the header), console
+input (stamped with the exact icount at which the VMM took it), and the image
+contents (named by SHA-256).  Recording writes these; replaying gives them
+back at the same icounts.  Devices and the VMM never see the difference.
+
+To prove a replay exact, the recorder also writes digests: registers (in full,
+for a diff) at a fixed virtual-time interval, per-page RAM hashes less often,
+and the SHA-256 of every output stream.  The replayer computes the same at the
+same moments and stops at the first mismatch with a ``Divergence`` report:
+icount, RIP, the event just before, the register diff, the pages that differ.
+
+Both sides schedule the same timers (digests, input polls) at the same virtual
+times, so the extra VM exits they cause are the same in both; exits are
+invisible to the guest anyway (the clock is exact).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from replay.events import Event, EventKind
+from replay import events as ev
+from replay.logfile import LogReader, LogWriter
+from vmm.digest import page_hashes, ram_digest
+from vmm.firmware.boot import boot
+from vmm.machine import RunResult, StopReason
+from vmm.pc import DEFAULT_EPOCH, PcConfig, PcMachine
+
+VMM_VERSION = "0.1.0"
+DIGEST_TICKS = 1_000_000        # registers and outputs every 10 ms of virtual time
+MEM_DIGEST_EVERY = 50           # RAM page hashes every 50 register digests (0.5 s virtual)
+
+
+class ReplayError(Exception):
+    """A replay that cannot start (missing or changed image, unreadable log)."""
+
+
+@dataclass
+class Divergence(Exception):
+    """Replay departed from the recording: everything known about where."""
+
+    icount: int
+    rip: int
+    what: str
+    previous_event: str = ""
+    reg_diff: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pages: list[int] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"replay diverged at icount {self.icount} (rip {self.rip:#x}): {self.what}"]
+        if self.previous_event:
+            lines.append(f"  last event before it: {self.previous_event}")
+        for name, (want, got) in self.reg_diff.items():
+            lines.append(f"  {name:>6}: recorded {want:#x}, replay {got:#x}")
+        if self.pages:
+            shown = ", ".join(f"{p << 12:#x}" for p in self.pages[:16])
+            more = f" and {len(self.pages) - 16} more" if len(self.pages) > 16 else ""
+            lines.append(f"  {len(self.pages)} guest page(s) differ: {shown}{more}")
+        return "\n".join(lines)
+
+
+def machine_config(mem_size: int, epoch: int, image_name: str, image: bytes, boot_kind: str,
+                   cmdline: str, load_addr: int, input_kind: str) -> dict:
+    return {
+        "vmm_version": VMM_VERSION,
+        "mem_size": mem_size,
+        "rtc_epoch": epoch,
+        "boot": boot_kind,
+        "cmdline": cmdline,
+        "load_addr": load_addr,
+        "input": input_kind,
+        "image": {"name": image_name, "path": os.path.abspath(image_name) if os.path.exists(image_name) else image_name,
+                  "sha256": hashlib.sha256(image).hexdigest(), "size": len(image)},
+        "digest_ticks": DIGEST_TICKS,
+        "mem_digest_every": MEM_DIGEST_EVERY,
+    }
+
+
+def build_machine(cfg: dict, image: bytes, serial) -> PcMachine:
+    m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial))
+    info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
+                cmdline=cfg["cmdline"])
+    if info.kind in ("disk", "floppy"):
+        m.config.input_to = "keyboard"
+    return m
+
+
+def state_digest(m: PcMachine) -> str:
+    h = hashlib.sha256()
+    h.update(ev.encode_regs(m.vcpu.snapshot_regs()))
+    h.update(ram_digest(m.memory.ram).encode())
+    return h.hexdigest()
+
+
+class _Digests:
+    """The periodic digest timer shared by recorder and replayer."""
+
+    def __init__(self, m: PcMachine, ticks: int, mem_every: int, emit: Callable[[list[Event]], None]):
+        self.m = m
+        self.ticks = ticks
+        self.mem_every = mem_every
+        self.emit = emit
+        self.n = 0
+        m.clock.schedule_in(ticks, self._fire, "digest")
+
+    def snapshot(self, with_memory: bool) -> list[Event]:
+        m = self.m
+        ic = m.vcpu.icount
+        out = [Event(EventKind.REG_DIGEST, ic, ev.encode_regs(m.vcpu.snapshot_regs()))]
+        if with_memory:
+            out.append(Event(EventKind.MEM_DIGEST, ic, ev.encode_page_hashes(page_hashes(m.memory.ram))))
+        for name, stream in m.outputs.items():
+            out.append(Event(EventKind.OUTPUT_DIGEST, ic, ev.encode_output_digest(name, stream.count, stream.digest())))
+        return out
+
+    def _fire(self, now: int) -> None:
+        self.n += 1
+        self.emit(self.snapshot(self.n % self.mem_every == 0))
+        self.m.clock.schedule_in(self.ticks, self._fire, "digest")
+
+
+def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 << 20, epoch: int = DEFAULT_EPOCH,
+           boot_kind: str = "auto", cmdline: str | None = None, load_addr: int = 0x100000,
+           live_input: Callable[[], bytes] | None = None, input_kind: str = "none",
+           max_instructions: int | None = None, serial=None, pace_idle: bool = False,
+           setup: Callable[[PcMachine], None] | None = None) -> tuple[RunResult, PcMachine]:
+    """Run a guest while writing its event log to ``out_path``."""
+    from devices.serial_backends import NullBackend
+
+    cfg = machine_config(mem_size, epoch, image_name, image, boot_kind, cmdline if cmdline is not None else image_name,
+                         load_addr, input_kind)
+    m = build_machine(cfg, image, serial or NullBackend())
+    writer = LogWriter(out_path, cfg, state_digest(m))
+    writer.append(Event(EventKind.DISK_IMAGE, 0, ev.encode_disk_image(image_name, cfg["image"]["sha256"])))
+
+    if input_kind != "none" and live_input is not None:
+        def source() -> bytes:
+            data = live_input()
+            if data:
+                writer.append(Event(EventKind.CONSOLE_INPUT, m.vcpu.icount, bytes(data)))
+            return data
+        m.start_input_polling(source, pace_idle=pace_idle)
+
+    def emit(events: list[Event]) -> None:
+        for e in events:
+            writer.append(e)
+
+    digests = _Digests(m, DIGEST_TICKS, MEM_DIGEST_EVERY, emit)
+    if setup is not None:
+        setup(m)
+    try:
+        res = m.run(max_instructions)
+        emit(digests.snapshot(True))
+        writer.append(Event(EventKind.END, m.vcpu.icount, ev.encode_end(res.reason.value, res.status, res.message)))
+    finally:
+        writer.close()
+    return res, m
+
+
+class Replayer:
+    """Replay a log, checking every digest; ``run()`` returns the RunResult or raises Divergence."""
+
+    def __init__(self, log_path: str, image: bytes | None = None, serial=None, verify: bool = True):
+        from devices.serial_backends import NullBackend
+
+        self.reader = LogReader(log_path)
+        self.header = self.reader.header
+        cfg = self.header.config
+        self.cfg = cfg
+        if image is None:
+            path = cfg["image"]["path"]
+            try:
+                with open(path, "rb") as f:
+                    image = f.read()
+            except OSError as e:
+                raise ReplayError(f"cannot read the recorded image {path}: {e.strerror} (pass --image PATH)") from None
+        sha = hashlib.sha256(image).hexdigest()
+        self.image_changed = sha != cfg["image"]["sha256"]
+        self.m = build_machine(cfg, image, serial or NullBackend())
+        self.verify = verify
+        self._events = iter(self.reader)
+        self._next: Event | None = None
+        self.last_event: Event | None = None
+        self.events_used = 0
+        self._advance()
+        # the image event comes first
+        if self._next is not None and self._next.kind == EventKind.DISK_IMAGE:
+            self._take()
+        if verify and state_digest(self.m) != self.header.initial_digest:
+            raise Divergence(0, self.m.vcpu.rip, "the initial machine state differs from the recording "
+                             + ("(the image changed since recording)" if self.image_changed else "(configuration)"),
+                             pages=[])
+        m = self.m
+        if cfg.get("input", "none") != "none":
+            m.start_input_polling(self._input_source)
+        self._digests = _Digests(m, cfg["digest_ticks"], cfg["mem_digest_every"], self._check)
+
+    # -- the event stream --------------------------------------------------------
+    def _advance(self) -> None:
+        try:
+            self._next = next(self._events)
+        except StopIteration:
+            self._next = None
+
+    def _take(self) -> Event:
+        e = self._next
+        assert e is not None
+        self.last_event = e
+        self.events_used += 1
+        self._advance()
+        return e
+
+    def _describe(self, e: Event | None) -> str:
+        if e is None:
+            return "(none: the start of the recording)"
+        return f"{e.kind.name} at icount {e.icount} ({len(e.payload)} bytes)"
+
+    def _diverge(self, what: str, **kw) -> Divergence:
+        m = self.m
+        return Divergence(m.vcpu.icount, m.vcpu.rip, what, self._describe(self.last_event), **kw)
+
+    def _input_source(self) -> bytes:
+        e = self._next
+        ic = self.m.vcpu.icount
+        if e is None or e.kind != EventKind.CONSOLE_INPUT:
+            return b""
+        if e.icount == ic:
+            return self._take().payload
+        if e.icount < ic:
+            raise self._diverge(f"console input recorded at icount {e.icount} was never asked for")
+        return b""
+
+    def _check(self, snapshot: list[Event]) -> None:
+        for mine in snapshot:
+            e = self._next
+            if e is None:
+                if self.reader.truncated:
+                    return  # replaying a truncated log: no more evidence to check against
+                raise self._diverge(f"the recording has no more events but replay reached a {mine.kind.name}")
+            if e.kind == EventKind.CONSOLE_INPUT and e.icount <= mine.icount:
+                raise self._diverge(f"console input recorded at icount {e.icount} was never asked for")
+            if e.kind != mine.kind or e.icount != mine.icount:
+                raise self._diverge(f"expected {e.kind.name} at icount {e.icount}, replay produced "
+                                    f"{mine.kind.name} at icount {mine.icount}")
+            self._take()
+            if not self.verify or e.payload == mine.payload:
+                continue
+            if e.kind == EventKind.REG_DIGEST:
+                want, got = ev.decode_regs(e.payload), ev.decode_regs(mine.payload)
+                diff = {k: (want[k], got.get(k, 0)) for k in want if want[k] != got.get(k, 0)}
+                raise self._diverge("registers differ", reg_diff=diff, pages=self._page_diff_now())
+            if e.kind == EventKind.MEM_DIGEST:
+                want, got = ev.decode_page_hashes(e.payload), ev.decode_page_hashes(mine.payload)
+                pages = [i for i in range(min(len(want), len(got))) if want[i] != got[i]]
+                raise self._diverge("guest memory differs", pages=pages)
+            if e.kind == EventKind.OUTPUT_DIGEST:
+                name, count, _ = ev.decode_output_digest(e.payload)
+                _, mcount, _ = ev.decode_output_digest(mine.payload)
+                raise self._diverge(f"output stream {name} differs (recorded {count} bytes, replay {mcount})")
+
+    def _page_diff_now(self) -> list[int]:
+        return []  # page hashes are compared at memory digests; registers diverged first
+
+    def run(self, until: int | None = None) -> RunResult:
+        m = self.m
+        limit = until
+        end_ic = None
+        res = m.run(limit)
+        if until is not None and res.reason is StopReason.LIMIT:
+            return res
+        # the run ended: the recording must end the same way
+        self._check(self._digests.snapshot(True))
+        e = self._next
+        if e is None:
+            if self.reader.truncated:
+                return res
+            raise self._diverge("the recording ended earlier than the replay")
+        if e.kind != EventKind.END:
+            raise self._diverge(f"replay ended ({res.reason.value}) but the recording continues with {e.kind.name} "
+                                f"at icount {e.icount}")
+        end = self._take()
+        reason, status, _msg = ev.decode_end(end.payload)
+        end_ic = end.icount
+        if end_ic != m.vcpu.icount or reason != res.reason.value or status != res.status:
+            raise self._diverge(f"the run ended differently: recorded {reason} (status {status}) at icount {end_ic}, "
+                                f"replay {res.reason.value} (status {res.status}) at icount {m.vcpu.icount}")
+        return res
+
