@@ -3,6 +3,10 @@
     vmm run [IMAGE] [--mem SIZE] [--max-instructions N] [--trace] [--serial stdio|none|FILE]
             [--boot auto|disk|floppy|multiboot|flat] [--load-addr ADDR] [--cmdline TEXT]
             [--input FILE] [--rtc-epoch SECONDS] [--exit-code guest|qemu] [--stats]
+    vmm record [IMAGE] -o LOG [same options as run]
+    vmm replay LOG [--until ICOUNT] [--no-verify] [--image PATH] [--serial ...]
+    vmm log show LOG [--events]
+    vmm log verify LOG
 
 With no IMAGE, `vmm run` boots the bundled demo guest.  A name of a bundled
 guest (`hello`, `demo`) or a path under guests/ also works.
@@ -24,6 +28,8 @@ import time
 EXIT_USAGE = 2
 EXIT_SHUTDOWN = 3
 EXIT_ERROR = 4
+EXIT_DIVERGED = 5
+EXIT_BAD_LOG = 6
 
 EPILOG = """\
 exit status of `vmm run`:
@@ -31,12 +37,19 @@ exit status of `vmm run`:
   (with --exit-code qemu: (v << 1) | 1, as QEMU's isa-debug-exit);
   0 when the guest halts for good or --max-instructions is reached;
   2 usage error or unusable image; 3 triple fault; 4 CPU core error.
+exit status of `vmm replay`: as `vmm run` for the replayed guest, or
+  5 when the replay diverges from the recording (a report says where),
+  6 when the log is unreadable (corrupt, truncated header, wrong version).
+exit status of `vmm log verify`: 0 when the log is sound, 6 otherwise.
 
 examples:
   vmm run                          boot the bundled demo (serial on the terminal)
   vmm run hello                    boot the bundled boot-sector guest
   vmm run disk.img --trace         boot a disk image, printing each instruction
   vmm run kernel.elf --max-instructions 10000000 --serial out.txt
+  vmm record demo -o run.vmlog     record a run (console input from the terminal or --input FILE)
+  vmm replay run.vmlog --verify    replay it bit-exact, checking every digest
+  vmm log show run.vmlog --events  what is in a log
 """
 
 
@@ -60,17 +73,7 @@ def parse_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vmm",
-        description="An instruction-level x86 hypervisor emulator with an exact instruction clock.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    r = sub.add_parser("run", help="boot an image (default: the bundled demo guest)",
-                       description="Boot a guest image and run it until it exits, halts or faults.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("image", nargs="?", default="demo",
                    help="disk/floppy image, Multiboot kernel, flat binary, or a bundled guest name (default: demo)")
     r.add_argument("--mem", type=parse_size, default=32 << 20, metavar="SIZE",
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boot protocol (default: detect from the image)")
     r.add_argument("--load-addr", type=parse_int, default=0x100000, metavar="ADDR",
                    help="load and entry address for --boot flat (default 0x100000)")
-    r.add_argument("--cmdline", default=None, metavar="TEXT", help="Multiboot command line")
+    r.add_argument("--cmdline", default=None, metavar="TEXT", help="Multiboot command line (default: the image name)")
     r.add_argument("--input", default=None, metavar="FILE",
                    help="feed this file to the guest's console input instead of the terminal")
     r.add_argument("--rtc-epoch", type=parse_int, default=None, metavar="SECONDS",
@@ -93,6 +96,49 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exit-code", choices=["guest", "qemu"], default="guest",
                    help="process exit status: the guest's value (default) or QEMU's (v << 1) | 1")
     r.add_argument("--stats", action="store_true", help="print instructions, exits and speed at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmm",
+        description="An instruction-level x86 hypervisor emulator with an exact instruction clock "
+                    "and deterministic record/replay.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser("run", help="boot an image (default: the bundled demo guest)",
+                       description="Boot a guest image and run it until it exits, halts or faults.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_machine_options(r)
+    rec = sub.add_parser("record", help="run an image while recording its event log",
+                         description="Run a guest exactly as `vmm run` does, writing every input that crosses "
+                                     "the determinism boundary, and digests of the state, to a replay log.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_machine_options(rec)
+    rec.add_argument("-o", "--output", required=True, metavar="LOG", help="the replay log to write")
+    rp = sub.add_parser("replay", help="replay a recorded run bit-exact",
+                        description="Replay a recording, checking register, memory and output digests; "
+                                    "the first mismatch stops the replay with a report.",
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("log", metavar="LOG")
+    rp.add_argument("--until", type=parse_int, default=None, metavar="ICOUNT",
+                    help="stop after exactly ICOUNT instructions and print the state there")
+    rp.add_argument("--verify", dest="verify", action="store_true", default=True,
+                    help="check every digest (default)")
+    rp.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="check only the event order, not the digests")
+    rp.add_argument("--image", default=None, metavar="PATH", help="the recorded image, if it moved")
+    rp.add_argument("--serial", default="stdio", metavar="stdio|none|FILE", help="where the replayed COM1 goes")
+    rp.add_argument("--exit-code", choices=["guest", "qemu"], default="guest")
+    lg = sub.add_parser("log", help="inspect a replay log",
+                        description="Inspect or check a replay log.")
+    lsub = lg.add_subparsers(dest="log_command", metavar="SUBCOMMAND")
+    show = lsub.add_parser("show", help="header, event counts and sizes; --events lists the events")
+    show.add_argument("log", metavar="LOG")
+    show.add_argument("--events", action="store_true", help="list every event")
+    ver = lsub.add_parser("verify", help="check the structure and every checksum")
+    ver.add_argument("log", metavar="LOG")
     return p
 
 
@@ -108,12 +154,7 @@ def resolve_image(name: str) -> str:
     raise UsageError(f"image not found: {name}" + (f" (bundled guests: {', '.join(sorted(GUESTS))})" if GUESTS else ""))
 
 
-def cmd_run(args) -> int:
-    from devices.serial_backends import FileBackend, NullBackend, StdioBackend
-    from vmm.firmware.boot import BootError, boot
-    from vmm.machine import StopReason
-    from vmm.pc import DEFAULT_EPOCH, PcConfig, PcMachine
-
+def _load_image(args) -> tuple[str, bytes]:
     path = resolve_image(args.image)
     try:
         with open(path, "rb") as f:
@@ -124,55 +165,69 @@ def cmd_run(args) -> int:
         raise UsageError(f"image {path} is empty")
     if args.mem < (2 << 20) or args.mem > (3 << 30) or args.mem % 4096:
         raise UsageError("--mem must be between 2M and 3G")
-    stdio = None
-    if args.serial == "stdio":
-        stdio = StdioBackend()
-        backend = stdio
-    elif args.serial == "none":
-        backend = NullBackend()
-    else:
-        try:
-            backend = FileBackend(args.serial)
-        except OSError as e:
-            raise UsageError(f"cannot open serial output file {args.serial}: {e.strerror}") from None
-    kind = args.boot
-    config = PcConfig(mem_size=args.mem, start_epoch=DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch,
-                      serial=backend)
+    return path, data
+
+
+def _serial_backend(spec: str):
+    """(backend, the terminal backend if the terminal is used)."""
+    from devices.serial_backends import FileBackend, NullBackend, StdioBackend
+
+    if spec == "stdio":
+        b = StdioBackend()
+        return b, b
+    if spec == "none":
+        return NullBackend(), None
     try:
-        m = PcMachine(config)
+        return FileBackend(spec), None
+    except OSError as e:
+        raise UsageError(f"cannot open serial output file {spec}: {e.strerror}") from None
+
+
+def _console(m, args) -> None:
+    if args.serial == "stdio":
+        out = sys.stdout.buffer
+
+        def show(data: bytes) -> None:
+            out.write(data)
+            out.flush()
+        m.on_console_output = show
+
+
+def _live_input(args, stdio):
+    """(input kind, source) for a live run: a scripted file, the terminal, or nothing."""
+    if args.input:
         try:
-            info = boot(m, data, kind, name=args.image,
-                        load_addr=args.load_addr, cmdline=args.cmdline if args.cmdline is not None else args.image)
-        except BootError as e:
-            raise UsageError(str(e)) from None
-        if info.kind in ("disk", "floppy"):
-            m.config.input_to = "keyboard"
-        out = sys.stdout.buffer if args.serial == "stdio" else None
-        if out is not None:
-            def show(data: bytes) -> None:
-                out.write(data)
-                out.flush()
-            m.on_console_output = show
-        if args.input:
-            try:
-                with open(args.input, "rb") as f:
-                    m.console_input(f.read())
-            except OSError as e:
-                raise UsageError(f"cannot read input file {args.input}: {e.strerror}") from None
-        elif stdio is not None and stdio.is_tty:
-            _attach_terminal(m, stdio)
-        if args.trace:
-            _attach_trace(m)
-        t0 = time.perf_counter()
-        res = m.run(args.max_instructions)
-        dt = time.perf_counter() - t0
-    finally:
-        if stdio is not None:
-            stdio.close()
-    if args.stats or args.trace:
-        mips = res.icount / dt / 1e6 if dt > 0 else 0.0
-        print(f"vmm: {res.icount} instructions in {dt:.2f} s ({mips:.1f} MIPS), "
-              f"guest time {m.clock.now() / 1e8:.3f} s, exits {res.counts}", file=sys.stderr)
+            with open(args.input, "rb") as f:
+                script = [f.read()]
+        except OSError as e:
+            raise UsageError(f"cannot read input file {args.input}: {e.strerror}") from None
+        return "file", lambda: script.pop() if script else b""
+    if stdio is not None and stdio.is_tty:
+        return "terminal", stdio.poll_input
+    return "none", None
+
+
+def _progress(m, label: str) -> None:
+    """A progress line on stderr every ~2 s of host time (display only: the guest never sees it)."""
+    if not sys.stderr.isatty():
+        return
+    state = {"t": time.perf_counter(), "t0": time.perf_counter()}
+
+    def tick(now: int) -> None:
+        t = time.perf_counter()
+        if t - state["t"] >= 2.0:
+            state["t"] = t
+            ic = m.vcpu.icount
+            print(f"\r{label}: {ic:,} instructions, guest {m.clock.now() / 1e8:.2f} s, "
+                  f"{ic / (t - state['t0']) / 1e6:.1f} MIPS ", end="", file=sys.stderr, flush=True)
+        m.clock.schedule_in(10_000_000, tick, "progress")
+
+    m.clock.schedule_in(10_000_000, tick, "progress")
+
+
+def _exit_status(res, args) -> int:
+    from vmm.machine import StopReason
+
     if res.reason is StopReason.EXIT:
         return (res.status << 1) | 1 if args.exit_code == "qemu" else res.status & 0xFF
     if res.reason is StopReason.SHUTDOWN:
@@ -186,7 +241,7 @@ def cmd_run(args) -> int:
         print(f"vmm: {res.message} (icount {res.icount})", file=sys.stderr)
         return 0
     if res.reason is StopReason.LIMIT:
-        print(f"vmm: stopped after {res.icount} instructions (--max-instructions)", file=sys.stderr)
+        print(f"vmm: stopped after {res.icount} instructions", file=sys.stderr)
         return 0
     if res.reason is StopReason.RESET:
         print(f"vmm: the guest requested a system reset at icount {res.icount}; stopping", file=sys.stderr)
@@ -195,16 +250,178 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _attach_terminal(m, stdio) -> None:
-    """Live console input from the terminal, asked on virtual time (see PcMachine.start_input_polling)."""
+def cmd_run(args) -> int:
+    from vmm.firmware.boot import BootError, boot
+    from vmm.pc import DEFAULT_EPOCH, PcConfig, PcMachine
 
-    def source() -> bytes:
-        data = stdio.poll_input()
+    _path, data = _load_image(args)
+    backend, stdio = _serial_backend(args.serial)
+    config = PcConfig(mem_size=args.mem, start_epoch=DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch,
+                      serial=backend)
+    try:
+        m = PcMachine(config)
+        try:
+            info = boot(m, data, args.boot, name=args.image, load_addr=args.load_addr,
+                        cmdline=args.cmdline if args.cmdline is not None else args.image)
+        except BootError as e:
+            raise UsageError(str(e)) from None
+        if info.kind in ("disk", "floppy"):
+            m.config.input_to = "keyboard"
+        _console(m, args)
+        kind, source = _live_input(args, stdio)
+        if source is not None:
+            m.start_input_polling(_quit_aware(m, source, stdio), pace_idle=kind == "terminal")
+        if args.trace:
+            _attach_trace(m)
+        t0 = time.perf_counter()
+        res = m.run(args.max_instructions)
+        dt = time.perf_counter() - t0
+    finally:
+        if stdio is not None:
+            stdio.close()
+    if args.stats or args.trace:
+        mips = res.icount / dt / 1e6 if dt > 0 else 0.0
+        print(f"vmm: {res.icount} instructions in {dt:.2f} s ({mips:.1f} MIPS), "
+              f"guest time {m.clock.now() / 1e8:.3f} s, exits {res.counts}", file=sys.stderr)
+    return _exit_status(res, args)
+
+
+def _quit_aware(m, source, stdio):
+    if stdio is None:
+        return source
+
+    def src() -> bytes:
+        data = source()
         if stdio.quit_requested:
             m.request_host_stop("quit (Ctrl-A x)")
         return data
+    return src
 
-    m.start_input_polling(source, pace_idle=True)
+
+def cmd_record(args) -> int:
+    from replay.session import record
+    from vmm.firmware.boot import BootError
+    from vmm.pc import DEFAULT_EPOCH
+
+    path, data = _load_image(args)
+    backend, stdio = _serial_backend(args.serial)
+    ref: dict = {}
+    try:
+        kind, live = _live_input(args, stdio)
+        source = None
+        if live is not None:
+            def source() -> bytes:
+                d = live()
+                if stdio is not None and stdio.quit_requested:
+                    ref["m"].request_host_stop("quit (Ctrl-A x)")
+                return d
+
+        def setup(m) -> None:
+            ref["m"] = m
+            _console(m, args)
+            _progress(m, "recording")
+            if args.trace:
+                _attach_trace(m)
+
+        t0 = time.perf_counter()
+        try:
+            res, m = record(path, data, args.output, mem_size=args.mem,
+                            epoch=DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch,
+                            boot_kind=args.boot, cmdline=args.cmdline if args.cmdline is not None else args.image,
+                            load_addr=args.load_addr, live_input=source, input_kind=kind,
+                            max_instructions=args.max_instructions, serial=backend,
+                            pace_idle=kind == "terminal", setup=setup)
+        except BootError as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"cannot write the log {args.output}: {e.strerror}") from None
+        dt = time.perf_counter() - t0
+    finally:
+        if stdio is not None:
+            stdio.close()
+    print(f"\nvmm: recorded {res.icount:,} instructions ({m.clock.now() / 1e8:.3f} guest s) in {dt:.2f} s "
+          f"({res.icount / max(dt, 1e-9) / 1e6:.1f} MIPS); {_count_events(args.output)} events, "
+          f"{os.path.getsize(args.output):,} log bytes -> {args.output}", file=sys.stderr)
+    return _exit_status(res, args)
+
+
+def _count_events(path: str) -> int:
+    from replay.logfile import LogReader
+
+    return sum(1 for _ in LogReader(path))
+
+
+def cmd_replay(args) -> int:
+    from replay.logfile import LogFormatError
+    from replay.session import Divergence, Replayer, ReplayError
+
+    image = None
+    if args.image:
+        try:
+            with open(args.image, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read image {args.image}: {e.strerror}") from None
+    backend, stdio = _serial_backend(args.serial)
+    try:
+        try:
+            rp = Replayer(args.log, image=image, serial=backend, verify=args.verify)
+        except LogFormatError as e:
+            print(f"vmm: {args.log}: {e}", file=sys.stderr)
+            return EXIT_BAD_LOG
+        except ReplayError as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"cannot read {args.log}: {e.strerror}") from None
+        except Divergence as d:
+            print(f"vmm: {d}", file=sys.stderr)
+            return EXIT_DIVERGED
+        note = getattr(rp.reader, "truncation_note", None)
+        if rp.reader.truncated and note:
+            print(f"vmm: {note}", file=sys.stderr)
+        if rp.image_changed:
+            print("vmm: warning: the image differs from the recorded one (sha256); expect a divergence",
+                  file=sys.stderr)
+        _console(rp.m, args)
+        _progress(rp.m, "replaying")
+        t0 = time.perf_counter()
+        try:
+            res = rp.run(args.until)
+        except Divergence as d:
+            print(f"\nvmm: {d}", file=sys.stderr)
+            return EXIT_DIVERGED
+        dt = time.perf_counter() - t0
+    finally:
+        if stdio is not None:
+            stdio.close()
+    m = rp.m
+    print(f"\nvmm: replayed {res.icount:,} instructions ({m.clock.now() / 1e8:.3f} guest s) in {dt:.2f} s "
+          f"({res.icount / max(dt, 1e-9) / 1e6:.1f} MIPS); {rp.events_used} events"
+          + (", every digest matched" if args.verify else ""), file=sys.stderr)
+    if args.until is not None:
+        regs = m.vcpu.snapshot_regs()
+        print("vmm: state at icount {}: {}".format(
+            m.vcpu.icount, " ".join(f"{k}={v:#x}" for k, v in regs.items())), file=sys.stderr)
+    return _exit_status(res, args)
+
+
+def cmd_log(args) -> int:
+    from replay.logfile import LogFormatError, describe, verify
+
+    if args.log_command is None:
+        raise UsageError("log needs a subcommand: show or verify")
+    try:
+        if args.log_command == "show":
+            print(describe(args.log, events=args.events))
+            return 0
+        rep = verify(args.log)
+    except LogFormatError as e:
+        print(f"vmm: {args.log}: {e}", file=sys.stderr)
+        return EXIT_BAD_LOG
+    except OSError as e:
+        raise UsageError(f"cannot read {args.log}: {e.strerror}") from None
+    print(rep)
+    return 0 if rep.ok else EXIT_BAD_LOG
 
 
 def _attach_trace(m) -> None:
@@ -238,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "record":
+            return cmd_record(args)
+        if args.command == "replay":
+            return cmd_replay(args)
+        if args.command == "log":
+            return cmd_log(args)
     except UsageError as e:
         print(f"vmm: error: {e}", file=sys.stderr)
         return EXIT_USAGE

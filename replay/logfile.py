@@ -1,0 +1,637 @@
+"""The replay log file: a header readable on its own, then framed, checksummed,
+zlib-compressed chunks of events (DESIGN.md "Record, replay, reverse").
+
+On-disk layout (all integers little-endian)::
+
+    header
+      8 bytes   magic b"VMMRLOG\\x00"
+      u16       format version (replay.events.FORMAT_VERSION)
+      u32       J, length of the JSON text
+      J bytes   UTF-8 JSON object {"config": {...}, "initial_digest": "<hex>"}
+                (compact, keys sorted, so equal configs give equal headers)
+      u32       CRC32 of every header byte before it (magic to JSON)
+    chunk, repeated until the end of the file
+      u32       P, length of the compressed payload
+      u32       CRC32 of the compressed payload
+      u64       icount of the chunk's first event
+      u32       number of events in the chunk (at least 1)
+      P bytes   zlib (level 6) of the events, each encoded as
+                  varint kind, varint icount delta, varint payload length, payload
+                where a varint is unsigned LEB128 (at most 10 bytes) and the
+                delta is from the previous event of the same chunk; the first
+                event's "delta" is from 0, i.e. its absolute icount, which
+                must equal the chunk header's first icount (so a damaged
+                header field cannot shift a chunk's icounts unnoticed).
+
+Icounts never decrease, within a chunk and across chunks.  The writer flushes
+each chunk to the OS as a single write, so a recorder killed at any moment
+leaves a log whose whole chunks all read back; a log that ends inside a chunk
+is "truncated" and replays up to its last whole chunk.  The version is checked
+before anything else after the magic (Firecracker issue 4676: a version buried
+in the body makes old files unreadable), and every length is capped before it
+is allocated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from replay.events import (
+    DECODERS,
+    FORMAT_VERSION,
+    MAX_EVENT_PAYLOAD,
+    U64_MAX,
+    Event,
+    EventKind,
+    LogFormatError,
+    decode_end,
+    summarize,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_CHUNK_BYTES",
+    "MAX_HEADER_BYTES",
+    "ChunkInfo",
+    "LogFormatError",
+    "LogHeader",
+    "LogReader",
+    "LogStats",
+    "LogWriter",
+    "VerifyReport",
+    "describe",
+    "read_header",
+    "verify",
+]
+
+MAGIC = b"VMMRLOG\x00"
+MAX_HEADER_BYTES = 1 << 20      # the JSON text of the header
+MAX_CHUNK_BYTES = 64 << 20      # a chunk payload, compressed and uncompressed
+MAX_WRITER_CHUNK_BYTES = 32 << 20  # the largest chunk_bytes a writer accepts
+
+_HEAD = struct.Struct("<8sHI")     # magic, version, JSON length
+_CRC = struct.Struct("<I")
+_CHUNK = struct.Struct("<IIQI")    # payload length, CRC32, first icount, event count
+_MIN_EVENT = 3                     # kind, delta and length varints of one byte each
+_KINDS = {int(k): k for k in EventKind}
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB"
+
+
+# -- varints -------------------------------------------------------------------
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+class _Garbage(Exception):
+    """Raised inside chunk decoding; turned into a LogFormatError naming the chunk."""
+
+
+def _read_varint(buf: bytes, off: int) -> tuple[int, int]:
+    v = shift = 0
+    end = min(len(buf), off + 10)
+    while off < end:
+        b = buf[off]
+        off += 1
+        v |= (b & 0x7F) << shift
+        if not b & 0x80:
+            if v > U64_MAX:
+                raise _Garbage("varint overflows 64 bits")
+            return v, off
+        shift += 7
+    raise _Garbage("varint runs past the end of the chunk" if end == len(buf) else "varint too long")
+
+
+# -- header --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LogHeader:
+    version: int
+    config: dict[str, Any]
+    initial_digest: str
+    size: int  # bytes, from the magic to the header CRC inclusive
+
+
+def _is_hex(s: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in s)
+
+
+def encode_header(config: dict[str, Any], initial_digest: str) -> bytes:
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, not {type(config).__name__}")
+    if not isinstance(initial_digest, str) or not _is_hex(initial_digest):
+        raise ValueError(f"initial digest must be a hex string: {initial_digest!r}")
+    text = json.dumps({"config": config, "initial_digest": initial_digest},
+                      sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(text) > MAX_HEADER_BYTES:
+        raise ValueError(f"log header too large ({len(text)} bytes, at most {_mib(MAX_HEADER_BYTES)})")
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, len(text)) + text
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def _read_header(f) -> LogHeader:
+    first = f.read(_HEAD.size)
+    if not first:
+        raise LogFormatError("not a vmm replay log (the file is empty)")
+    if first[:len(MAGIC)] != MAGIC[:len(first)]:
+        raise LogFormatError("not a vmm replay log (bad magic)")
+    if len(first) < _HEAD.size:
+        raise LogFormatError(f"log truncated at byte {len(first)} inside the header")
+    _, version, length = _HEAD.unpack(first)
+    if version != FORMAT_VERSION:
+        raise LogFormatError(f"unsupported log format version {version} "
+                             f"(this vmm reads version {FORMAT_VERSION})")
+    if length > MAX_HEADER_BYTES:
+        raise LogFormatError(f"corrupt log header (length {length} exceeds the "
+                             f"{_mib(MAX_HEADER_BYTES)} cap)")
+    rest = f.read(length + _CRC.size)
+    if len(rest) < length + _CRC.size:
+        raise LogFormatError(f"log truncated at byte {_HEAD.size + len(rest)} inside the header "
+                             f"(which is {_HEAD.size + length + _CRC.size} bytes)")
+    text = rest[:length]
+    (crc,) = _CRC.unpack_from(rest, length)
+    if zlib.crc32(first + text) != crc:
+        raise LogFormatError("corrupt log header (checksum mismatch)")
+    try:
+        obj = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise LogFormatError("corrupt log header (not valid JSON)") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) \
+            or not isinstance(obj.get("initial_digest"), str) or not _is_hex(obj["initial_digest"]):
+        raise LogFormatError("corrupt log header (expected a JSON object with config and initial_digest)")
+    return LogHeader(version, obj["config"], obj["initial_digest"], _HEAD.size + length + _CRC.size)
+
+
+def read_header(path: str | os.PathLike) -> LogHeader:
+    """Only the header (cheap: the chunks are not read)."""
+    with open(path, "rb") as f:
+        return _read_header(f)
+
+
+# -- chunks --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    index: int
+    offset: int        # file offset of the chunk header
+    length: int        # compressed payload bytes
+    crc: int
+    first_icount: int
+    event_count: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + _CHUNK.size + self.length
+
+
+def _encode_chunk(first_icount: int, count: int, raw: bytes) -> bytes:
+    payload = zlib.compress(raw, 6)
+    return _CHUNK.pack(len(payload), zlib.crc32(payload), first_icount, count) + payload
+
+
+def _corrupt(c: ChunkInfo | int, offset: int | None, why: str) -> LogFormatError:
+    idx = c.index if isinstance(c, ChunkInfo) else c
+    off = c.offset if isinstance(c, ChunkInfo) else offset
+    return LogFormatError(f"corrupt chunk {idx} at byte {off} ({why})")
+
+
+def _decode_chunk(c: ChunkInfo, payload: bytes) -> tuple[list[Event], int]:
+    """The events of a chunk whose CRC matched, and its uncompressed size."""
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(payload, MAX_CHUNK_BYTES + 1)
+    except zlib.error:
+        raise _corrupt(c, None, "payload does not decompress") from None
+    if len(raw) > MAX_CHUNK_BYTES:
+        raise _corrupt(c, None, f"payload inflates past the {_mib(MAX_CHUNK_BYTES)} cap")
+    if not d.eof or d.unused_data:
+        raise _corrupt(c, None, "payload is not one whole zlib stream")
+    events: list[Event] = []
+    off = 0
+    icount = 0
+    try:
+        while off < len(raw):
+            kind, off = _read_varint(raw, off)
+            delta, off = _read_varint(raw, off)
+            size, off = _read_varint(raw, off)
+            if kind not in _KINDS:
+                raise _Garbage(f"unknown event kind {kind}")
+            icount += delta
+            if icount > U64_MAX:
+                raise _Garbage("icount overflows 64 bits")
+            if off + size > len(raw):
+                raise _Garbage(f"event payload of {size} bytes runs past the end of the chunk")
+            events.append(Event(_KINDS[kind], icount, raw[off:off + size]))
+            off += size
+        if events and events[0].icount != c.first_icount:
+            raise _Garbage(f"first event at icount {events[0].icount}, "
+                           f"the chunk header says {c.first_icount}")
+    except _Garbage as e:
+        raise _corrupt(c, None, str(e)) from None
+    if len(events) != c.event_count:
+        raise _corrupt(c, None, f"{len(events)} events, the chunk header says {c.event_count}")
+    return events, len(raw)
+
+
+@dataclass
+class _Scan:
+    chunks: list[ChunkInfo]
+    end_offset: int
+    file_size: int
+    truncated: bool
+    error: LogFormatError | None  # a corrupt chunk: the chunks before it are good
+
+
+def _scan(f, start: int, size: int) -> _Scan:
+    """Walk the chunk headers, checking caps, order and every payload CRC."""
+    chunks: list[ChunkInfo] = []
+    off = start
+    prev_first = 0
+    while off < size:
+        idx = len(chunks)
+        f.seek(off)
+        head = f.read(_CHUNK.size)
+        if len(head) < _CHUNK.size:
+            return _Scan(chunks, off, size, True, None)
+        length, crc, first, count = _CHUNK.unpack(head)
+        err = None
+        if length > MAX_CHUNK_BYTES:
+            err = f"payload length {length} exceeds the {_mib(MAX_CHUNK_BYTES)} cap"
+        elif count == 0:
+            err = "no events"
+        elif count > MAX_CHUNK_BYTES // _MIN_EVENT:
+            err = f"event count {count} cannot fit in a chunk"
+        elif first < prev_first:
+            err = f"first icount {first} is before the previous chunk's {prev_first}"
+        if err:
+            return _Scan(chunks, off, size, False, _corrupt(idx, off, err))
+        if off + _CHUNK.size + length > size:
+            return _Scan(chunks, off, size, True, None)
+        payload = f.read(length)
+        if len(payload) < length:  # the file shrank under us
+            return _Scan(chunks, off, size, True, None)
+        if zlib.crc32(payload) != crc:
+            return _Scan(chunks, off, size, False, _corrupt(idx, off, "checksum mismatch"))
+        chunks.append(ChunkInfo(idx, off, length, crc, first, count))
+        prev_first = first
+        off += _CHUNK.size + length
+    return _Scan(chunks, off, size, False, None)
+
+
+def _truncation_note(scan: _Scan, last_icount: int | None) -> str:
+    k = len(scan.chunks)
+    upto = f"up to icount {last_icount}" if last_icount is not None else "no events"
+    return (f"log truncated at byte {scan.file_size} inside chunk {k}: "
+            f"replaying the first {k} chunks ({upto})")
+
+
+# -- stats ---------------------------------------------------------------------
+
+@dataclass
+class LogStats:
+    chunks: int = 0
+    events: int = 0
+    events_per_kind: dict[str, int] = field(default_factory=dict)  # kind name -> count, enum order
+    header_bytes: int = 0
+    compressed_bytes: int = 0    # chunk payloads as stored
+    uncompressed_bytes: int = 0  # chunk payloads inflated (encoded events)
+    file_bytes: int = 0          # the whole file, including any truncated tail
+    first_icount: int | None = None
+    last_icount: int | None = None
+    end: Event | None = None     # the last END event, if any
+
+
+# -- reader --------------------------------------------------------------------
+
+class LogReader:
+    """Reads a log: ``.header``, iteration over its events in order, and where
+    it ends.  Opening checks the header and the framing and CRC of every chunk
+    (raising LogFormatError); a log that ends inside a chunk is not an error:
+    ``.truncated`` is set and ``.truncation_note`` says what will be replayed.
+    The file is reopened for each iteration; nothing stays open."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as f:
+            self.header = _read_header(f)
+            size = os.fstat(f.fileno()).st_size
+            scan = _scan(f, self.header.size, size)
+            if scan.error:
+                raise scan.error
+            self._scan = scan
+            self.chunks: tuple[ChunkInfo, ...] = tuple(scan.chunks)
+            self.last_icount: int | None = None
+            if scan.chunks:
+                last = scan.chunks[-1]
+                events, _ = _decode_chunk(last, self._payload(f, last))
+                self.last_icount = events[-1].icount
+        self.truncated: bool = scan.truncated
+        self.end_offset: int = scan.end_offset  # where the whole chunks end
+        self.file_size: int = scan.file_size
+        self.truncation_note: str | None = (_truncation_note(scan, self.last_icount)
+                                            if scan.truncated else None)
+        self._stats: LogStats | None = None
+
+    @property
+    def first_icount(self) -> int | None:
+        return self.chunks[0].first_icount if self.chunks else None
+
+    @staticmethod
+    def _payload(f, c: ChunkInfo) -> bytes:
+        f.seek(c.offset + _CHUNK.size)
+        payload = f.read(c.length)
+        if len(payload) != c.length or zlib.crc32(payload) != c.crc:
+            raise _corrupt(c, None, "changed since the log was opened")
+        return payload
+
+    def _chunk_events(self, start_chunk: int = 0) -> Iterator[tuple[ChunkInfo, list[Event], int]]:
+        prev = None
+        with open(self.path, "rb") as f:
+            for c in self.chunks[start_chunk:]:
+                events, raw_size = _decode_chunk(c, self._payload(f, c))
+                if prev is not None and events[0].icount < prev:
+                    raise _corrupt(c, None, f"first icount {events[0].icount} is before the "
+                                            f"previous chunk's last {prev}")
+                prev = events[-1].icount
+                yield c, events, raw_size
+
+    def events(self, start_icount: int = 0) -> Iterator[Event]:
+        """The events with icount >= start_icount, in order (whole chunks that
+        end before start_icount are skipped without being read)."""
+        start = 0
+        while start + 1 < len(self.chunks) and self.chunks[start + 1].first_icount < start_icount:
+            start += 1
+        for _, events, _ in self._chunk_events(start):
+            for e in events:
+                if e.icount >= start_icount:
+                    yield e
+
+    def __iter__(self) -> Iterator[Event]:
+        return self.events()
+
+    def stats(self) -> LogStats:
+        """Counts over the whole log (reads and decodes every chunk once)."""
+        if self._stats is None:
+            s = LogStats(chunks=len(self.chunks), header_bytes=self.header.size,
+                         file_bytes=self.file_size)
+            per = {k: 0 for k in EventKind}
+            for c, events, raw_size in self._chunk_events():
+                s.compressed_bytes += c.length
+                s.uncompressed_bytes += raw_size
+                s.events += len(events)
+                for e in events:
+                    per[e.kind] += 1
+                    if e.kind is EventKind.END:
+                        s.end = e
+            s.events_per_kind = {k.name: n for k, n in per.items() if n}
+            s.first_icount, s.last_icount = self.first_icount, self.last_icount
+            self._stats = s
+        return self._stats
+
+
+# -- writer --------------------------------------------------------------------
+
+class LogWriter:
+    """Writes a log.  The header goes to the file at once; events collect into
+    a chunk that is compressed, written and flushed to the OS when it holds
+    ``chunk_events`` events or ``chunk_bytes`` encoded bytes, on ``flush()``
+    and on ``close()``.  Event icounts must never decrease."""
+
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any], initial_digest: str,
+                 chunk_events: int = 256, chunk_bytes: int = 64 << 10):
+        if not 1 <= chunk_events <= MAX_CHUNK_BYTES // _MIN_EVENT:
+            raise ValueError(f"chunk_events out of range: {chunk_events}")
+        if not 1 <= chunk_bytes <= MAX_WRITER_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [1, {MAX_WRITER_CHUNK_BYTES}]: {chunk_bytes}")
+        header = encode_header(config, initial_digest)
+        self.path = os.fspath(path)
+        self.chunk_events = chunk_events
+        self.chunk_bytes = chunk_bytes
+        self._f = open(self.path, "wb")  # noqa: SIM115 - held until close()
+        self._f.write(header)
+        self._f.flush()
+        self._buf = bytearray()
+        self._count = 0
+        self._first = 0
+        self._prev: int | None = None        # icount of the previous event in the chunk
+        self.last_icount: int | None = None  # icount of the last event appended
+        self.chunks_written = 0
+        self.events_written = 0              # events in chunks already written
+        self.bytes_written = len(header)
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def append(self, event: Event) -> None:
+        if self._f.closed:
+            raise ValueError("append to a closed log")
+        if not isinstance(event, Event):
+            raise TypeError(f"expected an Event, got {type(event).__name__}")
+        if self.last_icount is not None and event.icount < self.last_icount:
+            raise ValueError(f"{event.kind.name} event at icount {event.icount} comes after one at "
+                             f"{self.last_icount}: icounts must be non-decreasing")
+        if len(event.payload) > MAX_EVENT_PAYLOAD:
+            raise ValueError(f"{event.kind.name} payload of {len(event.payload)} bytes exceeds "
+                             f"the {_mib(MAX_EVENT_PAYLOAD)} limit")
+        if self._count == 0:
+            self._first = event.icount
+            delta = event.icount
+        else:
+            delta = event.icount - self._prev
+        self._buf += _varint(event.kind) + _varint(delta) + _varint(len(event.payload))
+        self._buf += event.payload
+        self._count += 1
+        self._prev = self.last_icount = event.icount
+        if self._count >= self.chunk_events or len(self._buf) >= self.chunk_bytes:
+            self._write_chunk()
+
+    def extend(self, events) -> None:
+        for e in events:
+            self.append(e)
+
+    def _write_chunk(self) -> None:
+        data = _encode_chunk(self._first, self._count, bytes(self._buf))
+        self._f.write(data)  # one write per chunk, then to the OS: a kill loses only this chunk
+        self._f.flush()
+        self.chunks_written += 1
+        self.events_written += self._count
+        self.bytes_written += len(data)
+        self._buf.clear()
+        self._count = 0
+        self._prev = None
+
+    def flush(self) -> None:
+        """Write the events appended so far as a (possibly short) chunk."""
+        if self._f.closed:
+            return
+        if self._count:
+            self._write_chunk()
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._f.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- verify and describe ---------------------------------------------------------
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    problems: list[str] = field(default_factory=list)   # damage: checksums, framing, payloads
+    warnings: list[str] = field(default_factory=list)   # usable but odd, e.g. no END event
+    header: LogHeader | None = None
+    stats: LogStats | None = None                       # over the readable part
+    truncated: bool = False
+
+    def __str__(self) -> str:
+        lines = ["ok" if self.ok else "damaged"]
+        lines += [f"problem: {p}" for p in self.problems]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+_MAX_PROBLEMS = 20
+
+
+def verify(path: str | os.PathLike) -> VerifyReport:
+    """Check the whole file: header, framing, every chunk's CRC and contents,
+    icount order, and the structured payloads.  Never raises LogFormatError:
+    the problems are in the report (OSError, e.g. a missing file, propagates)."""
+    rep = VerifyReport(ok=False)
+    with open(path, "rb") as f:
+        try:
+            rep.header = _read_header(f)
+        except LogFormatError as e:
+            rep.problems.append(str(e))
+            return rep
+        size = os.fstat(f.fileno()).st_size
+        scan = _scan(f, rep.header.size, size)
+        s = rep.stats = LogStats(header_bytes=rep.header.size, file_bytes=size)
+        per = {k: 0 for k in EventKind}
+        prev: int | None = None
+        rtc = 0
+        end_seen = False
+        try:
+            for c in scan.chunks:
+                events, raw_size = _decode_chunk(c, LogReader._payload(f, c))
+                if prev is not None and events[0].icount < prev:
+                    raise _corrupt(c, None, f"first icount {events[0].icount} is before the "
+                                            f"previous chunk's last {prev}")
+                prev = events[-1].icount
+                s.chunks += 1
+                s.events += len(events)
+                s.compressed_bytes += c.length
+                s.uncompressed_bytes += raw_size
+                if s.first_icount is None:
+                    s.first_icount = events[0].icount
+                s.last_icount = prev
+                for i, e in enumerate(events):
+                    per[e.kind] += 1
+                    if end_seen and len(rep.warnings) < _MAX_PROBLEMS:
+                        rep.warnings.append(f"{e.kind.name} event at icount {e.icount} after END")
+                    if e.kind is EventKind.END:
+                        s.end, end_seen = e, True
+                    elif e.kind is EventKind.RTC_EPOCH:
+                        rtc += 1
+                    dec = DECODERS.get(e.kind)
+                    if dec is not None and len(rep.problems) < _MAX_PROBLEMS:
+                        try:
+                            dec(e.payload)
+                        except LogFormatError as err:
+                            rep.problems.append(f"chunk {c.index} event {i} at icount {e.icount}: {err}")
+        except LogFormatError as e:
+            rep.problems.append(str(e))
+        s.events_per_kind = {k.name: n for k, n in per.items() if n}
+    if scan.error:
+        rep.problems.append(str(scan.error))
+    if scan.truncated:
+        rep.truncated = True
+        rep.problems.append(_truncation_note(scan, s.last_icount))
+    if not end_seen and not rep.problems:
+        rep.warnings.append("no END event: the recorder did not finish")
+    if rtc > 1:
+        rep.warnings.append(f"{rtc} RTC_EPOCH events (expected one)")
+    rep.ok = not rep.problems
+    return rep
+
+
+def _size(n: int) -> str:
+    if n < 10 << 10:
+        return f"{n} B"
+    if n < 10 << 20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def describe(path: str | os.PathLike, events: bool = False, limit: int | None = None) -> str:
+    """A human-readable summary of a log (``vmm log show``); with ``events``,
+    one line per event (the first ``limit`` of them).  Raises LogFormatError
+    with a one-line message if the log is damaged (a truncated log is shown,
+    with a note)."""
+    r = LogReader(path)
+    s = r.stats()
+    h = r.header
+    out = [f"vmm replay log {os.fspath(path)}",
+           f"  format version   {h.version}",
+           f"  header           {h.size} bytes",
+           f"  initial digest   {h.initial_digest or '(none)'}"]
+    if h.config:
+        out.append("  config")
+        width = max(len(str(k)) for k in h.config)
+        for k in sorted(h.config, key=str):
+            v = h.config[k]
+            text = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+            out.append(f"    {k!s:<{width}}  {text}")
+    else:
+        out.append("  config           (empty)")
+    ratio = f" ({s.uncompressed_bytes / s.compressed_bytes:.1f}x)" if s.compressed_bytes else ""
+    out += [f"  chunks           {s.chunks}",
+            f"  events           {s.events}",
+            f"  icounts          {s.first_icount} .. {s.last_icount}" if s.events else
+            "  icounts          (no events)",
+            (f"  sizes            file {_size(s.file_bytes)}, events {_size(s.uncompressed_bytes)} "
+             f"compressed to {_size(s.compressed_bytes)}{ratio}")]
+    for name, n in s.events_per_kind.items():
+        out.append(f"    {name:<15}  {n}")
+    if s.end is not None:
+        end = decode_end(s.end.payload)
+        out.append(f"  end              icount {s.end.icount}, reason {end.reason!r}, "
+                   f"exit status {end.exit_status}" + (f": {end.message}" if end.message else ""))
+    else:
+        out.append("  end              (no END event: the recorder did not finish)")
+    if r.truncation_note:
+        out.append(f"  note: {r.truncation_note}")
+    if events:
+        out.append("  events")
+        for i, e in enumerate(r):
+            if limit is not None and i >= limit:
+                out.append(f"    ... {s.events - limit} more")
+                break
+            out.append(f"    {e.icount:>14}  {e.kind.name:<14}  {summarize(e)}")
+    return "\n".join(out)

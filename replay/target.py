@@ -1,0 +1,144 @@
+"""The debug-target interface the gdb stub (`replay.gdbstub`) drives.
+
+The stub speaks the GDB Remote Serial Protocol; everything it knows about the
+machine goes through `DebugTarget`. A target is *halted* whenever the stub is
+not inside `step`, `resume`, `reverse_step` or `reverse_resume`: register and
+memory accesses, breakpoint changes and monitor commands only ever happen on a
+halted target, from the thread that serves the connection.
+
+Stop semantics (what gdb expects, as gdbserver, rr and gdb's own record-full
+target behave):
+
+* Breakpoints (kinds 0 and 1) are reported *before* the instruction at their
+  address executes: the PC in the stop is the breakpoint address. `resume`
+  checks breakpoints before every instruction including the first one, like
+  INT3 and debug registers do; gdb itself steps off a breakpoint at the
+  current PC (removes it, single-steps, re-inserts) before continuing.
+* Watchpoints (kinds 2-4) are traps in forward execution: the access
+  completes and the stop happens after the instruction, PC at the next one.
+  `addr` is the data address that was accessed (inside the watched range).
+* `step` executes exactly one instruction (an interrupt or exception
+  delivered instead counts as that instruction, PC then at the handler).
+* `reverse_step` un-executes exactly one instruction: afterwards the machine
+  state is the one it had just before that instruction ran. At the start of
+  the recording it does nothing and returns reason "replay-start".
+* `reverse_resume` un-executes instructions one at a time and stops at the
+  first of these, in this order of priority:
+    - a watched location (kind 2 write, 3 read, 4 either) was accessed by the
+      instruction just un-executed: stop in the state *before* it, i.e. PC at
+      that instruction; reason "watchpoint", `kind`/`addr` as forward;
+    - the PC after un-executing has a breakpoint (kinds 0/1): reason
+      "breakpoint". The starting PC itself is never reported (going backwards
+      the first thing that happens is un-executing the previous instruction;
+      gdb does not step over breakpoints in reverse);
+    - the start of the recording was reached: reason "replay-start";
+    - `should_stop()` returned True: reason "signal", signal 2.
+* Forward execution that reaches the end of what is recorded, when the target
+  cannot (or will not) go live, returns reason "replay-end".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol, runtime_checkable
+
+SIGINT = 2
+SIGTRAP = 5
+
+# Z/z packet kinds
+BP_SOFTWARE = 0
+BP_HARDWARE = 1
+WATCH_WRITE = 2
+WATCH_READ = 3
+WATCH_ACCESS = 4
+
+StopReason = Literal[
+    "breakpoint", "watchpoint", "step", "signal", "exited", "replay-start", "replay-end"
+]
+
+
+class TargetMemoryError(Exception):
+    """An access to guest memory that is unmapped (page not present in the guest
+    page tables, or outside guest RAM/the physical address space)."""
+
+
+@dataclass
+class StopEvent:
+    """Why the target stopped.
+
+    reason      one of StopReason
+    signal      signal number reported to gdb (SIGTRAP for traps, SIGINT after
+                `should_stop()` asked to stop); ignored for "exited"
+    kind        for "breakpoint": BP_SOFTWARE (default) or BP_HARDWARE;
+                for "watchpoint": WATCH_WRITE / WATCH_READ / WATCH_ACCESS
+    addr        for "watchpoint": the data address accessed
+    exit_status for "exited": the guest's exit status (low 8 bits sent)
+    """
+
+    reason: StopReason
+    signal: int = SIGTRAP
+    kind: int | None = None
+    addr: int | None = None
+    exit_status: int = 0
+
+
+@runtime_checkable
+class DebugTarget(Protocol):
+    """One vCPU of a halted machine, as gdb sees it.
+
+    Register names are gdb's (features org.gnu.gdb.i386.core/.sse/.segments):
+      i386:   eax ecx edx ebx esp ebp esi edi eip eflags cs ss ds es fs gs,
+              system: cr0 cr2 cr3 cr4
+      x86-64: rax rbx rcx rdx rsi rdi rbp rsp r8..r15 rip eflags
+              cs ss ds es fs gs fs_base gs_base,
+              system: cr0 cr2 cr3 cr4 cr8 efer k_gs_base
+      both, optional: st0..st7 fctrl fstat ftag fiseg fioff foseg fooff fop,
+              xmm0..xmm7 (xmm0..xmm15 on x86-64) mxcsr
+    `read_registers` may leave out any of them (the stub then reports a
+    neutral value: 0, fctrl 0x37f, ftag 0xffff, mxcsr 0x1f80). Values are
+    unsigned ints; the stub masks them to the register width. The segment
+    registers hold selectors.
+    """
+
+    arch: str                # "i386" or "x86-64", fixed for a connection
+    supports_reverse: bool
+
+    def read_registers(self) -> dict[str, int]: ...
+
+    def write_register(self, name: str, value: int) -> None:
+        """Raise KeyError for a register the target does not have."""
+
+    def read_memory(self, addr: int, length: int, physical: bool = False) -> bytes:
+        """Guest-virtual (or physical) read; raise TargetMemoryError if any
+        byte of the range is unmapped."""
+
+    def write_memory(self, addr: int, data: bytes, physical: bool = False) -> None:
+        """Raise TargetMemoryError if any byte of the range is unmapped."""
+
+    def step(self) -> StopEvent: ...
+
+    def resume(self, should_stop: Callable[[], bool]) -> StopEvent:
+        """Run until a breakpoint, watchpoint, exit or end of replay. Call
+        `should_stop()` every so often (it is cheap; it polls the debugger's
+        socket at most every few ms) and return StopEvent("signal", SIGINT)
+        at an instruction boundary once it returned True."""
+
+    def reverse_step(self) -> StopEvent: ...
+
+    def reverse_resume(self, should_stop: Callable[[], bool]) -> StopEvent: ...
+
+    def add_breakpoint(self, kind: int, addr: int, length: int) -> bool:
+        """kind: 0 sw, 1 hw, 2 write watch, 3 read watch, 4 access watch.
+        False: could not insert (the stub replies E01). Raise
+        NotImplementedError for a kind the target never supports (the stub
+        replies empty and gdb stops using that kind)."""
+
+    def remove_breakpoint(self, kind: int, addr: int, length: int) -> bool: ...
+
+    def monitor(self, command: str) -> str:
+        """A `monitor ...` command; the returned text is shown to the user."""
+
+    def detach(self) -> None:
+        """The debugger detached; the target may run freely again."""
+
+    def kill(self) -> None:
+        """The debugger asked to kill the guest."""
