@@ -12,7 +12,7 @@ On-disk layout (all integers little-endian)::
       u32       CRC32 of every header byte before it (magic to JSON)
     chunk, repeated until the end of the file
       u32       P, length of the compressed payload
-      u32       CRC32 of the compressed payload
+      u32       CRC32 of the rest of the chunk: the two fields below and the payload
       u64       icount of the chunk's first event
       u32       number of events in the chunk (at least 1)
       P bytes   zlib (level 6) of the events, each encoded as
@@ -20,8 +20,8 @@ On-disk layout (all integers little-endian)::
                 where a varint is unsigned LEB128 (at most 10 bytes) and the
                 delta is from the previous event of the same chunk; the first
                 event's "delta" is from 0, i.e. its absolute icount, which
-                must equal the chunk header's first icount (so a damaged
-                header field cannot shift a chunk's icounts unnoticed).
+                must equal the chunk header's first icount (a cross-check:
+                each chunk decodes on its own, so a reader can seek by icount).
 
 Icounts never decrease, within a chunk and across chunks.  The writer flushes
 each chunk to the OS as a single write, so a recorder killed at any moment
@@ -78,6 +78,7 @@ MAX_WRITER_CHUNK_BYTES = 32 << 20  # the largest chunk_bytes a writer accepts
 _HEAD = struct.Struct("<8sHI")     # magic, version, JSON length
 _CRC = struct.Struct("<I")
 _CHUNK = struct.Struct("<IIQI")    # payload length, CRC32, first icount, event count
+_CHUNK_COVERED = struct.Struct("<QI")  # the header fields the CRC covers, before the payload
 _MIN_EVENT = 3                     # kind, delta and length varints of one byte each
 _KINDS = {int(k): k for k in EventKind}
 
@@ -198,9 +199,14 @@ class ChunkInfo:
         return self.offset + _CHUNK.size + self.length
 
 
+def _chunk_crc(first_icount: int, count: int, payload: bytes) -> int:
+    # the icount and count are covered too: a damaged one must not shift or cut a chunk unnoticed
+    return zlib.crc32(payload, zlib.crc32(_CHUNK_COVERED.pack(first_icount, count)))
+
+
 def _encode_chunk(first_icount: int, count: int, raw: bytes) -> bytes:
     payload = zlib.compress(raw, 6)
-    return _CHUNK.pack(len(payload), zlib.crc32(payload), first_icount, count) + payload
+    return _CHUNK.pack(len(payload), _chunk_crc(first_icount, count, payload), first_icount, count) + payload
 
 
 def _corrupt(c: ChunkInfo | int, offset: int | None, why: str) -> LogFormatError:
@@ -268,24 +274,25 @@ def _scan(f, start: int, size: int) -> _Scan:
         if len(head) < _CHUNK.size:
             return _Scan(chunks, off, size, True, None)
         length, crc, first, count = _CHUNK.unpack(head)
-        err = None
-        if length > MAX_CHUNK_BYTES:
-            err = f"payload length {length} exceeds the {_mib(MAX_CHUNK_BYTES)} cap"
-        elif count == 0:
-            err = "no events"
-        elif count > MAX_CHUNK_BYTES // _MIN_EVENT:
-            err = f"event count {count} cannot fit in a chunk"
-        elif first < prev_first:
-            err = f"first icount {first} is before the previous chunk's {prev_first}"
-        if err:
-            return _Scan(chunks, off, size, False, _corrupt(idx, off, err))
+        if length > MAX_CHUNK_BYTES:  # checked before anything is read or allocated
+            return _Scan(chunks, off, size, False, _corrupt(
+                idx, off, f"payload length {length} exceeds the {_mib(MAX_CHUNK_BYTES)} cap"))
         if off + _CHUNK.size + length > size:
             return _Scan(chunks, off, size, True, None)
         payload = f.read(length)
         if len(payload) < length:  # the file shrank under us
             return _Scan(chunks, off, size, True, None)
-        if zlib.crc32(payload) != crc:
-            return _Scan(chunks, off, size, False, _corrupt(idx, off, "checksum mismatch"))
+        err = None
+        if _chunk_crc(first, count, payload) != crc:
+            err = "checksum mismatch"
+        elif count == 0:
+            err = "no events"
+        elif count > MAX_CHUNK_BYTES // _MIN_EVENT:
+            err = f"event count {count} cannot fit in a chunk"
+        elif first < prev_first:
+            err = f"first icount {first} is before the previous chunk's first {prev_first}"
+        if err:
+            return _Scan(chunks, off, size, False, _corrupt(idx, off, err))
         chunks.append(ChunkInfo(idx, off, length, crc, first, count))
         prev_first = first
         off += _CHUNK.size + length
@@ -332,7 +339,6 @@ class LogReader:
             scan = _scan(f, self.header.size, size)
             if scan.error:
                 raise scan.error
-            self._scan = scan
             self.chunks: tuple[ChunkInfo, ...] = tuple(scan.chunks)
             self.last_icount: int | None = None
             if scan.chunks:
@@ -354,7 +360,7 @@ class LogReader:
     def _payload(f, c: ChunkInfo) -> bytes:
         f.seek(c.offset + _CHUNK.size)
         payload = f.read(c.length)
-        if len(payload) != c.length or zlib.crc32(payload) != c.crc:
+        if len(payload) != c.length or _chunk_crc(c.first_icount, c.event_count, payload) != c.crc:
             raise _corrupt(c, None, "changed since the log was opened")
         return payload
 

@@ -129,14 +129,15 @@ def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 <
            boot_kind: str = "auto", cmdline: str | None = None, load_addr: int = 0x100000,
            live_input: Callable[[], bytes] | None = None, input_kind: str = "none",
            max_instructions: int | None = None, serial=None, pace_idle: bool = False,
-           setup: Callable[[PcMachine], None] | None = None) -> tuple[RunResult, PcMachine]:
+           setup: Callable[[PcMachine], None] | None = None,
+           chunk_events: int | None = None) -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path``."""
     from devices.serial_backends import NullBackend
 
     cfg = machine_config(mem_size, epoch, image_name, image, boot_kind, cmdline if cmdline is not None else image_name,
                          load_addr, input_kind)
     m = build_machine(cfg, image, serial or NullBackend())
-    writer = LogWriter(out_path, cfg, state_digest(m))
+    writer = LogWriter(out_path, cfg, state_digest(m), **({"chunk_events": chunk_events} if chunk_events else {}))
     writer.append(Event(EventKind.DISK_IMAGE, 0, ev.encode_disk_image(image_name, cfg["image"]["sha256"])))
 
     if input_kind != "none" and live_input is not None:
@@ -152,6 +153,7 @@ def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 <
             writer.append(e)
 
     digests = _Digests(m, DIGEST_TICKS, MEM_DIGEST_EVERY, emit)
+    emit(digests.snapshot(True))  # the initial state in full, so a changed image is reported page by page
     if setup is not None:
         setup(m)
     try:
@@ -192,14 +194,26 @@ class Replayer:
         # the image event comes first
         if self._next is not None and self._next.kind == EventKind.DISK_IMAGE:
             self._take()
-        if verify and state_digest(self.m) != self.header.initial_digest:
-            raise Divergence(0, self.m.vcpu.rip, "the initial machine state differs from the recording "
-                             + ("(the image changed since recording)" if self.image_changed else "(configuration)"),
-                             pages=[])
         m = self.m
         if cfg.get("input", "none") != "none":
             m.start_input_polling(self._input_source)
         self._digests = _Digests(m, cfg["digest_ticks"], cfg["mem_digest_every"], self._check)
+        if verify:
+            try:
+                self._check(self._digests.snapshot(True))
+            except Divergence as d:
+                d.what = "the initial machine state differs from the recording: " + (
+                    "the image changed since recording" if self.image_changed else d.what)
+                raise
+            if state_digest(m) != self.header.initial_digest:
+                raise self._diverge("the initial machine state differs from the recording (header digest)")
+        else:
+            self._skip_initial()
+
+    def _skip_initial(self) -> None:
+        while self._next is not None and self._next.icount == 0 and self._next.kind in (
+                EventKind.REG_DIGEST, EventKind.MEM_DIGEST, EventKind.OUTPUT_DIGEST):
+            self._take()
 
     # -- the event stream --------------------------------------------------------
     def _advance(self) -> None:
@@ -268,11 +282,18 @@ class Replayer:
         return []  # page hashes are compared at memory digests; registers diverged first
 
     def run(self, until: int | None = None) -> RunResult:
+        """Replay to the end (or to exactly ``until`` instructions).
+
+        A truncated log (a killed recorder) holds no evidence past its last
+        whole chunk, and no input either: the replay stops there.
+        """
         m = self.m
         limit = until
-        end_ic = None
+        if self.reader.truncated:
+            last = self.reader.last_icount or 0
+            limit = last if limit is None else min(limit, last)
         res = m.run(limit)
-        if until is not None and res.reason is StopReason.LIMIT:
+        if limit is not None and res.reason is StopReason.LIMIT:
             return res
         # the run ended: the recording must end the same way
         self._check(self._digests.snapshot(True))

@@ -19,9 +19,13 @@ target behave):
   `addr` is the data address that was accessed (inside the watched range).
 * `step` executes exactly one instruction (an interrupt or exception
   delivered instead counts as that instruction, PC then at the handler).
+  It returns reason "step", or "watchpoint" if that instruction accessed a
+  watched location; it does not look at breakpoints.
 * `reverse_step` un-executes exactly one instruction: afterwards the machine
   state is the one it had just before that instruction ran. At the start of
-  the recording it does nothing and returns reason "replay-start".
+  the recording it does nothing and returns reason "replay-start". Like
+  `step` it returns "watchpoint" if the un-executed instruction accessed a
+  watched location, else "step".
 * `reverse_resume` un-executes instructions one at a time and stops at the
   first of these, in this order of priority:
     - a watched location (kind 2 write, 3 read, 4 either) was accessed by the
@@ -66,8 +70,9 @@ class StopEvent:
     """Why the target stopped.
 
     reason      one of StopReason
-    signal      signal number reported to gdb (SIGTRAP for traps, SIGINT after
-                `should_stop()` asked to stop); ignored for "exited"
+    signal      signal number reported to gdb; None means SIGINT for reason
+                "signal" (a stop `should_stop()` asked for) and SIGTRAP for
+                everything else; ignored for "exited"
     kind        for "breakpoint": BP_SOFTWARE (default) or BP_HARDWARE;
                 for "watchpoint": WATCH_WRITE / WATCH_READ / WATCH_ACCESS
     addr        for "watchpoint": the data address accessed
@@ -75,7 +80,7 @@ class StopEvent:
     """
 
     reason: StopReason
-    signal: int = SIGTRAP
+    signal: int | None = None
     kind: int | None = None
     addr: int | None = None
     exit_status: int = 0
@@ -120,7 +125,7 @@ class DebugTarget(Protocol):
         """Run until a breakpoint, watchpoint, exit or end of replay. Call
         `should_stop()` every so often (it is cheap; it polls the debugger's
         socket at most every few ms) and return StopEvent("signal", SIGINT)
-        at an instruction boundary once it returned True."""
+        at an instruction boundary once it returned True (StopEvent("signal"))."""
 
     def reverse_step(self) -> StopEvent: ...
 
