@@ -27,7 +27,7 @@ from typing import Callable
 from replay.events import Event, EventKind
 from replay import events as ev
 from replay.logfile import LogReader, LogWriter
-from vmm.digest import page_hashes, ram_digest
+from vmm.digest import page_hashes
 from vmm.firmware.boot import boot
 from vmm.machine import RunResult, StopReason
 from vmm.pc import DEFAULT_EPOCH, PcConfig, PcMachine
@@ -91,10 +91,13 @@ def build_machine(cfg: dict, image: bytes, serial) -> PcMachine:
     return m
 
 
-def state_digest(m: PcMachine) -> str:
+def state_digest(m: PcMachine, hashes=None) -> str:
+    """SHA-256 over the registers and the RAM page hashes (computed here unless given)."""
+    if hashes is None:
+        hashes = page_hashes(m.memory.ram)
     h = hashlib.sha256()
     h.update(ev.encode_regs(m.vcpu.snapshot_regs()))
-    h.update(ram_digest(m.memory.ram).encode())
+    h.update(hashlib.sha256(hashes.tobytes()).hexdigest().encode())
     return h.hexdigest()
 
 
@@ -109,12 +112,14 @@ class _Digests:
         self.n = 0
         m.clock.schedule_in(ticks, self._fire, "digest")
 
-    def snapshot(self, with_memory: bool) -> list[Event]:
+    def snapshot(self, with_memory: bool, hashes=None) -> list[Event]:
         m = self.m
         ic = m.vcpu.icount
         out = [Event(EventKind.REG_DIGEST, ic, ev.encode_regs(m.vcpu.snapshot_regs()))]
         if with_memory:
-            out.append(Event(EventKind.MEM_DIGEST, ic, ev.encode_page_hashes(page_hashes(m.memory.ram))))
+            if hashes is None:
+                hashes = page_hashes(m.memory.ram)
+            out.append(Event(EventKind.MEM_DIGEST, ic, ev.encode_page_hashes(hashes)))
         for name, stream in m.outputs.items():
             out.append(Event(EventKind.OUTPUT_DIGEST, ic, ev.encode_output_digest(name, stream.count, stream.digest())))
         return out
@@ -137,7 +142,9 @@ def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 <
     cfg = machine_config(mem_size, epoch, image_name, image, boot_kind, cmdline if cmdline is not None else image_name,
                          load_addr, input_kind)
     m = build_machine(cfg, image, serial or NullBackend())
-    writer = LogWriter(out_path, cfg, state_digest(m), **({"chunk_events": chunk_events} if chunk_events else {}))
+    initial_hashes = page_hashes(m.memory.ram)
+    writer = LogWriter(out_path, cfg, state_digest(m, initial_hashes),
+                       **({"chunk_events": chunk_events} if chunk_events else {}))
     writer.append(Event(EventKind.DISK_IMAGE, 0, ev.encode_disk_image(image_name, cfg["image"]["sha256"])))
 
     if input_kind != "none" and live_input is not None:
@@ -153,7 +160,7 @@ def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 <
             writer.append(e)
 
     digests = _Digests(m, DIGEST_TICKS, MEM_DIGEST_EVERY, emit)
-    emit(digests.snapshot(True))  # the initial state in full, so a changed image is reported page by page
+    emit(digests.snapshot(True, initial_hashes))  # the initial state in full: a changed image shows page by page
     if setup is not None:
         setup(m)
     try:
@@ -199,13 +206,14 @@ class Replayer:
             m.start_input_polling(self._input_source)
         self._digests = _Digests(m, cfg["digest_ticks"], cfg["mem_digest_every"], self._check)
         if verify:
+            hashes = page_hashes(m.memory.ram)
             try:
-                self._check(self._digests.snapshot(True))
+                self._check(self._digests.snapshot(True, hashes))
             except Divergence as d:
                 d.what = "the initial machine state differs from the recording: " + (
                     "the image changed since recording" if self.image_changed else d.what)
                 raise
-            if state_digest(m) != self.header.initial_digest:
+            if state_digest(m, hashes) != self.header.initial_digest:
                 raise self._diverge("the initial machine state differs from the recording (header digest)")
         else:
             self._skip_initial()
