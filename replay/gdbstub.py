@@ -196,8 +196,8 @@ def _i386() -> TargetDescription:
                         + [Reg("mxcsr", 32, "i386_mxcsr", "vector")]))
     system = Feature("org.vmm.gdb.i386.system",
                      _flags_xml("i386_cr0", 4, _CR0_BITS) + _flags_xml("i386_cr4", 4, _CR4_BITS),
-                     (Reg("cr0", 32, "i386_cr0"), Reg("cr2", 32, "int32"),
-                      Reg("cr3", 32, "int32"), Reg("cr4", 32, "i386_cr4")))
+                     (Reg("cr0", 32, "i386_cr0"), Reg("cr2", 32, "uint32"),
+                      Reg("cr3", 32, "uint32"), Reg("cr4", 32, "i386_cr4")))
     return TargetDescription("i386", "i386", [core, sse, system], "eip", "esp", "ebp")
 
 
@@ -212,14 +212,14 @@ def _x86_64() -> TargetDescription:
                   tuple([Reg(f"xmm{i}", 128, "vec128") for i in range(16)]
                         + [Reg("mxcsr", 32, "i386_mxcsr", "vector")]))
     segments = Feature("org.gnu.gdb.i386.segments", "",
-                       (Reg("fs_base", 64, "int"), Reg("gs_base", 64, "int")))
+                       (Reg("fs_base", 64, "uint64"), Reg("gs_base", 64, "uint64")))
     system = Feature("org.vmm.gdb.i386.system",
                      _flags_xml("i386_cr0", 8, _CR0_BITS) + _flags_xml("i386_cr4", 8, _CR4_BITS)
                      + _flags_xml("i386_efer", 8, _EFER_BITS),
-                     (Reg("cr0", 64, "i386_cr0"), Reg("cr2", 64, "int64"),
-                      Reg("cr3", 64, "int64"), Reg("cr4", 64, "i386_cr4"),
-                      Reg("cr8", 64, "int64"), Reg("efer", 64, "i386_efer"),
-                      Reg("k_gs_base", 64, "int64")))
+                     (Reg("cr0", 64, "i386_cr0"), Reg("cr2", 64, "uint64"),
+                      Reg("cr3", 64, "uint64"), Reg("cr4", 64, "i386_cr4"),
+                      Reg("cr8", 64, "uint64"), Reg("efer", 64, "i386_efer"),
+                      Reg("k_gs_base", 64, "uint64")))
     return TargetDescription("x86-64", "i386:x86-64", [core, sse, segments, system],
                              "rip", "rsp", "rbp")
 

@@ -193,7 +193,10 @@ class Replayer:
         self.image_changed = sha != cfg["image"]["sha256"]
         self.m = build_machine(cfg, image, serial or NullBackend())
         self.verify = verify
-        self._events = iter(self.reader)
+        # logs are small (hundreds of bytes per million instructions): keep the
+        # events in a list so time travel can move the position back
+        self.events: list[Event] = list(self.reader)
+        self._pos = 0
         self._next: Event | None = None
         self.last_event: Event | None = None
         self.events_used = 0
@@ -225,18 +228,35 @@ class Replayer:
 
     # -- the event stream --------------------------------------------------------
     def _advance(self) -> None:
-        try:
-            self._next = next(self._events)
-        except StopIteration:
-            self._next = None
+        self._next = self.events[self._pos] if self._pos < len(self.events) else None
 
     def _take(self) -> Event:
         e = self._next
         assert e is not None
         self.last_event = e
         self.events_used += 1
+        self._pos += 1
         self._advance()
         return e
+
+    # -- checkpoint support: the replay position is part of the machine's story --
+    def save_position(self) -> dict:
+        return {"pos": self._pos, "used": self.events_used, "digests": self._digests.n}
+
+    def load_position(self, st: dict) -> None:
+        self._pos = st["pos"]
+        self.events_used = st["used"]
+        self._digests.n = st["digests"]
+        self.last_event = self.events[self._pos - 1] if self._pos else None
+        self._advance()
+
+    @property
+    def end_icount(self) -> int | None:
+        """The icount at which the recording ends (its END event), if it has one."""
+        for e in reversed(self.events):
+            if e.kind == EventKind.END:
+                return e.icount
+        return None
 
     def _describe(self, e: Event | None) -> str:
         if e is None:

@@ -31,6 +31,7 @@ class StopReason(enum.Enum):
     ERROR = "error"              # the CPU core gave up (e.g. executing outside RAM)
     HOST = "host"                # the host asked to stop (Ctrl-A x, a debugger)
     RESET = "reset"              # the guest requested a system reset (8042 / port 0x92)
+    BREAKPOINT = "breakpoint"    # a debugger breakpoint address was reached (before it executes)
 
 
 @dataclass
@@ -213,6 +214,8 @@ class Machine:
             if self.firmware is None:
                 return self._result(StopReason.ERROR, 0, f"execution reached the firmware trap range at {x.rip:#x} with no firmware", x)
             self.firmware.trap(self, x)
+        elif reason is ExitReason.BREAKPOINT:
+            return self._result(StopReason.BREAKPOINT, 0, f"breakpoint at rip={x.rip:#x}", x)
         elif reason is ExitReason.ERROR:
             return self._result(StopReason.ERROR, 0, f"the CPU stopped at rip={x.rip:#x}: {x.detail}", x)
         return None

@@ -102,6 +102,9 @@ CSRC = r"""
 
 #define TBC_BITS 16
 #define TBC_SIZE (1u << TBC_BITS)
+/* index by address only, so the entry load does not wait for the hflags load;
+   the shadow MMU's per-page invalidation (mmu_native.py) uses the same macro */
+#define TBC_INDEX(addr) (((addr) ^ ((addr) >> TBC_BITS)) & (TBC_SIZE - 1))
 
 #define VMM_STOP_BUDGET   0x01u
 #define VMM_STOP_TRAP     0x02u
@@ -170,8 +173,14 @@ typedef struct vmm_core {
     void *handle;
     void (*loop_exit)(void *cpu);
     uc_hook hooks[10];
+    void *mmu;            /* vmm_mmu: the EPT and host frames (mmu_native.py) */
+    void *shadow;         /* vmm_shadow in --mmu shadow, NULL in nested mode */
+    uc_hook mem_hook;
     vmm_tbc_entry tbc[TBC_SIZE];
 } vmm_core;
+
+static int vmm_code_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t n);
+static void vmm_mmu_run_start(vmm_core *c);
 
 static int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
                      uint32_t value, uint32_t *result);
@@ -237,8 +246,7 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
     uint32_t mode = code_mode(c);
-    /* index by address only, so the entry load does not wait for the hflags load */
-    vmm_tbc_entry *e = &c->tbc[(addr ^ (addr >> TBC_BITS)) & (TBC_SIZE - 1)];
+    vmm_tbc_entry *e = &c->tbc[TBC_INDEX(addr)];
     uint32_t n;
     uint64_t next;
 
@@ -264,10 +272,10 @@ static int io_insn_len(vmm_core *c, uint64_t eip)
     uint64_t cs_base = *(uint64_t *)(c->env + ENV_SEG_CS + 8);
     uint32_t mode = code_mode(c);
     int i;
-    if (uc_vmem_read(c->uc, cs_base + eip, UC_PROT_EXEC, b, sizeof(b)) != UC_ERR_OK) {
+    if (vmm_code_read(c, cs_base + eip, b, sizeof(b)) != UC_ERR_OK) {
         /* the instruction may end right before an unmapped page */
         for (i = 0; i < 15; i++) {
-            if (uc_vmem_read(c->uc, cs_base + eip + i, UC_PROT_EXEC, b + i, 1) != UC_ERR_OK)
+            if (vmm_code_read(c, cs_base + eip + i, b + i, 1) != UC_ERR_OK)
                 break;
         }
         if (i == 0) return 0;
@@ -448,7 +456,7 @@ static int vmm_core_install_hooks(vmm_core *c)
 
 static int vmm_vmem_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t size)
 {
-    return (int)uc_vmem_read(c->uc, addr, UC_PROT_EXEC, buf, size);
+    return vmm_code_read(c, addr, buf, size);
 }
 
 /* One entry into guest code.  Resets the per-run stop state first. */
@@ -457,6 +465,7 @@ static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
     c->stop_flags = 0;
     c->exc_vector = -1;
     c->trap_kind = 0;
+    vmm_mmu_run_start(c);
     return (int)uc_emu_start(c->uc, begin, until, 0, 0);
 }
 """
@@ -470,13 +479,23 @@ def _unicorn_paths() -> tuple[str, str]:
     return os.path.join(pkg, "include"), os.path.join(pkg, "lib")
 
 
+def _mmu_source() -> tuple[str, str]:
+    """The shadow MMU's C (vmm/mmu_native.py), read by path: cffi runs this file as a script."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmu_native.py")
+    ns: dict = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), ns)
+    return ns["MMU_CDEF"], ns["MMU_CSRC"]
+
+
 def make_builder() -> FFI:
     inc, lib = _unicorn_paths()
+    mmu_cdef, mmu_csrc = _mmu_source()
     ffibuilder = FFI()
-    ffibuilder.cdef(CDEF)
+    ffibuilder.cdef(CDEF + mmu_cdef)
     ffibuilder.set_source(
         "vmm._vmmfast",
-        CSRC,
+        CSRC + mmu_csrc,
         include_dirs=[inc],
         library_dirs=[lib],
         extra_link_args=[f"-Wl,-rpath,{lib}", "-l:libunicorn.so.2"],

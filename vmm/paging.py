@@ -4,18 +4,22 @@ Implements Intel SDM vol. 3A chapter 4: paging off, 32-bit paging (4 KiB and,
 with CR4.PSE, 4 MiB pages), PAE paging and 4-level paging, with the access
 rights of section 4.6 (U/S, R/W, CR0.WP, NX with EFER.NXE), reserved-bit
 checks (4.3-4.5 tables), accessed and dirty flags as the processor sets them
-(4.8: A on every paging-structure entry used, D on the entry that maps the
-page, only for accesses that do not fault) and the page-fault error code of
-4.7 (P, W/R, U/S, RSVD, I/D).
+(4.8: A on every paging-structure entry used to reach the next level as the
+walk goes, A and D on the entry that maps the page only for accesses that do
+not fault) and the page-fault error code of 4.7 (P, W/R, U/S, RSVD, I/D).
+Paging-structure reads where no RAM answers see all ones (unclaimed bus).
 
 The VMM uses it for its own guest-linear accesses (delivery pushes frames,
-reads the IDT, GDT and TSS, decodes instructions); the shadow MMU's C walk is
-tested against it.
+reads the IDT, GDT and TSS, decodes instructions); the shadow MMU's C walk
+(vmm/mmu_native.py) is a line-by-line port of it, held equal to it by
+tests/test_paging.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+from vmm.memory import GuestMemoryError
 
 PFEC_P = 1
 PFEC_W = 2
@@ -96,6 +100,20 @@ def translate(
 
     ``user`` is true for accesses made at CPL 3 (implicit supervisor accesses
     such as descriptor-table reads pass False).  ``access`` is "r", "w" or "x".
+
+    Accessed flags (SDM 4.8: "whenever the processor uses a paging-structure
+    entry as part of linear-address translation") are set on each entry that
+    references a further paging structure as soon as the walk has used it,
+    i.e. once it passed its present and reserved-bit checks, even if a later
+    level then faults; the entry that maps the page gets its accessed flag,
+    and for a write its dirty flag, only when the access is allowed.  This is
+    also the order of QEMU's walk (target/i386/excp_helper.c), which the
+    nested MMU uses, so both MMUs leave the same A/D bits.
+
+    Paging-structure reads that hit no RAM (a CR3 or an entry pointing past
+    RAM or into an MMIO hole) see all ones, as an unclaimed bus returns, and
+    writes there are dropped; the walk then takes the architectural
+    consequence (present with reserved bits set, or a page far above RAM).
     """
     mode = paging_mode(cr0, cr4, efer)
     if mode == "off":
@@ -110,9 +128,8 @@ def translate(
 
     if mode == "32":
         lin &= 0xFFFF_FFFF
-        entries: list[tuple[int, int]] = []  # (address, value) of each entry used
         pde_addr = ((cr3 & 0xFFFF_F000) | ((lin >> 20) & 0xFFC)) & a20_mask
-        pde = mem.read_u32(pde_addr)
+        pde = _load(mem, pde_addr, 4)
         if not pde & 1:
             raise PageFault(lin, ecode)
         if (pde & 0x80) and (cr4 & CR4_PSE):
@@ -121,19 +138,18 @@ def translate(
             if rsvd:
                 raise PageFault(lin, ecode | PFEC_P | PFEC_RSVD)
             base = (pde & 0xFFC0_0000) | (((pde >> 13) & 0xFF) << 32)
-            entries.append((pde_addr, pde))
             flags_rw = pde & 2
             flags_us = pde & 4
             phys = base | (lin & 0x3F_FFFF)
             size = 4 << 20
             leaf = (pde_addr, pde, 4)
         else:
+            if set_ad and not pde & 0x20:
+                _store(mem, pde_addr, pde | 0x20, 4)
             pte_addr = ((pde & 0xFFFF_F000) | ((lin >> 10) & 0xFFC)) & a20_mask
-            pte = mem.read_u32(pte_addr)
+            pte = _load(mem, pte_addr, 4)
             if not pte & 1:
                 raise PageFault(lin, ecode)
-            entries.append((pde_addr, pde))
-            entries.append((pte_addr, pte))
             flags_rw = pde & pte & 2
             flags_us = pde & pte & 4
             phys = (pte & 0xFFFF_F000) | (lin & 0xFFF)
@@ -144,7 +160,7 @@ def translate(
         if mode == "pae":
             lin &= 0xFFFF_FFFF
             pdpte_addr = ((cr3 & 0xFFFF_FFE0) | ((lin >> 27) & 0x18)) & a20_mask
-            pdpte = mem.read_u64(pdpte_addr)
+            pdpte = _load(mem, pdpte_addr, 8)
             if not pdpte & 1:
                 raise PageFault(lin, ecode)
             # PDPTE: bits 1-2, 5-8 and 63 and above MAXPHYADDR are reserved (SDM table 4-8)
@@ -152,26 +168,25 @@ def translate(
                 raise PageFault(lin, ecode | PFEC_P | PFEC_RSVD)
             table = pdpte & ADDR_4K
             levels = [(21, "pd"), (12, "pt")]
-            entries = []  # PDPTEs carry no A bit in PAE mode
-            flags_rw = 2
-            flags_us = 4
-            nx = False
+            # PAE paging: bits 62:MAXPHYADDR of a PDE or PTE are reserved (SDM tables 4-9 to 4-11)
+            hi_rsvd = ~PHYS_MASK & ((1 << 63) - 1) & ~0xFFF
         else:
             # canonical check is the caller's business (#GP, not #PF)
             table = cr3 & ADDR_4K
             levels = [(39, "pml4"), (30, "pdpt"), (21, "pd"), (12, "pt")]
-            entries = []
-            flags_rw = 2
-            flags_us = 4
-            nx = False
+            # 4-level paging: bits 51:MAXPHYADDR reserved, 62:52 ignored (SDM tables 4-14 to 4-20)
+            hi_rsvd = ~PHYS_MASK & ((1 << 52) - 1) & ~0xFFF
+        flags_rw = 2
+        flags_us = 4
+        nx = False
         phys = size = 0
         leaf = None
         for shift, name in levels:
             addr = (table | (((lin >> shift) & 0x1FF) << 3)) & a20_mask
-            e = mem.read_u64(addr)
+            e = _load(mem, addr, 8)
             if not e & 1:
                 raise PageFault(lin, ecode)
-            rsvd = e & ~PHYS_MASK & ((1 << 52) - 1) & ~0xFFF
+            rsvd = e & hi_rsvd
             if not nxe and e & NX:
                 rsvd |= 1
             if name == "pml4" and e & 0x80:
@@ -183,7 +198,6 @@ def translate(
                 rsvd |= e & (page - 1) & ~0x1FFF
             if rsvd:
                 raise PageFault(lin, ecode | PFEC_P | PFEC_RSVD)
-            entries.append((addr, e))
             flags_rw &= e & 2
             flags_us &= e & 4
             nx = nx or bool(e & NX and nxe)
@@ -193,6 +207,8 @@ def translate(
                 size = page
                 leaf = (addr, e, 8)
                 break
+            if set_ad and not e & 0x20:
+                _store(mem, addr, e | 0x20, 8)
             table = e & ADDR_4K
         assert leaf is not None
 
@@ -205,19 +221,27 @@ def translate(
         raise PageFault(lin, ecode | PFEC_P)
 
     if set_ad:
-        for addr, e in entries:
-            if not e & 0x20:
-                _store(mem, addr, e | 0x20, leaf[2])
-        if write:
-            laddr, _, width = leaf
-            cur = mem.read_u64(laddr) if width == 8 else mem.read_u32(laddr)
-            if not cur & 0x40:
-                _store(mem, laddr, cur | 0x40 | 0x20, width)
+        laddr, lval, width = leaf
+        new = lval | 0x20 | (0x40 if write else 0)
+        if new != lval:
+            _store(mem, laddr, new, width)
     return Translation(phys & a20_mask, size, bool(flags_rw), bool(flags_us), not nx)
 
 
+def _load(mem: PhysMem, addr: int, width: int) -> int:
+    """A paging-structure read: all ones where no memory answers (unclaimed bus)."""
+    try:
+        return mem.read_u64(addr) if width == 8 else mem.read_u32(addr)
+    except GuestMemoryError:
+        return (1 << (8 * width)) - 1
+
+
 def _store(mem: PhysMem, addr: int, value: int, width: int) -> None:
-    if width == 8:
-        mem.write_u64(addr, value)
-    else:
-        mem.write_u32(addr, value & 0xFFFF_FFFF)
+    """A/D update; dropped where no memory answers."""
+    try:
+        if width == 8:
+            mem.write_u64(addr, value)
+        else:
+            mem.write_u32(addr, value & 0xFFFF_FFFF)
+    except GuestMemoryError:
+        pass

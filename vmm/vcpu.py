@@ -159,6 +159,7 @@ class Vcpu:
         self._pending_error: BaseException | None = None
         self._ref_hook = None
         self.ref_icount = 0
+        self._breakpoints: set[int] = set()
         self.exits = 0
         # Exit points come from an explicit set (empty except for exact stops):
         # with a plain `until`, Unicorn invalidates code at until-1 after every
@@ -239,7 +240,11 @@ class Vcpu:
     @a20_mask.setter
     def a20_mask(self, v: int) -> None:
         struct.pack_into("<i", self._env, ENV_A20, v)
-        self.uc.ctl_flush_tlb()
+        self.flush_tlb()
+
+    def flush_tlb(self) -> None:
+        """Drop every cached translation (after the VMM changed paging state or the A20 gate)."""
+        self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
 
     def seg(self, i: int) -> Segment:
         off = ENV_SEGS + i * SEG_SIZE
@@ -503,6 +508,26 @@ class Vcpu:
             pos += size
         return start + pos
 
+    # -- breakpoints ------------------------------------------------------------------
+    @property
+    def breakpoints(self) -> frozenset[int]:
+        return frozenset(self._breakpoints)
+
+    def set_breakpoints(self, addrs) -> None:
+        """Stop (BREAKPOINT exit) before executing any instruction at these linear addresses.
+
+        They are Unicorn exit points: guest memory is never modified, so a
+        debugger cannot change what a replay computes.
+        """
+        new = {int(a) for a in addrs}
+        changed = new ^ self._breakpoints
+        self._breakpoints = new
+        self.uc.ctl_set_exits(sorted(new))
+        for a in changed:
+            self.uc.ctl_remove_cache(max(0, a - 1), a + 1)
+        if changed:
+            self.invalidate_code()
+
     # -- the reference clock ------------------------------------------------------
     def enable_reference_clock(self) -> None:
         """Count instructions the slow, obvious way, to check the C clock against.
@@ -584,11 +609,11 @@ class Vcpu:
         start = self.seg(CS).base + self.rip
         target = self.nth_insn_address(start, k)
         self.uc.ctl_remove_cache(target - 1, target)
-        self.uc.ctl_set_exits([target])
+        self.uc.ctl_set_exits(sorted(self._breakpoints | {target}))
         try:
             x = self._enter(U64, target)
         finally:
-            self.uc.ctl_set_exits([])
+            self.uc.ctl_set_exits(sorted(self._breakpoints))
         if x is not None:
             return x
         return VmExit(ExitReason.DEADLINE, self.rip, c.icount)
@@ -653,6 +678,8 @@ class Vcpu:
             return None
         if until != NO_UNTIL and lin == until:
             return None
+        if lin in self._breakpoints:
+            return VmExit(ExitReason.BREAKPOINT, self.rip, icount)
         # emu_start returned by itself: HLT (it ends its block, EIP is past it)
         if self._code_bytes(lin - 1, 1) == b"\xf4":
             return VmExit(ExitReason.HLT, self.rip, icount)

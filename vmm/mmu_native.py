@@ -1,0 +1,816 @@
+"""C source of the shadow MMU, spliced into the vCPU's cffi module (vmm._vmmfast).
+
+vmm/native_build.py appends ``MMU_CSRC`` after its own source (so the code
+here sees ``vmm_core``) and ``MMU_CDEF`` to its declarations.  This file is
+read by path, not imported, so that cffi's setup-time build (which executes
+native_build.py as a script) finds it too; keep it free of imports.
+
+Three parts:
+
+* ``vmm_walk``: the guest page-table walk (GVA -> GPA), a line-by-line port
+  of vmm/paging.py's ``translate`` (the reference; tests/test_paging.py holds
+  the two equal).  Paging-structure entries are read through the EPT from the
+  host frames, bounds-checked: a GPA with no RAM behind it reads as all ones
+  (an unclaimed bus) and A/D writes to it are dropped; a GPA the VMM made to
+  trap, or a write to a page the EPT keeps read-only, is an EPT violation.
+* the EPT itself is two numpy arrays owned by vmm/ept.py: ``ept[gpn]`` =
+  host frame << 12 | flags, and ``dirty[gpn]``.  Host frames are Unicorn
+  physical pages: frames [0, ram_frames) are guest RAM as mapped at boot, a
+  second pool (for copy-on-write, lazy allocation, sharing) sits at
+  ``pool_first``.
+* the shadow MMU: a UC_HOOK_TLB_FILL callback (Unicorn in UC_TLB_VIRTUAL
+  mode) that walks the guest tables, then the EPT, and returns the combined
+  entry.  Unicorn's hook is given neither the access's offset in the page
+  (CR2 needs it) nor its mmu_idx (an implicit supervisor access made at
+  CPL 3, such as a descriptor-table read during IRET, must not be checked as
+  a user access), so ``vmm_fill_wrapper`` is put in front of Unicorn's own
+  ``unicorn_fill_tlb`` in the CPU class (cc->tlb_fill): it notes the
+  arguments QEMU's softmmu passes -- full address, access type, mmu_idx,
+  probe -- and calls on.  mmu_idx is then exactly QEMU's choice:
+  MMU_USER_IDX for CPL-3 accesses, a kernel index for implicit supervisor
+  ones (cpu_ldl_kernel and friends in seg_helper.c).
+
+W^X.  A fill grants X only to a fetch and W only to a write, so a TLB entry
+is never both writable and executable: stores take Unicorn's fast path
+(UNICORN.md 6), and every write to a frame that holds translated code, and
+every (re)translation of code, goes through a fill.  Per host frame the
+shadow MMU tracks which kind is granted and to which (page, mmu_idx)
+entries; granting the other kind revokes them (a page flush, or a full TLB
+flush when several pages alias the frame), so a frame is never writable and
+executable through two different entries either.  Each grant of W bumps the
+frame's write generation.  The instruction clock's block-count cache is
+keyed by (linear address, size, mode); a fetch fill of page V -> frame F
+that finds V last validated against another frame or an older write
+generation of F invalidates the cache entries of V (and of blocks running
+into V from the page before).  Code rewritten in place to a block of the
+same address and size but another instruction count is therefore counted
+right, and so is the same linear address mapped to other code after a CR3
+switch.
+"""
+
+MMU_CDEF = r"""
+typedef struct vmm_mmu {
+    uint64_t *ept;
+    uint64_t ept_pages;
+    uint8_t *dirty;
+    uint64_t dirty_marked;
+    uint8_t *ram;
+    uint64_t ram_frames;
+    uint8_t *pool;
+    uint64_t pool_first;
+    uint64_t pool_frames;
+    uint64_t viol_gpa;
+    uint64_t viol_lin;
+    uint32_t viol_access;
+    uint32_t viol_walk;
+    uint32_t viol_hole;
+    uint32_t viol_valid;
+} vmm_mmu;
+
+typedef struct {
+    uint64_t gpa;
+    uint64_t page_size;
+    uint32_t prot;
+    uint32_t error_code;
+} vmm_walk_result;
+
+typedef struct vmm_shadow {
+    vmm_mmu *mmu;
+    uint32_t pending;
+    uint32_t pend_access;
+    uint64_t pf_addr;
+    uint32_t pf_error;
+    uint64_t fills;
+    uint64_t fills_write;
+    uint64_t fills_fetch;
+    uint64_t faults;
+    uint64_t violations;
+    uint64_t probes;
+    uint64_t revokes_page;
+    uint64_t revokes_all;
+    uint64_t tbc_invalidations;
+    uint64_t wrapper_misses;
+    ...;
+} vmm_shadow;
+
+#define VMM_EPT_R ...
+#define VMM_EPT_W ...
+#define VMM_EPT_X ...
+#define VMM_EPT_LOG ...
+#define VMM_EPT_VALID ...
+#define VMM_WALK_OK ...
+#define VMM_WALK_PF ...
+#define VMM_WALK_EPT ...
+#define VMM_PEND_PF ...
+#define VMM_PEND_EPT ...
+
+int vmm_walk(vmm_mmu *m, uint64_t lin, int access, int user, uint64_t cr0, uint64_t cr3,
+             uint64_t cr4, uint64_t efer, int32_t a20, int set_ad, vmm_walk_result *r);
+int vmm_walk_bench(vmm_mmu *m, uint64_t *lins, int *accesses, int *users, size_t n, uint64_t cr0,
+                   uint64_t cr3, uint64_t cr4, uint64_t efer, int32_t a20, int set_ad);
+vmm_shadow *vmm_shadow_new(vmm_core *c, vmm_mmu *m);
+void vmm_shadow_free(vmm_shadow *s);
+int vmm_shadow_install(vmm_shadow *s, uint64_t uc_fill_fn, uint64_t cpu_fill_fn, uint64_t tlb_flush_fn,
+                       uint64_t tlb_flush_page_fn);
+void vmm_shadow_reset_frames(vmm_shadow *s);
+int vmm_mmu_install_nested(vmm_core *c, vmm_mmu *m);
+int vmm_core_flush_tlb(vmm_core *c);
+"""
+
+MMU_CSRC = r"""
+/* ---------------------------------------------------------------- EPT */
+#define VMM_EPT_R      0x01ull
+#define VMM_EPT_W      0x02ull
+#define VMM_EPT_X      0x04ull
+#define VMM_EPT_LOG    0x08ull   /* W withheld for dirty logging: the first write marks and restores it */
+#define VMM_EPT_VALID  0x10ull   /* 0: nothing there (unclaimed bus); 1: the VMM owns this GPA page */
+#define VMM_EPT_RWX    0x07ull
+
+#define VMM_WALK_OK  0
+#define VMM_WALK_PF  1
+#define VMM_WALK_EPT 2
+
+#define VMM_PEND_PF  1
+#define VMM_PEND_EPT 2
+
+#define PHYS_BITS 40
+#define PHYS_MASK ((1ull << PHYS_BITS) - 1)
+#define ADDR_4K (PHYS_MASK & ~0xFFFull)
+#define PTE_NX (1ull << 63)
+
+#define CR0_PE (1ull << 0)
+#define CR0_WP (1ull << 16)
+#define CR0_PG (1ull << 31)
+#define CR4_PSE (1ull << 4)
+#define CR4_PAE (1ull << 5)
+#define EFER_LMA (1ull << 10)
+#define EFER_NXE (1ull << 11)
+
+#define PFEC_P 1u
+#define PFEC_W 2u
+#define PFEC_U 4u
+#define PFEC_RSVD 8u
+#define PFEC_I 16u
+
+/* CPUX86State offsets beyond native_build's (checked by vcpu.py at attach) */
+#define ENV_CR    424
+#define ENV_A20   496
+#define ENV_EFER  592
+
+typedef struct vmm_mmu {
+    uint64_t *ept;          /* GPA page -> host frame << 12 | VMM_EPT_* */
+    uint64_t ept_pages;
+    uint8_t *dirty;         /* GPA page written since the dirty log was last collected */
+    uint64_t dirty_marked;
+    uint8_t *ram;           /* host frames [0, ram_frames) */
+    uint64_t ram_frames;
+    uint8_t *pool;          /* host frames [pool_first, pool_first + pool_frames) */
+    uint64_t pool_first;
+    uint64_t pool_frames;
+    uint64_t viol_gpa;      /* the last EPT violation */
+    uint64_t viol_lin;
+    uint32_t viol_access;   /* 0 read, 1 write, 2 fetch */
+    uint32_t viol_walk;     /* made by the page walk (a paging-structure access) */
+    uint32_t viol_hole;     /* no RAM there at all (nested: Unicorn's *_UNMAPPED) */
+    uint32_t viol_valid;
+} vmm_mmu;
+
+typedef struct {
+    uint64_t gpa;
+    uint64_t page_size;
+    uint32_t prot;        /* what the guest's tables allow at this privilege: 1 R, 2 W, 4 X */
+    uint32_t error_code;  /* the #PF error code when the walk returns VMM_WALK_PF */
+} vmm_walk_result;
+
+static inline uint8_t *frame_ptr(vmm_mmu *m, uint64_t hfn)
+{
+    if (hfn < m->ram_frames)
+        return m->ram + (hfn << 12);
+    if (hfn - m->pool_first < m->pool_frames)
+        return m->pool + ((hfn - m->pool_first) << 12);
+    return NULL;
+}
+
+/* index of a host frame in the per-frame tables, or -1 */
+static inline int64_t frame_slot(vmm_mmu *m, uint64_t hfn)
+{
+    if (hfn < m->ram_frames)
+        return (int64_t)hfn;
+    if (hfn - m->pool_first < m->pool_frames)
+        return (int64_t)(m->ram_frames + hfn - m->pool_first);
+    return -1;
+}
+
+static void note_violation(vmm_mmu *m, uint64_t gpa, uint64_t lin, int access, int walk, int hole)
+{
+    m->viol_gpa = gpa;
+    m->viol_lin = lin;
+    m->viol_access = (uint32_t)access;
+    m->viol_walk = (uint32_t)walk;
+    m->viol_hole = (uint32_t)hole;
+    m->viol_valid = 1;
+}
+
+/* A paging-structure read (aligned, width 4 or 8).  0, or -1 for an EPT violation. */
+static int walk_load(vmm_mmu *m, uint64_t gpa, int width, uint64_t *val, uint64_t lin)
+{
+    uint64_t gpn = gpa >> 12, e;
+    uint8_t *p;
+    uint32_t v32;
+    *val = width == 8 ? ~0ull : 0xFFFFFFFFull;
+    if (gpn >= m->ept_pages)
+        return 0;
+    e = m->ept[gpn];
+    if (!(e & VMM_EPT_VALID))
+        return 0;                       /* unclaimed: all ones */
+    if (!(e & VMM_EPT_R)) {
+        note_violation(m, gpa, lin, 0, 1, 0);
+        return -1;
+    }
+    p = frame_ptr(m, e >> 12);
+    if (!p)
+        return 0;
+    p += gpa & 0xFFF;
+    if (width == 8) {
+        memcpy(val, p, 8);
+    } else {
+        memcpy(&v32, p, 4);
+        *val = v32;
+    }
+    return 0;
+}
+
+/* An A/D update.  0, or -1 for an EPT violation (a page the EPT keeps read-only). */
+static int walk_store(vmm_mmu *m, uint64_t gpa, int width, uint64_t val, uint64_t lin)
+{
+    uint64_t gpn = gpa >> 12, e;
+    uint8_t *p;
+    uint32_t v32;
+    if (gpn >= m->ept_pages)
+        return 0;
+    e = m->ept[gpn];
+    if (!(e & VMM_EPT_VALID))
+        return 0;                       /* unclaimed: dropped */
+    if (!(e & VMM_EPT_W)) {
+        if (!(e & VMM_EPT_LOG)) {
+            note_violation(m, gpa, lin, 1, 1, 0);
+            return -1;
+        }
+        m->dirty[gpn] = 1;
+        m->dirty_marked++;
+        e = (e | VMM_EPT_W) & ~VMM_EPT_LOG;
+        m->ept[gpn] = e;
+    }
+    p = frame_ptr(m, e >> 12);
+    if (!p)
+        return 0;
+    p += gpa & 0xFFF;
+    if (width == 8) {
+        memcpy(p, &val, 8);
+    } else {
+        v32 = (uint32_t)val;
+        memcpy(p, &v32, 4);
+    }
+    return 0;
+}
+
+#define LOAD(addr, width, dst) do { if (walk_load(m, (addr), (width), &(dst), lin)) return VMM_WALK_EPT; } while (0)
+#define STORE(addr, width, v) do { if (walk_store(m, (addr), (width), (v), lin)) return VMM_WALK_EPT; } while (0)
+#define FAULT(ec) do { r->error_code = (ec); return VMM_WALK_PF; } while (0)
+
+/* Port of vmm/paging.py translate(): keep the two in step, statement by
+   statement.  access: 0 read, 1 write, 2 fetch. */
+int vmm_walk(vmm_mmu *m, uint64_t lin, int access, int user, uint64_t cr0, uint64_t cr3,
+             uint64_t cr4, uint64_t efer, int32_t a20, int set_ad, vmm_walk_result *r)
+{
+    uint64_t a20m = (uint64_t)(int64_t)a20;
+    int write = access == 1, fetch = access == 2;
+    int nxe = (efer & EFER_NXE) != 0, wp = (cr0 & CR0_WP) != 0;
+    int mode;               /* 32, 3 = PAE, 4 = 4-level */
+    uint32_t ecode;
+    uint64_t flags_rw, flags_us, phys, size, leaf_addr, leaf_val;
+    int leaf_width, nx = 0;
+
+    r->error_code = 0;
+    if (!(cr0 & CR0_PG) || !(cr0 & CR0_PE)) {
+        r->gpa = lin & 0xFFFFFFFFull & a20m;
+        r->page_size = 1ull << 32;
+        r->prot = 7;
+        return VMM_WALK_OK;
+    }
+    mode = (efer & EFER_LMA) ? 4 : (cr4 & CR4_PAE) ? 3 : 32;
+    ecode = (write ? PFEC_W : 0) | (user ? PFEC_U : 0);
+    if (fetch && nxe && mode != 32)
+        ecode |= PFEC_I;
+
+    if (mode == 32) {
+        uint64_t pde_addr, pde, pte_addr, pte;
+        lin &= 0xFFFFFFFFull;
+        pde_addr = ((cr3 & 0xFFFFF000ull) | ((lin >> 20) & 0xFFC)) & a20m;
+        LOAD(pde_addr, 4, pde);
+        if (!(pde & 1))
+            FAULT(ecode);
+        if ((pde & 0x80) && (cr4 & CR4_PSE)) {
+            uint64_t rsvd = (pde >> 13) & ~((1ull << (PHYS_BITS - 32)) - 1) & 0x1FF;
+            if (rsvd)
+                FAULT(ecode | PFEC_P | PFEC_RSVD);
+            flags_rw = pde & 2;
+            flags_us = pde & 4;
+            phys = ((pde & 0xFFC00000ull) | (((pde >> 13) & 0xFF) << 32)) | (lin & 0x3FFFFF);
+            size = 4ull << 20;
+            leaf_addr = pde_addr; leaf_val = pde; leaf_width = 4;
+        } else {
+            if (set_ad && !(pde & 0x20))
+                STORE(pde_addr, 4, pde | 0x20);
+            pte_addr = ((pde & 0xFFFFF000ull) | ((lin >> 10) & 0xFFC)) & a20m;
+            LOAD(pte_addr, 4, pte);
+            if (!(pte & 1))
+                FAULT(ecode);
+            flags_rw = pde & pte & 2;
+            flags_us = pde & pte & 4;
+            phys = (pte & 0xFFFFF000ull) | (lin & 0xFFF);
+            size = 4096;
+            leaf_addr = pte_addr; leaf_val = pte; leaf_width = 4;
+        }
+    } else {
+        uint64_t table, hi_rsvd;
+        int level, first;   /* level 4 pml4, 3 pdpt, 2 pd, 1 pt */
+        if (mode == 3) {
+            uint64_t pdpte_addr, pdpte;
+            lin &= 0xFFFFFFFFull;
+            pdpte_addr = ((cr3 & 0xFFFFFFE0ull) | ((lin >> 27) & 0x18)) & a20m;
+            LOAD(pdpte_addr, 8, pdpte);
+            if (!(pdpte & 1))
+                FAULT(ecode);
+            if (pdpte & (0x1E6ull | (~PHYS_MASK & ~0xFFFull & ((1ull << 63) - 1)) | PTE_NX))
+                FAULT(ecode | PFEC_P | PFEC_RSVD);
+            table = pdpte & ADDR_4K;
+            first = 2;
+            hi_rsvd = ~PHYS_MASK & ((1ull << 63) - 1) & ~0xFFFull;
+        } else {
+            table = cr3 & ADDR_4K;
+            first = 4;
+            hi_rsvd = ~PHYS_MASK & ((1ull << 52) - 1) & ~0xFFFull;
+        }
+        flags_rw = 2;
+        flags_us = 4;
+        leaf_addr = leaf_val = 0; leaf_width = 8; phys = size = 0;
+        for (level = first; level >= 1; level--) {
+            int shift = 12 + 9 * (level - 1);
+            uint64_t addr = (table | (((lin >> shift) & 0x1FF) << 3)) & a20m;
+            uint64_t e, rsvd;
+            int big;
+            LOAD(addr, 8, e);
+            if (!(e & 1))
+                FAULT(ecode);
+            rsvd = e & hi_rsvd;
+            if (!nxe && (e & PTE_NX))
+                rsvd |= 1;
+            if (level == 4 && (e & 0x80))
+                rsvd |= 1;
+            big = (level == 3 || level == 2) && (e & 0x80);
+            if (big)
+                rsvd |= e & ((1ull << shift) - 1) & ~0x1FFFull;
+            if (rsvd)
+                FAULT(ecode | PFEC_P | PFEC_RSVD);
+            flags_rw &= e & 2;
+            flags_us &= e & 4;
+            nx = nx || ((e & PTE_NX) && nxe);
+            if (big || level == 1) {
+                uint64_t page = 1ull << shift;
+                phys = (e & PHYS_MASK & ~(page - 1)) | (lin & (page - 1));
+                size = page;
+                leaf_addr = addr; leaf_val = e; leaf_width = 8;
+                break;
+            }
+            if (set_ad && !(e & 0x20))
+                STORE(addr, 8, e | 0x20);
+            table = e & ADDR_4K;
+        }
+    }
+
+    /* access rights (SDM 4.6) */
+    if (user && !flags_us)
+        FAULT(ecode | PFEC_P);
+    if (write && !flags_rw && (user || wp))
+        FAULT(ecode | PFEC_P);
+    if (fetch && nx)
+        FAULT(ecode | PFEC_P);
+
+    if (set_ad) {
+        uint64_t nv = leaf_val | 0x20 | (write ? 0x40 : 0);
+        if (nv != leaf_val)
+            STORE(leaf_addr, leaf_width, nv);
+    }
+    r->gpa = phys & a20m;
+    r->page_size = size;
+    r->prot = 1 | ((flags_rw || (!user && !wp)) ? 2 : 0) | (nx ? 0 : 4);
+    return VMM_WALK_OK;
+}
+
+#undef LOAD
+#undef STORE
+#undef FAULT
+
+/* The same walk over many inputs (benchmarks: no Python call per walk). */
+int vmm_walk_bench(vmm_mmu *m, uint64_t *lins, int *accesses, int *users, size_t n, uint64_t cr0,
+                   uint64_t cr3, uint64_t cr4, uint64_t efer, int32_t a20, int set_ad)
+{
+    vmm_walk_result r;
+    int faults = 0;
+    size_t i;
+    for (i = 0; i < n; i++)
+        faults += vmm_walk(m, lins[i], accesses[i], users[i], cr0, cr3, cr4, efer, a20, set_ad, &r) != 0;
+    return faults;
+}
+
+/* ---------------------------------------------------------------- shadow MMU */
+#define PGT_BITS 12
+#define PGT_SIZE (1u << PGT_BITS)
+#define FST_NONE 0
+#define FST_W 1
+#define FST_X 2
+#define FOWN_MANY 0xFFFull
+#define TBC_BAD_MODE 0xFFFFFFFFu
+
+typedef struct {
+    uint64_t va;      /* page | 1 when valid */
+    uint64_t hfn;
+    uint32_t wgen;
+    uint32_t pad;
+} vmm_pgt_entry;
+
+typedef struct vmm_shadow {
+    vmm_mmu *mmu;
+    uint32_t pending;       /* why the last fill failed: VMM_PEND_PF or VMM_PEND_EPT */
+    uint32_t pend_access;   /* 0 read, 1 write, 2 fetch */
+    uint64_t pf_addr;
+    uint32_t pf_error;
+    uint64_t fills;
+    uint64_t fills_write;
+    uint64_t fills_fetch;
+    uint64_t faults;
+    uint64_t violations;
+    uint64_t probes;
+    uint64_t revokes_page;
+    uint64_t revokes_all;
+    uint64_t tbc_invalidations;
+    uint64_t wrapper_misses;
+    vmm_core *core;
+    uint64_t nframes;
+    uint8_t *fstate;        /* per host frame: FST_NONE, FST_W or FST_X granted */
+    uint64_t *fowner;       /* page | mask of mmu_idx holding that grant, or FOWN_MANY */
+    uint32_t *wgen;         /* per host frame: bumped by each new grant of W */
+    void (*tlb_flush)(void *cpu);
+    void (*tlb_flush_page)(void *cpu, uint64_t addr, uint16_t idxmap);
+    uc_hook hook;
+    vmm_pgt_entry pgt[PGT_SIZE];
+} vmm_shadow;
+
+/* What QEMU's softmmu passed to cc->tlb_fill, for the hook that Unicorn's
+   unicorn_fill_tlb calls next (same thread, no other fill in between). */
+typedef struct {
+    uint64_t addr;
+    int access;
+    int mmu_idx;
+    int probe;
+    int valid;
+} vmm_fill_args;
+
+static __thread vmm_fill_args vmm_fargs;
+static bool (*vmm_uc_fill)(void *cs, uint64_t addr, int size, int access, int mmu_idx, bool probe,
+                           uintptr_t retaddr);
+
+static bool vmm_fill_wrapper(void *cs, uint64_t addr, int size, int access, int mmu_idx, bool probe,
+                             uintptr_t retaddr)
+{
+    vmm_fargs.addr = addr;
+    vmm_fargs.access = access;
+    vmm_fargs.mmu_idx = mmu_idx;
+    vmm_fargs.probe = probe;
+    vmm_fargs.valid = 1;
+    return vmm_uc_fill(cs, addr, size, access, mmu_idx, probe, retaddr);
+}
+
+/* Drop the block-count cache entries of blocks that start in the page of
+   `va`, or start in the page before and run into it.  An entry is made to
+   miss by its mode, keeping pc and count intact: it may be the block now
+   running (core->cur), which the exit correction still reads. */
+static void tbc_invalidate_page(vmm_core *c, uint64_t va)
+{
+    uint64_t page = va & ~0xFFFull, prev = page - 0x1000, a;
+    uint32_t i;
+    for (i = 0; i < 0x1000; i++) {
+        vmm_tbc_entry *e;
+        a = page + i;
+        e = &c->tbc[TBC_INDEX(a)];
+        if (e->pc == a)
+            e->mode = TBC_BAD_MODE;
+        a = prev + i;
+        e = &c->tbc[TBC_INDEX(a)];
+        if (e->pc == a && a + e->size > page)
+            e->mode = TBC_BAD_MODE;
+    }
+}
+
+static void frames_forget(vmm_shadow *s)
+{
+    memset(s->fstate, 0, s->nframes);
+}
+
+/* Grant kind `want` (FST_W or FST_X) on frame `slot` to the entry (va, idx):
+   revoke the other kind wherever it is granted first. */
+static void wx_grant(vmm_shadow *s, int64_t slot, uint64_t va, int idx, uint8_t want)
+{
+    uint8_t st = s->fstate[slot];
+    uint64_t own = s->fowner[slot];
+    uint64_t bit = 1ull << (idx & 7);
+    if (st == want) {
+        if (own != FOWN_MANY) {
+            if ((own & ~0xFFFull) == va && bit < 0x1000)
+                s->fowner[slot] = own | bit;
+            else
+                s->fowner[slot] = FOWN_MANY;
+        }
+        return;
+    }
+    if (st != FST_NONE) {
+        if (own == FOWN_MANY || bit >= 0x1000) {
+            s->tlb_flush(s->core->cpu);
+            frames_forget(s);
+            s->revokes_all++;
+        } else {
+            uint16_t map = (uint16_t)(own & 0xFFF);
+            if ((own & ~0xFFFull) == va)
+                map &= (uint16_t)~bit;   /* that entry is the one being refilled */
+            if (map) {
+                s->tlb_flush_page(s->core->cpu, own & ~0xFFFull, map);
+                s->revokes_page++;
+            }
+        }
+    }
+    if (want == FST_W)
+        s->wgen[slot]++;
+    s->fstate[slot] = want;
+    s->fowner[slot] = bit < 0x1000 ? (va | bit) : FOWN_MANY;
+}
+
+/* A fetch fill of page va -> frame hfn: is the block-count cache for va
+   still about the same code? */
+static void pgt_note_exec(vmm_shadow *s, uint64_t va, int64_t slot, uint64_t hfn)
+{
+    vmm_pgt_entry *p = &s->pgt[(va >> 12) & (PGT_SIZE - 1)];
+    uint32_t g = s->wgen[slot];
+    if (p->va == (va | 1) && p->hfn == hfn && p->wgen == g)
+        return;
+    if ((p->va & 1) && p->va != (va | 1))
+        tbc_invalidate_page(s->core, p->va & ~0xFFFull);   /* its page loses its record */
+    tbc_invalidate_page(s->core, va);
+    s->tbc_invalidations++;
+    p->va = va | 1;
+    p->hfn = hfn;
+    p->wgen = g;
+}
+
+static bool shadow_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *res, void *ud)
+{
+    vmm_shadow *s = ud;
+    vmm_core *c = s->core;
+    vmm_mmu *m = s->mmu;
+    uint8_t *env = c->env;
+    int access = type == UC_MEM_WRITE ? 1 : type == UC_MEM_FETCH ? 2 : 0;
+    uint64_t addr = vaddr, gpn, e, need, hfn;
+    int idx, probe = 0, rc;
+    int64_t slot;
+    vmm_walk_result w;
+    uint32_t perms;
+
+    if (vmm_fargs.valid && (vmm_fargs.addr & ~0xFFFull) == vaddr && vmm_fargs.access == access) {
+        addr = vmm_fargs.addr;
+        idx = vmm_fargs.mmu_idx;
+        probe = vmm_fargs.probe;
+    } else {
+        /* not through cc->tlb_fill (cannot happen once installed): the CPL decides */
+        idx = (*(uint32_t *)(env + ENV_HFLAGS) & 3) == 3 ? 1 : 2;
+        s->wrapper_misses++;
+    }
+    vmm_fargs.valid = 0;
+    s->fills++;
+    if (probe)
+        s->probes++;
+    m->viol_valid = 0;
+    rc = vmm_walk(m, addr, access, idx == 1,
+                  *(uint64_t *)(env + ENV_CR), *(uint64_t *)(env + ENV_CR + 24),
+                  *(uint64_t *)(env + ENV_CR + 32), *(uint64_t *)(env + ENV_EFER),
+                  *(int32_t *)(env + ENV_A20), 1, &w);
+    if (rc == VMM_WALK_PF) {
+        if (!probe) {
+            s->pending = VMM_PEND_PF;
+            s->pend_access = (uint32_t)access;
+            s->pf_addr = addr;
+            s->pf_error = w.error_code;
+            s->faults++;
+        }
+        return false;
+    }
+    if (rc == VMM_WALK_EPT) {
+        if (!probe) {
+            s->pending = VMM_PEND_EPT;
+            s->pend_access = (uint32_t)access;
+            s->violations++;
+        }
+        return false;
+    }
+    gpn = w.gpa >> 12;
+    e = gpn < m->ept_pages ? m->ept[gpn] : 0;
+    need = access == 1 ? VMM_EPT_W : access == 2 ? VMM_EPT_X : VMM_EPT_R;
+    if (!(e & VMM_EPT_VALID) || !(e & need)) {
+        if (access == 1 && (e & VMM_EPT_VALID) && (e & VMM_EPT_LOG)) {
+            m->dirty[gpn] = 1;
+            m->dirty_marked++;
+            e = (e | VMM_EPT_W) & ~VMM_EPT_LOG;
+            m->ept[gpn] = e;
+        } else {
+            if (!probe) {
+                note_violation(m, w.gpa, addr, access, 0, !(e & VMM_EPT_VALID));
+                s->pending = VMM_PEND_EPT;
+                s->pend_access = (uint32_t)access;
+                s->violations++;
+            }
+            return false;
+        }
+    }
+    hfn = e >> 12;
+    slot = frame_slot(m, hfn);
+    perms = (uint32_t)(e & VMM_EPT_R);
+    if (access == 1) {
+        s->fills_write++;
+        perms |= UC_PROT_WRITE;
+        if (slot >= 0)
+            wx_grant(s, slot, vaddr, idx, FST_W);
+    } else if (access == 2) {
+        s->fills_fetch++;
+        perms |= UC_PROT_EXEC;
+        if (slot >= 0) {
+            wx_grant(s, slot, vaddr, idx, FST_X);
+            pgt_note_exec(s, vaddr, slot, hfn);
+        }
+    }
+    res->paddr = hfn << 12;
+    res->perms = (uc_prot)perms;
+    return true;
+}
+
+vmm_shadow *vmm_shadow_new(vmm_core *c, vmm_mmu *m)
+{
+    vmm_shadow *s = calloc(1, sizeof(vmm_shadow));
+    if (!s)
+        return NULL;
+    s->core = c;
+    s->mmu = m;
+    s->nframes = m->ram_frames + m->pool_frames;
+    s->fstate = calloc(s->nframes + 1, 1);
+    s->fowner = calloc(s->nframes + 1, sizeof(uint64_t));
+    s->wgen = calloc(s->nframes + 1, sizeof(uint32_t));
+    if (!s->fstate || !s->fowner || !s->wgen) {
+        free(s->fstate); free(s->fowner); free(s->wgen); free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void vmm_shadow_free(vmm_shadow *s)
+{
+    if (!s)
+        return;
+    free(s->fstate); free(s->fowner); free(s->wgen); free(s);
+}
+
+/* After a full TLB flush nothing is granted any more. */
+void vmm_shadow_reset_frames(vmm_shadow *s)
+{
+    frames_forget(s);
+}
+
+/* UC_TLB_VIRTUAL, the fill hook, and vmm_fill_wrapper in front of Unicorn's
+   fill in this CPU's class.  The class (X86CPU::cc) is found from
+   CPUState::cc: a pointer, stored in the CPUState before env, to memory
+   after env inside the same X86CPU object, where tlb_fill and, next to it,
+   tlb_fill_cpu hold unicorn_fill_tlb and x86_cpu_tlb_fill. */
+int vmm_shadow_install(vmm_shadow *s, uint64_t uc_fill_fn, uint64_t cpu_fill_fn, uint64_t tlb_flush_fn,
+                       uint64_t tlb_flush_page_fn)
+{
+    vmm_core *c = s->core;
+    uint8_t *cpu = c->cpu, *env = c->env;
+    uint64_t *slot = NULL;
+    uc_err e;
+    size_t i, k;
+
+    if (!uc_fill_fn || !cpu_fill_fn || !tlb_flush_fn || !tlb_flush_page_fn)
+        return -1;
+    e = uc_ctl(c->uc, UC_CTL_WRITE(UC_CTL_TLB_TYPE, 1), UC_TLB_VIRTUAL);
+    if (e != UC_ERR_OK)
+        return -2;
+    for (i = 0; cpu + i < env && !slot; i += 8) {
+        uint64_t v = *(uint64_t *)(cpu + i);
+        uint8_t *p = (uint8_t *)(uintptr_t)v;
+        if ((v & 7) || p <= env || p >= cpu + 0x3F000)
+            continue;
+        for (k = 0; k < 64; k++) {
+            uint64_t *q = (uint64_t *)p + k;
+            if (q[0] == uc_fill_fn && q[1] == cpu_fill_fn) {
+                slot = q;
+                break;
+            }
+        }
+    }
+    if (!slot)
+        return -3;
+    vmm_uc_fill = (bool (*)(void *, uint64_t, int, int, int, bool, uintptr_t))(uintptr_t)uc_fill_fn;
+    s->tlb_flush = (void (*)(void *))(uintptr_t)tlb_flush_fn;
+    s->tlb_flush_page = (void (*)(void *, uint64_t, uint16_t))(uintptr_t)tlb_flush_page_fn;
+    e = uc_hook_add(c->uc, &s->hook, UC_HOOK_TLB_FILL, (void *)shadow_fill, s, 1, 0);
+    if (e != UC_ERR_OK)
+        return -4;
+    *slot = (uint64_t)(uintptr_t)vmm_fill_wrapper;
+    c->shadow = s;
+    c->mmu = s->mmu;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- nested MMU */
+/* Unicorn's own walk; the EPT is its memory map.  An access to a GPA with
+   nothing mapped (or mapped without the right) stops the run with
+   UC_ERR_*_UNMAPPED / *_PROT; this hook notes the physical address. */
+static bool nested_invalid(uc_engine *uc, uc_mem_type type, uint64_t address, int size, int64_t value,
+                           void *ud)
+{
+    vmm_core *c = ud;
+    vmm_mmu *m = c->mmu;
+    int access = (type == UC_MEM_WRITE_UNMAPPED || type == UC_MEM_WRITE_PROT) ? 1
+               : (type == UC_MEM_FETCH_UNMAPPED || type == UC_MEM_FETCH_PROT) ? 2 : 0;
+    int hole = type == UC_MEM_READ_UNMAPPED || type == UC_MEM_WRITE_UNMAPPED || type == UC_MEM_FETCH_UNMAPPED;
+    uint64_t gpn = address >> 12;
+    if (hole && gpn < m->ept_pages && (m->ept[gpn] & VMM_EPT_VALID))
+        hole = 0;   /* the VMM unmapped it to trap */
+    note_violation(m, address, 0, access, 0, hole);
+    return false;
+}
+
+int vmm_mmu_install_nested(vmm_core *c, vmm_mmu *m)
+{
+    c->mmu = m;
+    return (int)uc_hook_add(c->uc, &c->mem_hook, UC_HOOK_MEM_UNMAPPED | UC_HOOK_MEM_PROT,
+                            (void *)nested_invalid, c, 1, 0);
+}
+
+static void vmm_mmu_run_start(vmm_core *c)
+{
+    if (c->shadow)
+        ((vmm_shadow *)c->shadow)->pending = 0;
+    if (c->mmu)
+        ((vmm_mmu *)c->mmu)->viol_valid = 0;
+}
+
+/* Full TLB flush from the VMM (EPT changes, dirty-log re-arm, reset). */
+int vmm_core_flush_tlb(vmm_core *c)
+{
+    int e = (int)uc_ctl(c->uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
+    if (c->shadow)
+        frames_forget((vmm_shadow *)c->shadow);
+    return e;
+}
+
+/* Guest code bytes for the VMM (instruction counting, I/O lengths).  In
+   shadow mode through the walk, without A/D side effects and without
+   touching Unicorn's TLB; in nested mode through Unicorn. */
+static int vmm_code_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t n)
+{
+    vmm_shadow *s = c->shadow;
+    uint8_t *env = c->env;
+    if (!s)
+        return (int)uc_vmem_read(c->uc, addr, UC_PROT_EXEC, buf, n);
+    while (n > 0) {
+        vmm_walk_result w;
+        vmm_mmu *m = s->mmu;
+        uint64_t gpn, e;
+        uint8_t *p;
+        size_t chunk = 0x1000 - (addr & 0xFFF);
+        if (chunk > n)
+            chunk = n;
+        if (vmm_walk(m, addr, 0, 0, *(uint64_t *)(env + ENV_CR), *(uint64_t *)(env + ENV_CR + 24),
+                     *(uint64_t *)(env + ENV_CR + 32), *(uint64_t *)(env + ENV_EFER),
+                     *(int32_t *)(env + ENV_A20), 0, &w) != VMM_WALK_OK)
+            return UC_ERR_READ_PROT;
+        gpn = w.gpa >> 12;
+        e = gpn < m->ept_pages ? m->ept[gpn] : 0;
+        if (!(e & VMM_EPT_VALID) || !(e & (VMM_EPT_R | VMM_EPT_X)) || !(p = frame_ptr(m, e >> 12)))
+            return UC_ERR_READ_PROT;
+        memcpy(buf, p + (w.gpa & 0xFFF), chunk);
+        buf += chunk;
+        addr += chunk;
+        n -= chunk;
+    }
+    return UC_ERR_OK;
+}
+"""
