@@ -61,7 +61,7 @@ class Checkpoints:
     def __init__(self, machine, extra_save=None, extra_load=None):
         self.m = machine
         self.list: list[Checkpoint] = []
-        self._extra_save = extra_save or (lambda: {})
+        self._extra_save = extra_save or (dict)
         self._extra_load = extra_load or (lambda d: None)
 
     @property

@@ -890,6 +890,8 @@ class GdbStub:
         return f"T{SIGTRAP:02x}thread:01;"
 
     def _resume(self, conn: _Connection, step: bool, addr: str) -> str:
+        if self.exited is not None:      # nothing left to run
+            return self._stop_reply(self.exited)
         if addr:
             try:
                 pc = _parse_hex(addr)
@@ -904,6 +906,8 @@ class GdbStub:
         return self._after_run(conn, event)
 
     def _reverse(self, conn: _Connection, step: bool) -> str:
+        if self.exited is not None:
+            return self._stop_reply(self.exited)
         conn.interrupt_pending = False
         if step:
             event = self.target.reverse_step()
@@ -942,7 +946,8 @@ class GdbStub:
             parts.append("replaylog:end;")
         try:
             values = self.target.read_registers()
-        except Exception:
+        except Exception:  # the stop itself still has to reach gdb
+            log.exception("gdbstub: reading registers for a stop reply")
             values = {}
         for name in (self.tdesc.pc, self.tdesc.sp, self.tdesc.fp):
             if name in values:

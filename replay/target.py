@@ -38,12 +38,18 @@ target behave):
     - the start of the recording was reached: reason "replay-start";
     - `should_stop()` returned True: reason "signal", signal 2.
 * Forward execution that reaches the end of what is recorded, when the target
-  cannot (or will not) go live, returns reason "replay-end".
+  cannot (or will not) go live, returns reason "replay-end" (gdb prints "No
+  more reverse-execution history." and the session goes on).
+* "exited" ends the inferior for gdb: it mourns it and drops the connection,
+  and the stub answers any later run request with the same W reply. A replay
+  target that wants the user to be able to reverse from the guest's exit
+  should stop there with "replay-end" (or a breakpoint) instead.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 SIGINT = 2
 SIGTRAP = 5
@@ -124,8 +130,8 @@ class DebugTarget(Protocol):
     def resume(self, should_stop: Callable[[], bool]) -> StopEvent:
         """Run until a breakpoint, watchpoint, exit or end of replay. Call
         `should_stop()` every so often (it is cheap; it polls the debugger's
-        socket at most every few ms) and return StopEvent("signal", SIGINT)
-        at an instruction boundary once it returned True (StopEvent("signal"))."""
+        socket at most every few ms) and, once it returned True, stop at an
+        instruction boundary and return StopEvent("signal") (sent as T02)."""
 
     def reverse_step(self) -> StopEvent: ...
 
@@ -135,7 +141,9 @@ class DebugTarget(Protocol):
         """kind: 0 sw, 1 hw, 2 write watch, 3 read watch, 4 access watch.
         False: could not insert (the stub replies E01). Raise
         NotImplementedError for a kind the target never supports (the stub
-        replies empty and gdb stops using that kind)."""
+        replies empty and gdb stops using that kind: for watchpoints it falls
+        back to single-stepping, for kind 0 to writing INT3 into guest
+        memory, so a replay target must support kind 0)."""
 
     def remove_breakpoint(self, kind: int, addr: int, length: int) -> bool: ...
 

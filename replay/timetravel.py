@@ -7,9 +7,11 @@ at most ``interval`` instructions of forward replay.
 
 Reverse execution is built on exact seeking, as gdb defines it:
 * reverse-stepi lands on icount - 1 with the registers a forward run had there;
-* reverse-continue lands on the last breakpoint or watchpoint hit strictly
-  before the current point (a breakpoint stops before its instruction runs, a
-  watchpoint after the accessing instruction retired), or at icount 0.
+* reverse-continue lands on the last breakpoint or watchpoint hit before the
+  current point, or at icount 0.  Going backwards, a breakpoint stops with PC
+  at its address (the starting PC itself is never reported), and a watchpoint
+  stops in the state *before* the accessing instruction, PC on it: the store
+  that wrote the watched location.  (Forward, a watchpoint stops after it.)
 To find that hit, each checkpoint interval before the current point is
 replayed forward with the breakpoints and watchpoints recording their hits
 (without stopping), latest interval first; then the replay seeks to the hit.
@@ -84,8 +86,7 @@ class TimeTravel:
 
     def seek(self, target: int) -> int:
         """Put the machine at exactly ``target`` retired instructions (or the end)."""
-        if target < 0:
-            target = 0
+        target = max(target, 0)
         if self.end_icount is not None:
             target = min(target, self.end_icount)
         cur = self.icount
@@ -198,8 +199,10 @@ class TimeTravel:
             res = self._run_plain(hi)
             if res.reason not in (StopReason.LIMIT, StopReason.BREAKPOINT):
                 break
-        hits += [h for h in self._watch_hits if lo < h.icount < hi]
-        hits.sort(key=lambda h: h.icount)
+        # a watch hit's icount is the position after the access: the access itself
+        # lies in [lo, hi) when lo < icount <= hi
+        hits += [h for h in self._watch_hits if lo < h.icount <= hi]
+        hits.sort(key=lambda h: (h.icount - 1 if h.kind >= WRITE else h.icount))
         return hits
 
     def reverse_cont(self, should_stop=None) -> Stop:
@@ -221,8 +224,11 @@ class TimeTravel:
                     hits = [Hit(0, SW, lin)]
             if hits:
                 h = hits[-1]
+                if h.kind >= WRITE:
+                    self.seek(h.icount - 1)  # before the access, PC on the accessing instruction
+                    return Stop("watchpoint", self.icount, h)
                 self.seek(h.icount)
-                return Stop("watchpoint" if h.kind >= WRITE else "breakpoint", self.icount, h)
+                return Stop("breakpoint", self.icount, h)
             hi = lo
         self.seek(0)
         return Stop("start", 0)

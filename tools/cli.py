@@ -4,7 +4,7 @@
             [--boot auto|disk|floppy|multiboot|flat] [--load-addr ADDR] [--cmdline TEXT]
             [--input FILE] [--rtc-epoch SECONDS] [--exit-code guest|qemu] [--stats]
     vmm record [IMAGE] -o LOG [same options as run]
-    vmm replay LOG [--until ICOUNT] [--no-verify] [--image PATH] [--serial ...]
+    vmm replay LOG [--until ICOUNT] [--no-verify] [--image PATH] [--serial ...] [--gdb [HOST:]PORT]
     vmm log show LOG [--events]
     vmm log verify LOG
 
@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--image", default=None, metavar="PATH", help="the recorded image, if it moved")
     rp.add_argument("--serial", default="stdio", metavar="stdio|none|FILE", help="where the replayed COM1 goes")
     rp.add_argument("--exit-code", choices=["guest", "qemu"], default="guest")
+    rp.add_argument("--gdb", default=None, metavar="[HOST:]PORT",
+                    help="serve the gdb remote protocol (default host 127.0.0.1), with reverse execution: "
+                         "connect with `target remote :PORT`; the replay then runs under gdb's control")
+    rp.add_argument("--checkpoint-interval", type=parse_int, default=2_000_000, metavar="N",
+                    help="with --gdb: take a checkpoint every N instructions (bounds the cost of going back)")
     lg = sub.add_parser("log", help="inspect a replay log",
                         description="Inspect or check a replay log.")
     lsub = lg.add_subparsers(dest="log_command", metavar="SUBCOMMAND")
@@ -362,6 +367,8 @@ def cmd_replay(args) -> int:
                 image = f.read()
         except OSError as e:
             raise UsageError(f"cannot read image {args.image}: {e.strerror}") from None
+    if args.gdb is not None:
+        return _replay_gdb(args, image)
     backend, stdio = _serial_backend(args.serial)
     try:
         try:
@@ -403,6 +410,52 @@ def cmd_replay(args) -> int:
         print("vmm: state at icount {}: {}".format(
             m.vcpu.icount, " ".join(f"{k}={v:#x}" for k, v in regs.items())), file=sys.stderr)
     return _exit_status(res, args)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        p = int(port)
+    except ValueError:
+        raise UsageError(f"--gdb wants [HOST:]PORT, not {text!r}") from None
+    if not 0 <= p < 65536:
+        raise UsageError(f"--gdb port {p} is out of range")
+    return host or "127.0.0.1", p
+
+
+def _replay_gdb(args, image) -> int:
+    from replay.debugtarget import ReplayTarget
+    from replay.gdbstub import GdbStub
+    from replay.logfile import LogFormatError
+    from replay.session import Divergence, ReplayError
+    from replay.timetravel import TimeTravel
+
+    host, port = parse_hostport(args.gdb)
+    backend, _stdio = _serial_backend("none" if args.serial == "stdio" else args.serial)
+    try:
+        tt = TimeTravel(args.log, image=image, interval=args.checkpoint_interval, serial=backend)
+    except LogFormatError as e:
+        print(f"vmm: {args.log}: {e}", file=sys.stderr)
+        return EXIT_BAD_LOG
+    except (ReplayError, OSError) as e:
+        raise UsageError(str(e)) from None
+    except Divergence as d:
+        print(f"vmm: {d}", file=sys.stderr)
+        return EXIT_DIVERGED
+    try:
+        stub = GdbStub(ReplayTarget(tt), host, port)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    print(f"vmm: replaying {args.log} ({tt.end_icount} instructions) under gdb: "
+          f"target remote {stub.host}:{stub.port}", file=sys.stderr, flush=True)
+    try:
+        stub.serve_forever()
+    except Divergence as d:
+        print(f"vmm: {d}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        stub.close()
+    return 0
 
 
 def cmd_log(args) -> int:

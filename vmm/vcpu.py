@@ -160,6 +160,8 @@ class Vcpu:
         self._ref_hook = None
         self.ref_icount = 0
         self._breakpoints: set[int] = set()
+        self._bp_hooks: dict[int, int] = {}
+        self._bp_hit = False
         self.exits = 0
         # Exit points come from an explicit set (empty except for exact stops):
         # with a plain `until`, Unicorn invalidates code at until-1 after every
@@ -516,17 +518,26 @@ class Vcpu:
     def set_breakpoints(self, addrs) -> None:
         """Stop (BREAKPOINT exit) before executing any instruction at these linear addresses.
 
-        They are Unicorn exit points: guest memory is never modified, so a
-        debugger cannot change what a replay computes.
+        Each is a code hook bounded to its one address: Unicorn stops before
+        the instruction, other code pays nothing, and guest memory is never
+        patched, so a debugger cannot change what a replay computes.  (Not
+        Unicorn exit points: after every run Unicorn looks up each exit's
+        address - 1, and from ring 3 that lookup of a supervisor page
+        clobbers the guest's CR2.)
         """
         new = {int(a) for a in addrs}
-        changed = new ^ self._breakpoints
+        if new == self._breakpoints:
+            return
+        for a in self._breakpoints - new:
+            self.uc.hook_del(self._bp_hooks.pop(a))
+        for a in new - self._breakpoints:
+            self._bp_hooks[a] = self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_breakpoint, None, a, a)
         self._breakpoints = new
-        self.uc.ctl_set_exits(sorted(new))
-        for a in changed:
-            self.uc.ctl_remove_cache(max(0, a - 1), a + 1)
-        if changed:
-            self.invalidate_code()
+        self.invalidate_code()
+
+    def _on_breakpoint(self, uc, address, size, _):
+        self._bp_hit = True
+        uc.emu_stop()
 
     # -- the reference clock ------------------------------------------------------
     def enable_reference_clock(self) -> None:
@@ -609,11 +620,11 @@ class Vcpu:
         start = self.seg(CS).base + self.rip
         target = self.nth_insn_address(start, k)
         self.uc.ctl_remove_cache(target - 1, target)
-        self.uc.ctl_set_exits(sorted(self._breakpoints | {target}))
+        self.uc.ctl_set_exits([target])
         try:
             x = self._enter(U64, target)
         finally:
-            self.uc.ctl_set_exits(sorted(self._breakpoints))
+            self.uc.ctl_set_exits([])
         if x is not None:
             return x
         return VmExit(ExitReason.DEADLINE, self.rip, c.icount)
@@ -629,6 +640,7 @@ class Vcpu:
             self.invalidate_code()
         c.budget = budget
         self._stop_requested = False
+        self._bp_hit = False
         err = lib.vmm_core_run(c, self.rip, 0)
         self.exits += 1
         if self._pending_error is not None:
@@ -678,7 +690,8 @@ class Vcpu:
             return None
         if until != NO_UNTIL and lin == until:
             return None
-        if lin in self._breakpoints:
+        if self._bp_hit:
+            self._bp_hit = False
             return VmExit(ExitReason.BREAKPOINT, self.rip, icount)
         # emu_start returned by itself: HLT (it ends its block, EIP is past it)
         if self._code_bytes(lin - 1, 1) == b"\xf4":

@@ -1,0 +1,185 @@
+"""The gdb stub's target over a replay: a `DebugTarget` backed by `TimeTravel`.
+
+Reads never disturb the replay: guest-virtual reads walk the guest's page
+tables without setting accessed/dirty bits, and writes to registers or memory
+are refused (they would make the replay diverge from its recording).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from replay.target import (
+    BP_HARDWARE,
+    BP_SOFTWARE,
+    WATCH_ACCESS,
+    WATCH_READ,
+    WATCH_WRITE,
+    StopEvent,
+    TargetMemoryError,
+)
+from replay.timetravel import Stop, TimeTravel
+from vmm.memory import GuestMemoryError
+from vmm.paging import PageFault
+from vmm.vcpu import CS, DS, ES, FS, GS, SS
+
+I386_GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+X64_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+class ReplayTarget:
+    supports_reverse = True
+
+    def __init__(self, tt: TimeTravel, arch: str | None = None):
+        self.tt = tt
+        cpu = tt.m.vcpu
+        self.arch = arch or ("x86-64" if cpu.long_mode else "i386")
+
+    # -- registers -------------------------------------------------------------
+    def read_registers(self) -> dict[str, int]:
+        cpu = self.tt.m.vcpu
+        r: dict[str, int] = {}
+        if self.arch == "i386":
+            for i, n in enumerate(I386_GPRS):
+                r[n] = cpu.gpr(i) & 0xFFFF_FFFF
+            r["eip"] = cpu.rip & 0xFFFF_FFFF
+        else:
+            for i, n in enumerate(X64_GPRS):
+                r[n] = cpu.gpr(i)
+            r["rip"] = cpu.rip
+            r["fs_base"] = cpu.seg(FS).base
+            r["gs_base"] = cpu.seg(GS).base
+            r["efer"] = cpu.efer
+            r["cr8"] = 0
+        r["eflags"] = cpu.rflags & 0xFFFF_FFFF
+        for name, seg in (("cs", CS), ("ss", SS), ("ds", DS), ("es", ES), ("fs", FS), ("gs", GS)):
+            r[name] = cpu.seg(seg).selector
+        r["cr0"], r["cr2"], r["cr3"], r["cr4"] = cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4
+        return r
+
+    def write_register(self, name: str, value: int) -> None:
+        raise KeyError(f"{name}: registers are read-only while replaying (a write would diverge from the recording)")
+
+    # -- memory ------------------------------------------------------------------
+    def read_memory(self, addr: int, length: int, physical: bool = False) -> bytes:
+        m = self.tt.m
+        cpu = m.vcpu
+        out = bytearray()
+        a = addr
+        end = addr + length
+        while a < end:
+            n = min(end - a, 0x1000 - (a & 0xFFF))
+            try:
+                pa = a if physical else cpu.translate(a, "r", user=False, set_ad=False)
+                out += m.memory.read(pa, n)
+            except (PageFault, GuestMemoryError):
+                raise TargetMemoryError(f"{'physical' if physical else 'virtual'} address {a:#x} is not mapped") from None
+            a += n
+        return bytes(out)
+
+    def write_memory(self, addr: int, data: bytes, physical: bool = False) -> None:
+        raise TargetMemoryError("guest memory is read-only while replaying (a write would diverge)")
+
+    # -- execution ---------------------------------------------------------------
+    def _event(self, s: Stop) -> StopEvent:
+        if s.reason == "breakpoint":
+            return StopEvent("breakpoint", kind=BP_SOFTWARE)
+        if s.reason == "watchpoint" and s.hit is not None:
+            return StopEvent("watchpoint", kind=s.hit.kind, addr=s.hit.addr)
+        if s.reason == "start":
+            return StopEvent("replay-start")
+        if s.reason == "end":
+            return StopEvent("replay-end")
+        if s.reason == "interrupted":
+            return StopEvent("signal", signal=2)
+        return StopEvent("step")
+
+    def step(self) -> StopEvent:
+        tt = self.tt
+        tt._watch_hits.clear()
+        s = tt.step()
+        if s.reason == "end":
+            return StopEvent("replay-end")
+        hits = [h for h in tt._watch_hits if h.icount == tt.icount]
+        if hits:
+            return StopEvent("watchpoint", kind=hits[0].kind, addr=hits[0].addr)
+        return StopEvent("step")
+
+    def resume(self, should_stop: Callable[[], bool]) -> StopEvent:
+        return self._event(self.tt.cont(should_stop=should_stop))
+
+    def reverse_step(self) -> StopEvent:
+        tt = self.tt
+        if tt.icount == 0:
+            return StopEvent("replay-start")
+        target = tt.icount - 1
+        if tt.watchpoints:
+            hits = [h for h in tt._hits_between(target, target + 1) if h.kind >= WATCH_WRITE]
+            tt.seek(target)
+            if hits:
+                return StopEvent("watchpoint", kind=hits[0].kind, addr=hits[0].addr)
+            return StopEvent("step")
+        tt.reverse_step()
+        return StopEvent("step")
+
+    def reverse_resume(self, should_stop: Callable[[], bool]) -> StopEvent:
+        return self._event(self.tt.reverse_cont(should_stop=should_stop))
+
+    def add_breakpoint(self, kind: int, addr: int, length: int) -> bool:
+        if kind in (BP_SOFTWARE, BP_HARDWARE):
+            self.tt.add_breakpoint(addr)
+            return True
+        if kind in (WATCH_WRITE, WATCH_READ, WATCH_ACCESS):
+            self.tt.add_watchpoint(kind, addr, max(1, length))
+            return True
+        raise NotImplementedError(kind)
+
+    def remove_breakpoint(self, kind: int, addr: int, length: int) -> bool:
+        if kind in (BP_SOFTWARE, BP_HARDWARE):
+            self.tt.remove_breakpoint(addr)
+            return True
+        if kind in (WATCH_WRITE, WATCH_READ, WATCH_ACCESS):
+            self.tt.remove_watchpoint(kind, addr, max(1, length))
+            return True
+        raise NotImplementedError(kind)
+
+    # -- monitor commands ------------------------------------------------------------
+    def monitor(self, command: str) -> str:
+        tt = self.tt
+        words = command.split()
+        if not words or words[0] == "help":
+            return ("monitor commands: icount | seek ICOUNT | checkpoints | info exits | "
+                    "phys ADDR LEN (read guest-physical memory)\n")
+        if words[0] == "icount":
+            end = tt.end_icount
+            return f"icount {tt.icount}" + (f" of {end}" if end is not None else "") + "\n"
+        if words[0] == "seek" and len(words) == 2:
+            try:
+                n = int(words[1].replace("_", ""), 0)
+            except ValueError:
+                return f"seek: not a number: {words[1]}\n"
+            tt.seek(n)
+            return f"at icount {tt.icount}\n"
+        if words[0] == "checkpoints":
+            lines = [(f"{len(tt.cps.list)} checkpoints, {tt.cps.bytes / 1e6:.1f} MB of RAM pages, "
+                     f"every {tt.interval} instructions")]
+            lines += [f"  #{c.index}: icount {c.icount}" + (" (keyframe)" if c.keyframe is not None else
+                                                           f" ({len(c.diff)} pages)") for c in tt.cps.list[:50]]
+            return "\n".join(lines) + "\n"
+        if words[:2] == ["info", "exits"]:
+            counts = tt.m.exit_counts
+            return "".join(f"{k:>12} {v}\n" for k, v in counts.items() if v) or "no exits yet\n"
+        if words[0] == "phys" and len(words) == 3:
+            try:
+                a, n = int(words[1], 0), min(int(words[2], 0), 4096)
+                data = self.read_memory(a, n, physical=True)
+            except (ValueError, TargetMemoryError) as e:
+                return f"phys: {e}\n"
+            return "".join(f"{a + i:#010x}: {data[i:i + 16].hex(' ')}\n" for i in range(0, len(data), 16))
+        return f"unknown monitor command: {command} (try: monitor help)\n"
+
+    def detach(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
