@@ -50,9 +50,27 @@ GUESTS: dict[str, Guest] = {
     g.name: g
     for g in (
         Guest("hello", "hello.asm", "hello.img",
-              "512-byte BIOS boot sector: prints a line via int 10h and COM1, exits via port 0x501"),
+              "512-byte BIOS boot sector: prints a line via int 10h, exits via port 0x501"),
         Guest("demo", "demo.asm", "demo.elf",
               "Multiboot v1 ELF32 kernel: GDT/IDT/paging/PIC/PIT/RTC, two ring-3 tasks (int 0x80, sysenter)"),
+        Guest("crash", "crash.asm", "crash.bin",
+              "Multiboot (a.out kludge) kernel with a timer/worker race on a shared pointer: crashes on some "
+              "boots (depends on the RTC), for the reverse-debugging walkthrough"),
+        # Device test guests (t_*.asm, sharing the frame in t_common.asm): each
+        # prints "<name> ok: ..." per check on COM1 and exits through port 0x501
+        # with 0, or with the number of the failing check (99: unexpected exception).
+        Guest("t_pit", "t_pit.asm", "t_pit.elf",
+              "test: 8254 modes 0/2, IRQ0 rate against counter 2, latch and read-back, port 0x61 calibration"),
+        Guest("t_rtc", "t_rtc.asm", "t_rtc.elf",
+              "test: MC146818 time in BCD and binary, periodic IRQ8 against PIT ticks, register C, SET"),
+        Guest("t_uart", "t_uart.asm", "t_uart.elf",
+              "test: 16550A scratch, divisor latch, loopback probe, FIFO, THRE interrupts on IRQ4"),
+        Guest("t_pic", "t_pic.asm", "t_pic.elf",
+              "test: 8259A EOI kinds, masking, poll, priority, AEOI, spurious IRQ7 protocol, cascade via RTC"),
+        Guest("t_kbd", "t_kbd.asm", "t_kbd.elf",
+              "test: 8042 self test, keyboard commands, A20 via 8042 and port 0x92 by aliasing at 1 MiB"),
+        Guest("t_bios", "t_bios.asm", "t_bios.img",
+              "test: boot disk exercising INT 13h CHS/LBA, INT 15h E820, INT 12h, INT 1Ah, INT 10h cursor"),
     )
 }
 
@@ -159,6 +177,19 @@ def validate(name: str, data: bytes) -> str | None:
         return check_boot_sector(data)
     if name == "demo":
         return check_elf32_i386(data) or check_multiboot_header(data)
+    if name.startswith("t_"):
+        if GUESTS[name].output.endswith(".img"):
+            return check_disk_image(data)
+        return check_elf32_i386(data) or check_multiboot_header(data)
+    return None
+
+
+def check_disk_image(data: bytes) -> str | None:
+    """A hard-disk image: whole 512-byte sectors, a boot signature in the first."""
+    if len(data) < 512 or len(data) % 512:
+        return f"disk image is {len(data)} bytes, not a whole number of 512-byte sectors"
+    if data[510:512] != b"\x55\xaa":
+        return "boot sector does not end with 55 AA"
     return None
 
 

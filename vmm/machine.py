@@ -16,6 +16,7 @@ from devices.bus import IoBus, MmioBus
 from devices.clock import VirtualClock
 from vmm.cpuid import cpuid as fixed_cpuid
 from vmm.delivery import Delivery, GuestFault, TripleFault
+from vmm.ept import Ept
 from vmm.exits import ExitReason, VmExit
 from vmm.memory import GuestMemory
 from vmm.vcpu import Vcpu
@@ -57,9 +58,10 @@ class InterruptController:
 
 
 class Machine:
-    def __init__(self, mem_size: int = 32 << 20):
+    def __init__(self, mem_size: int = 32 << 20, mmu: str = "shadow"):
         self.memory = GuestMemory(mem_size)
-        self.vcpu = Vcpu(self.memory)
+        self.ept = Ept(self.memory)  # GPA -> host frame; see vmm/ept.py
+        self.vcpu = Vcpu(self.memory, mmu=mmu, ept=self.ept)
         self.io = IoBus()
         self.mmio = MmioBus()
         self.clock = VirtualClock(self.vcpu.current_icount)
@@ -155,7 +157,10 @@ class Machine:
                     vcpu.set_irq_pending(bool(intc.intr))
                     continue
                 if vcpu.if_flag and not self.halted:
-                    # STI / MOV SS shadow: one more instruction first
+                    # STI / MOV SS shadow: one more instruction first (with the
+                    # block hook's interrupt-window stop off, or it would stop
+                    # before that instruction forever)
+                    vcpu.set_irq_pending(False)
                     x = vcpu.step()
                     if x.reason is not ExitReason.DEADLINE:
                         r = self._dispatch(x)
