@@ -76,10 +76,38 @@ def machine_config(mem_size: int, epoch: int, image_name: str, image: bytes, boo
         "load_addr": load_addr,
         "input": input_kind,
         "image": {"name": image_name, "path": os.path.abspath(image_name) if os.path.exists(image_name) else image_name,
-                  "sha256": hashlib.sha256(image).hexdigest(), "size": len(image)},
+                  "sha256": hashlib.sha256(image).hexdigest(), "size": len(image),
+                  "bundled": _bundled_name(image_name)},
         "digest_ticks": DIGEST_TICKS,
         "mem_digest_every": MEM_DIGEST_EVERY,
     }
+
+
+def _bundled_name(path: str) -> str | None:
+    """The bundled guest an image path is (guests/build/<name>.*), so a log replays from any clone."""
+    from guests.build import BUILD_DIR, GUESTS
+
+    try:
+        p = os.path.abspath(path)
+    except (TypeError, ValueError):
+        return None
+    if os.path.dirname(p) == str(BUILD_DIR):
+        stem = os.path.basename(p).split(".")[0]
+        if stem in GUESTS:
+            return stem
+    return None
+
+
+def _find_image(cfg: dict) -> str:
+    path = cfg["image"]["path"]
+    if os.path.exists(path):
+        return path
+    bundled = cfg["image"].get("bundled")
+    if bundled:
+        from guests.build import guest_path
+
+        return str(guest_path(bundled))
+    return path
 
 
 def build_machine(cfg: dict, image: bytes, serial) -> PcMachine:
@@ -183,7 +211,7 @@ class Replayer:
         cfg = self.header.config
         self.cfg = cfg
         if image is None:
-            path = cfg["image"]["path"]
+            path = _find_image(cfg)
             try:
                 with open(path, "rb") as f:
                     image = f.read()
