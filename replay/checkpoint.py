@@ -5,9 +5,10 @@ which is the CPUX86State copy, plus the VMM's clock and interrupt fields),
 every device's saved state, the virtual clock with its pending timers, the
 machine's own bookkeeping (halted, pending console input, output streams) and
 guest RAM.  RAM is stored as the pages that changed since the previous
-checkpoint (found by comparing page hashes), with a full copy every
-``KEYFRAME_EVERY`` checkpoints, so memory cost grows with what the guest
-writes, not with RAM size.  Unicorn's own memory snapshots are not used
+checkpoint (found by comparing page hashes), with a keyframe every
+``KEYFRAME_EVERY`` checkpoints that holds every page that is not all zeros,
+so memory cost grows with what the guest touches and writes, not with RAM
+size.  Unicorn's own memory snapshots are not used
 (UNICORN.md section 6: they stop numpy from seeing the guest, slow down with
 many dirty pages, and restoring a newer one after an older one crashes).
 
@@ -44,14 +45,14 @@ class Checkpoint:
     timers: list[tuple[int, int, str, Any]]   # (deadline, seq, name, callback)
     machine: dict
     extra: dict
-    keyframe: np.ndarray | None = None        # full RAM copy, or
+    keyframe: dict[int, bytes] | None = None  # every non-zero page, or
     diff: dict[int, bytes] = field(default_factory=dict)  # changed pages since the previous checkpoint
     hashes: np.ndarray | None = None
 
     @property
     def ram_bytes(self) -> int:
         if self.keyframe is not None:
-            return int(self.keyframe.nbytes)
+            return len(self.keyframe) * PAGE
         return len(self.diff) * PAGE
 
 
@@ -86,7 +87,8 @@ class Checkpoints:
             timers=[(t.deadline, t.seq, t.name, t.callback) for t in m.clock._heap if t.active],
             machine=_machine_state(m), extra=copy.deepcopy(self._extra_save()), hashes=hashes)
         if idx % KEYFRAME_EVERY == 0:
-            cp.keyframe = ram.copy()
+            used = np.flatnonzero(ram.view(np.uint64).reshape(-1, PAGE // 8).any(axis=1))
+            cp.keyframe = {int(p): ram[p * PAGE:(p + 1) * PAGE].tobytes() for p in used}
         else:
             prev = self.list[-1].hashes
             changed = np.flatnonzero(prev != hashes)
@@ -113,7 +115,9 @@ class Checkpoints:
         # RAM: the keyframe at or before it, then the diffs up to it
         k = cp.index - cp.index % KEYFRAME_EVERY
         ram = m.memory.ram
-        ram[:] = self.list[k].keyframe
+        ram[:] = 0
+        for p, data in self.list[k].keyframe.items():
+            ram[p * PAGE:(p + 1) * PAGE] = np.frombuffer(data, dtype=np.uint8)
         for c in self.list[k + 1:cp.index + 1]:
             for p, data in c.diff.items():
                 ram[p * PAGE:(p + 1) * PAGE] = np.frombuffer(data, dtype=np.uint8)
