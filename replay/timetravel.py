@@ -112,12 +112,26 @@ class TimeTravel:
         vcpu = self.m.vcpu
 
         def hook(uc, access, address, size, value, _):
+            if kind == WRITE and access == unicorn.UC_MEM_WRITE and self._unchanged(address, size, value):
+                return  # gdb's `watch` reports a write only when it changes the value
             # record the instruction now executing; the stop point is just after it
             self._watch_hits.append(Hit(vcpu.current_icount() + 1, kind, address))
 
         h = vcpu.uc.hook_add(types, hook, None, addr, addr + length - 1)
         self.watchpoints[(kind, addr, length)] = h
         vcpu.invalidate_code()
+
+    def _unchanged(self, address: int, size: int, value: int) -> bool:
+        """Does this store write the bytes memory already holds? (Called before the store.)"""
+        vcpu = self.m.vcpu
+        try:
+            pa = vcpu.translate(address, "r", user=False, set_ad=False)
+            if (pa & 0xFFF) + size > 0x1000:
+                return False
+            old = self.m.memory.read(pa, size)
+        except Exception:  # noqa: BLE001 - unmapped: the store itself will fault; report it
+            return False
+        return old == (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
     def remove_watchpoint(self, kind: int, addr: int, length: int) -> None:
         h = self.watchpoints.pop((kind, addr, length), None)

@@ -26,6 +26,10 @@ from vmm.paging import PageFault
 from vmm.vcpu import CS, DS, ES, FS, GS, SS, Vcpu
 
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
+# fault-class exceptions (SDM table 6-1): the EFLAGS image they push has RF=1
+# (vol. 3B 17.3.1.1, "Instruction-Breakpoint Exception Condition"); #DB is left
+# out (its instruction-breakpoint form pushes RF as it was; its other forms are traps)
+FAULT_CLASS = frozenset({0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21})
 HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17})
 
 EF_TF = 1 << 8
@@ -151,11 +155,15 @@ class Delivery:
         exc = not (software or external)
         while True:
             try:
-                self._deliver_once(vector, ec, sw, ext, c2)
+                self._deliver_once(vector, ec, sw, ext, c2, fault=exc and vector in FAULT_CLASS)
                 self.cpu.clear_exception_state()
                 self.delivered += 1
                 return
             except GuestFault as f:
+                if f.vector == 14 and f.cr2 is not None:
+                    # SDM 6.15 interrupt 14: CR2 is updated whenever a page fault
+                    # is detected, even one that becomes #DF or shuts down
+                    self.cpu.set_cr2(f.cr2)
                 outcome = double_fault_outcome(first, f.vector) if exc else "serial"
                 if exc and first == 8 and outcome != "serial":
                     raise TripleFault(f"fault {f.vector} while delivering #DF") from None
@@ -191,10 +199,13 @@ class Delivery:
         if cpu.icount:
             cpu.icount = cpu.icount - 1
 
-    def _deliver_once(self, vector: int, ec: int | None, sw: bool, ext: bool, cr2: int | None) -> None:
+    def _deliver_once(self, vector: int, ec: int | None, sw: bool, ext: bool, cr2: int | None,
+                      fault: bool = False) -> None:
         cpu = self.cpu
         if cr2 is not None:
             cpu.set_cr2(cr2)
+        if fault:
+            cpu.rflags = cpu.rflags | EF_RF  # pushed as 1 for fault-class exceptions
         extbit = 1 if ext else 0
         if not cpu.cr0 & 1:
             self._real(vector)
@@ -426,7 +437,7 @@ class Delivery:
         cpu = self.cpu
         sel_err = (tss_sel & 0xFFFC) | ext
         if tss_sel & 4:
-            raise GuestFault(10, sel_err)
+            raise GuestFault(13, sel_err)  # INT n pseudocode, TASK-GATE: a local TSS selector is #GP
         lo, hi = self.read_descriptor(tss_sel, ext)
         ttype = (hi >> 8) & 0x1F
         if ttype not in (1, 9):  # available 16/32-bit TSS (busy would be 3/11)
