@@ -29,8 +29,14 @@ KCODE32, KDATA32, UCODE32, UDATA32, KCODE64, UCODE64, KCODE16, KDATA16, TSS_SEL 
 _KS = {16: Ks(KS_ARCH_X86, KS_MODE_16), 32: Ks(KS_ARCH_X86, KS_MODE_32), 64: Ks(KS_ARCH_X86, KS_MODE_64)}
 
 
+class AsmError(ValueError):
+    """Keystone could not assemble the source (it would otherwise give empty bytes)."""
+
+
 def asm(src: str, bits: int = 32, addr: int = 0) -> bytes:
-    enc, _ = _KS[bits].asm(src, addr)
+    enc, count = _KS[bits].asm(src, addr)
+    if not enc and src.strip():
+        raise AsmError(f"keystone assembled nothing from: {src[:80]!r}")
     return bytes(enc or b"")
 
 
