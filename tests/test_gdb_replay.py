@@ -110,3 +110,114 @@ def test_gdb_registers_and_memory_match_the_replay(tmp_path):
     assert "0x02\t0xb0\t0xad\t0x1b" in out.replace("  ", "\t")  # the Multiboot magic, little-endian
     assert "Cannot access memory at address 0x0" in out          # page 0 is unmapped: E14, the stub goes on
     assert "icount 200000" in out
+
+
+# ---- a 64-bit guest ---------------------------------------------------------------
+LM_ENTRY64 = 0x100200
+LM_COUNTER = 0x300000
+
+
+def long_mode_guest() -> bytes:
+    """32-bit entry that builds page tables, enters long mode and runs a 64-bit store loop."""
+    from tools.guestkit import asm
+
+    gdt_at = 0x100100
+    stub = asm(f"""
+        mov esp, 0x90000
+        mov edi, 0x70000
+        mov ecx, 0xC00
+        xor eax, eax
+        rep stosd
+        mov dword ptr [0x70000], 0x71003
+        mov dword ptr [0x71000], 0x72003
+        mov dword ptr [0x72000], 0x000083
+        mov dword ptr [0x72008], 0x200083
+        mov dword ptr [0x72010], 0x400083
+        mov dword ptr [0x72018], 0x600083
+        mov eax, 0x70000
+        mov cr3, eax
+        mov eax, cr4
+        or eax, 0x20
+        mov cr4, eax
+        mov ecx, 0xC0000080
+        rdmsr
+        or eax, 0x100
+        wrmsr
+        lgdt [{gdt_at + 24:#x}]
+        mov eax, cr0
+        or eax, 0x80000000
+        mov cr0, eax
+        .byte 0xEA
+        .long {LM_ENTRY64:#x}
+        .word 0x08
+    """, 32, 0x100000)  # keystone's `ljmp sel:off` is the 16-bit form: encode the 32-bit one
+    gdt = bytes.fromhex("0000000000000000" "00000000009a2000" "0000000000920000")
+    gdtr = (23).to_bytes(2, "little") + gdt_at.to_bytes(4, "little")
+    code64 = asm(f"""
+        mov ax, 0x10
+        mov ds, ax
+        mov ss, ax
+        mov es, ax
+        mov rsp, 0x90000
+        mov rbx, {LM_COUNTER:#x}
+        mov rcx, 20000
+    top:
+        mov rax, rcx
+        imul rax, rax, 3
+        mov [rbx], rax
+        add qword ptr [rbx + 8], 1
+        dec rcx
+        jnz top
+        mov dx, 0x501
+        mov al, 0
+        out dx, al
+        hlt
+    """, 64, LM_ENTRY64)
+    image = bytearray(stub.ljust(0x100, b"\x90"))
+    image += gdt + gdtr
+    image = image.ljust(0x200, b"\0") + code64
+    return bytes(image)
+
+
+def record_long(tmp_path):
+    img = tmp_path / "lm.bin"
+    image = long_mode_guest()
+    img.write_bytes(image)
+    log = str(tmp_path / "lm.vmlog")
+    res, m = record(str(img), image, log, boot_kind="flat")
+    assert res.reason.value == "exit" and res.status == 0, res
+    assert m.vcpu.long_mode
+    return log, res
+
+
+@needs_gdb
+def test_gdb_reverse_in_a_64bit_guest(tmp_path):
+    log, res = record_long(tmp_path)
+    tt = TimeTravel(log, interval=20_000)
+    target = ReplayTarget(tt, arch="x86-64")
+    mid = res.icount // 2
+    tt.seek(mid - 1)
+    before = target.read_registers()
+    tt.seek(mid)
+    stub = start_gdbstub_thread(target)
+    try:
+        args = [GDB, "-nx", "-batch", "-ex", "set architecture i386:x86-64", "-ex", "set pagination off",
+                "-ex", f"target remote 127.0.0.1:{stub.port}",
+                "-ex", "reverse-stepi",
+                "-ex", 'printf "RIP=%#lx RAX=%#lx RCX=%#lx\\n", $rip, $rax, $rcx',
+                "-ex", f"watch *(long*){LM_COUNTER:#x}",
+                "-ex", "reverse-continue",
+                "-ex", 'printf "PC=%#lx\\n", $pc',
+                "-ex", "x/i $pc"]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        out = out.stdout + out.stderr
+    finally:
+        stub.close()
+    m = re.search(r"RIP=(0x[0-9a-f]+|0) RAX=(0x[0-9a-f]+|0) RCX=(0x[0-9a-f]+|0)", out)
+    assert m, out
+    assert int(m.group(1), 16) == before["rip"]
+    assert int(m.group(2), 16) == before["rax"] and int(m.group(3), 16) == before["rcx"]
+    pc = pcs(out)
+    assert pc, out
+    # the store `mov [rbx], rax` is the third instruction of the loop body
+    assert "mov" in out and "(%rbx)" in out, out
