@@ -1,8 +1,10 @@
-"""The gdb stub's target over a replay: a `DebugTarget` backed by `TimeTravel`.
+"""The gdb stub's targets: a replay (`ReplayTarget`, with reverse execution,
+backed by `TimeTravel`) and a live machine (`LiveTarget`, forward only).
 
-Reads never disturb the replay: guest-virtual reads walk the guest's page
-tables without setting accessed/dirty bits, and writes to registers or memory
-are refused (they would make the replay diverge from its recording).
+Reads never disturb the guest: guest-virtual reads walk the guest's page
+tables without setting accessed/dirty bits.  On a replay, writes to registers
+or memory are refused (they would make the replay diverge from its
+recording); on a live run they are allowed.
 """
 from __future__ import annotations
 
@@ -27,17 +29,14 @@ X64_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
-class ReplayTarget:
-    supports_reverse = True
+class _Inspect:
+    """Register and memory reads shared by both targets (``self.m`` is the machine)."""
 
-    def __init__(self, tt: TimeTravel, arch: str | None = None):
-        self.tt = tt
-        cpu = tt.m.vcpu
-        self.arch = arch or ("x86-64" if cpu.long_mode else "i386")
+    arch: str
+    m: object
 
-    # -- registers -------------------------------------------------------------
     def read_registers(self) -> dict[str, int]:
-        cpu = self.tt.m.vcpu
+        cpu = self.m.vcpu
         r: dict[str, int] = {}
         if self.arch == "i386":
             for i, n in enumerate(I386_GPRS):
@@ -57,12 +56,8 @@ class ReplayTarget:
         r["cr0"], r["cr2"], r["cr3"], r["cr4"] = cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4
         return r
 
-    def write_register(self, name: str, value: int) -> None:
-        raise KeyError(f"{name}: registers are read-only while replaying (a write would diverge from the recording)")
-
-    # -- memory ------------------------------------------------------------------
     def read_memory(self, addr: int, length: int, physical: bool = False) -> bytes:
-        m = self.tt.m
+        m = self.m
         cpu = m.vcpu
         out = bytearray()
         a = addr
@@ -76,6 +71,19 @@ class ReplayTarget:
                 raise TargetMemoryError(f"{'physical' if physical else 'virtual'} address {a:#x} is not mapped") from None
             a += n
         return bytes(out)
+
+
+class ReplayTarget(_Inspect):
+    supports_reverse = True
+
+    def __init__(self, tt: TimeTravel, arch: str | None = None):
+        self.tt = tt
+        self.m = tt.m
+        cpu = tt.m.vcpu
+        self.arch = arch or ("x86-64" if cpu.long_mode else "i386")
+
+    def write_register(self, name: str, value: int) -> None:
+        raise KeyError(f"{name}: registers are read-only while replaying (a write would diverge from the recording)")
 
     def write_memory(self, addr: int, data: bytes, physical: bool = False) -> None:
         raise TargetMemoryError("guest memory is read-only while replaying (a write would diverge)")
@@ -177,6 +185,112 @@ class ReplayTarget:
                 return f"phys: {e}\n"
             return "".join(f"{a + i:#010x}: {data[i:i + 16].hex(' ')}\n" for i in range(0, len(data), 16))
         return f"unknown monitor command: {command} (try: monitor help)\n"
+
+    def detach(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+
+class LiveTarget(_Inspect):
+    """gdb on a live run: forward execution, breakpoints, register and memory writes.
+
+    Data watchpoints are not offered (gdb then single-steps and compares, which
+    is slow but exact); reverse execution needs a recording (`vmm replay --gdb`).
+    """
+
+    supports_reverse = False
+    CHUNK = 1_000_000  # instructions between checks for Ctrl-C
+
+    def __init__(self, machine, arch: str | None = None):
+        self.m = machine
+        self.arch = arch or ("x86-64" if machine.vcpu.long_mode else "i386")
+        self.breakpoints: set[int] = set()
+        self.exited = None
+
+    def write_register(self, name: str, value: int) -> None:
+        cpu = self.m.vcpu
+        names = dict(zip(I386_GPRS, X64_GPRS[:8])) | {n: n for n in X64_GPRS}
+        if name in names:
+            reg = names[name]
+            old = cpu.reg(reg)
+            cpu.set_reg(reg, (old & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF) if name in I386_GPRS else value)
+        elif name in ("eip", "rip"):
+            cpu.rip = value
+        elif name == "eflags":
+            cpu.rflags = value
+        else:
+            raise KeyError(f"{name}: not writable from gdb")
+        cpu.invalidate_code()
+
+    def write_memory(self, addr: int, data: bytes, physical: bool = False) -> None:
+        m = self.m
+        cpu = m.vcpu
+        off = 0
+        while off < len(data):
+            a = addr + off
+            n = min(len(data) - off, 0x1000 - (a & 0xFFF))
+            try:
+                pa = a if physical else cpu.translate(a, "w", user=False, set_ad=False)
+                m.memory.write(pa, data[off:off + n])
+            except (PageFault, GuestMemoryError):
+                raise TargetMemoryError(f"address {a:#x} is not mapped") from None
+            off += n
+
+    def _run(self, limit: int, bps: bool) -> StopEvent | None:
+        m = self.m
+        m.vcpu.set_breakpoints(self.breakpoints if bps else ())
+        res = m.run(limit)
+        reason = res.reason.value
+        if reason == "limit":
+            return None
+        if reason == "breakpoint":
+            return StopEvent("breakpoint", kind=BP_SOFTWARE)
+        self.exited = res
+        return StopEvent("exited", exit_status=res.status if reason == "exit" else 0)
+
+    def step(self) -> StopEvent:
+        if self.exited is not None:
+            return StopEvent("exited", exit_status=self.exited.status)
+        ev = self._run(self.m.vcpu.icount + 1, bps=False)
+        return ev or StopEvent("step")
+
+    def resume(self, should_stop: Callable[[], bool]) -> StopEvent:
+        if self.exited is not None:
+            return StopEvent("exited", exit_status=self.exited.status)
+        while True:
+            if should_stop():
+                return StopEvent("signal", signal=2)
+            ev = self._run(self.m.vcpu.icount + self.CHUNK, bps=True)
+            if ev is not None:
+                return ev
+
+    def reverse_step(self) -> StopEvent:
+        raise NotImplementedError("reverse execution needs a recording: vmm replay LOG --gdb")
+
+    def reverse_resume(self, should_stop: Callable[[], bool]) -> StopEvent:
+        raise NotImplementedError("reverse execution needs a recording: vmm replay LOG --gdb")
+
+    def add_breakpoint(self, kind: int, addr: int, length: int) -> bool:
+        if kind in (BP_SOFTWARE, BP_HARDWARE):
+            self.breakpoints.add(addr)
+            return True
+        raise NotImplementedError(kind)
+
+    def remove_breakpoint(self, kind: int, addr: int, length: int) -> bool:
+        if kind in (BP_SOFTWARE, BP_HARDWARE):
+            self.breakpoints.discard(addr)
+            return True
+        raise NotImplementedError(kind)
+
+    def monitor(self, command: str) -> str:
+        words = command.split()
+        if words[:1] == ["icount"]:
+            return f"icount {self.m.vcpu.icount}\n"
+        if words[:2] == ["info", "exits"]:
+            return "".join(f"{k:>12} {v}\n" for k, v in self.m.exit_counts.items() if v) or "no exits yet\n"
+        return "monitor commands on a live run: icount | info exits (record and replay for time travel)\n"
 
     def detach(self) -> None:
         pass

@@ -221,3 +221,25 @@ def test_gdb_reverse_in_a_64bit_guest(tmp_path):
     assert pc, out
     # the store `mov [rbx], rax` is the third instruction of the loop body
     assert "mov" in out and "(%rbx)" in out, out
+
+
+@needs_gdb
+def test_gdb_on_a_live_run(tmp_path):
+    """`vmm run --gdb`: break, step, read and write registers, continue to the guest's exit."""
+    from replay.debugtarget import LiveTarget
+    from vmm.firmware.boot import boot
+    from vmm.pc import PcMachine
+
+    path = str(guest_path("demo"))
+    m = PcMachine()
+    boot(m, open(path, "rb").read(), name=path, cmdline="demo")
+    target = LiveTarget(m)
+    stub = start_gdbstub_thread(target)
+    try:
+        out = run_gdb(stub.port, ["break *0x100070", "continue", 'printf "PC=%#x\\n", $pc', "stepi",
+                                  'printf "PC=%#x\\n", $pc', "monitor icount", "delete", "continue"])
+    finally:
+        stub.close()
+    assert pcs(out)[:2] == [0x100070, 0x100072], out
+    assert "exited normally" in out or "exited with code 00" in out, out
+    assert target.exited is not None and target.exited.status == 0

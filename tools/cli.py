@@ -2,7 +2,7 @@
 
     vmm run [IMAGE] [--mem SIZE] [--max-instructions N] [--trace] [--serial stdio|none|FILE]
             [--boot auto|disk|floppy|multiboot|flat] [--load-addr ADDR] [--cmdline TEXT]
-            [--input FILE] [--rtc-epoch SECONDS] [--exit-code guest|qemu] [--stats]
+            [--input FILE] [--rtc-epoch SECONDS] [--exit-code guest|qemu] [--stats] [--gdb [HOST:]PORT]
     vmm record [IMAGE] -o LOG [same options as run]
     vmm replay LOG [--until ICOUNT] [--no-verify] [--image PATH] [--serial ...] [--gdb [HOST:]PORT]
     vmm log show LOG [--events]
@@ -96,6 +96,9 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--exit-code", choices=["guest", "qemu"], default="guest",
                    help="process exit status: the guest's value (default) or QEMU's (v << 1) | 1")
     r.add_argument("--stats", action="store_true", help="print instructions, exits and speed at the end")
+    r.add_argument("--mmu", choices=["shadow", "nested"], default="shadow",
+                   help="shadow: the VMM fills the CPU's TLB from the guest's page tables and the EPT "
+                        "(default); nested: the CPU core walks the guest's tables itself")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Boot a guest image and run it until it exits, halts or faults.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_machine_options(r)
+    r.add_argument("--gdb", default=None, metavar="[HOST:]PORT",
+                   help="wait for gdb on this port (default host 127.0.0.1) and run under its control; "
+                        "forward only: record, then `vmm replay LOG --gdb` for reverse execution")
     rec = sub.add_parser("record", help="run an image while recording its event log",
                          description="Run a guest exactly as `vmm run` does, writing every input that crosses "
                                      "the determinism boundary, and digests of the state, to a replay log.",
@@ -262,7 +268,7 @@ def cmd_run(args) -> int:
     _path, data = _load_image(args)
     backend, stdio = _serial_backend(args.serial)
     config = PcConfig(mem_size=args.mem, start_epoch=DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch,
-                      serial=backend)
+                      serial=backend, mmu=args.mmu)
     try:
         m = PcMachine(config)
         try:
@@ -278,6 +284,8 @@ def cmd_run(args) -> int:
             m.start_input_polling(_quit_aware(m, source, stdio), pace_idle=kind == "terminal")
         if args.trace:
             _attach_trace(m)
+        if args.gdb is not None:
+            return _run_gdb(m, args)
         t0 = time.perf_counter()
         res = m.run(args.max_instructions)
         dt = time.perf_counter() - t0
@@ -410,6 +418,26 @@ def cmd_replay(args) -> int:
         print("vmm: state at icount {}: {}".format(
             m.vcpu.icount, " ".join(f"{k}={v:#x}" for k, v in regs.items())), file=sys.stderr)
     return _exit_status(res, args)
+
+
+def _run_gdb(m, args) -> int:
+    from replay.debugtarget import LiveTarget
+    from replay.gdbstub import GdbStub
+
+    host, port = parse_hostport(args.gdb)
+    target = LiveTarget(m)
+    try:
+        stub = GdbStub(target, host, port)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    print(f"vmm: waiting for gdb: target remote {stub.host}:{stub.port}", file=sys.stderr, flush=True)
+    try:
+        stub.serve_forever()
+    finally:
+        stub.close()
+    if target.exited is not None:
+        return _exit_status(target.exited, args)
+    return 0
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
