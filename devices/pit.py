@@ -258,7 +258,7 @@ class _Channel:
             if c < self.load_at < NEVER:
                 self.n = n  # a trigger in this same CLK period loads the newest count
                 self.null_until = self.load_at
-            elif c < self.trig_at:
+            elif c < self.trig_at < NEVER:
                 self.freeze(c)
                 self._start(n, self.trig_at, True)
             else:

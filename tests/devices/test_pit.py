@@ -332,7 +332,7 @@ def test_irq0_mode3_edges_exact(n: int) -> None:
     period = n or 65536
     high = (period + 1) // 2
     expect = []
-    for k in range(0, 5):
+    for k in range(5):
         expect += [(tick_of(1 + k * period + high), False), (tick_of(1 + (k + 1) * period), True)]
     r.at(expect[-1][0])
     assert r.events == [(0, True)] + expect
