@@ -128,3 +128,27 @@ def test_stop_at_every_count_of_a_block():
         r = g.m.run(max_instructions=n)
         assert g.cpu.icount == n, (n, r)
         assert g.cpu.gpr(0) == min(n, 30)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_item(), min_size=1, max_size=8))
+def test_single_stepping_counts_the_same(items):
+    """Single-stepping (one instruction per run) reaches the straight run's end in exactly icount steps."""
+    program = render(items)
+    straight = make_guest(program)
+    r = straight.run(50_000)
+    assert r.reason.value == "exit"
+    total = straight.cpu.icount
+    stepped = make_guest(program)
+    stepped.cpu.invalidate_code()
+    steps = 0
+    while True:
+        before = stepped.cpu.icount
+        res = stepped.m.run(max_instructions=before + 1)
+        steps += 1
+        assert stepped.cpu.icount == before + 1, (steps, res)
+        if res.reason.value == "exit":
+            break
+        assert steps <= total
+    assert steps == total
+    assert stepped.cpu.snapshot_regs() == straight.cpu.snapshot_regs()
