@@ -44,6 +44,7 @@ class Guest:
     source: str  # file name in guests/
     output: str  # file name in the build directory
     description: str
+    qemu_args: tuple[str, ...] = ()  # extra QEMU options for the reference run (e.g. a CPU model)
 
 
 GUESTS: dict[str, Guest] = {
@@ -71,6 +72,10 @@ GUESTS: dict[str, Guest] = {
               "test: 8042 self test, keyboard commands, A20 via 8042 and port 0x92 by aliasing at 1 MiB"),
         Guest("t_bios", "t_bios.asm", "t_bios.img",
               "test: boot disk exercising INT 13h CHS/LBA, INT 15h E820, INT 12h, INT 1Ah, INT 10h cursor"),
+        Guest("t_paging", "t_paging.asm", "t_paging.elf",
+              "test: #PF kinds (not present, R/O with CR0.WP=0/1, U/S, NX, reserved bits), A/D flags, "
+              "4 MiB / 2 MiB pages, INVLPG and CR3 flushes, 32-bit and PAE paging",
+              qemu_args=("-cpu", "qemu32,+nx")),
     )
 }
 
@@ -269,8 +274,8 @@ def qemu_command(name: str, image: str | None = None, qemu: str = "qemu-system-i
     guest = _lookup(name)
     image = image or f"guests/build/{guest.output}"
     if guest.output.endswith(".img"):
-        return [qemu, *QEMU_COMMON_ARGS, "-drive", f"format=raw,file={image}"]
-    return [qemu, *QEMU_COMMON_ARGS, "-kernel", image]
+        return [qemu, *QEMU_COMMON_ARGS, *guest.qemu_args, "-drive", f"format=raw,file={image}"]
+    return [qemu, *QEMU_COMMON_ARGS, *guest.qemu_args, "-kernel", image]
 
 
 def expected_serial(name: str) -> bytes:

@@ -3,6 +3,7 @@
     vmm run [IMAGE] [--mem SIZE] [--max-instructions N] [--trace] [--serial stdio|none|FILE]
             [--boot auto|disk|floppy|multiboot|flat] [--load-addr ADDR] [--cmdline TEXT]
             [--input FILE] [--rtc-epoch SECONDS] [--exit-code guest|qemu] [--stats] [--gdb [HOST:]PORT]
+            [--mmu shadow|nested]
     vmm record [IMAGE] -o LOG [same options as run]
     vmm replay LOG [--until ICOUNT] [--no-verify] [--image PATH] [--serial ...] [--gdb [HOST:]PORT]
     vmm log show LOG [--events]

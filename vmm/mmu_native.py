@@ -24,11 +24,18 @@ Three parts:
   (CR2 needs it) nor its mmu_idx (an implicit supervisor access made at
   CPL 3, such as a descriptor-table read during IRET, must not be checked as
   a user access), so ``vmm_fill_wrapper`` is put in front of Unicorn's own
-  ``unicorn_fill_tlb`` in the CPU class (cc->tlb_fill): it notes the
-  arguments QEMU's softmmu passes -- full address, access type, mmu_idx,
-  probe -- and calls on.  mmu_idx is then exactly QEMU's choice:
-  MMU_USER_IDX for CPL-3 accesses, a kernel index for implicit supervisor
-  ones (cpu_ldl_kernel and friends in seg_helper.c).
+  ``unicorn_fill_tlb`` in the CPU class (cc->tlb_fill): it gets what
+  QEMU's softmmu passes -- full address, access type, mmu_idx, probe.
+  mmu_idx is exactly QEMU's choice: MMU_USER_IDX for CPL-3 accesses, a
+  kernel index for implicit supervisor ones (cpu_ldl_kernel and friends in
+  seg_helper.c).  A fill that succeeds is entered with tlb_set_page right
+  there (with the guest's page size, so INVLPG anywhere in a large page
+  drops it), skipping unicorn_fill_tlb's cpu_restore_state (Unicorn issue
+  #2342); a fill that fails goes on into unicorn_fill_tlb, whose
+  UC_HOOK_TLB_FILL callback walks again, records the #PF (CR2, error code),
+  the #GP of a non-canonical address or the EPT violation in vmm_shadow,
+  and fails, so Unicorn restores EIP and stops with UC_ERR_EXCEPTION;
+  vmm/vcpu.py turns that into the exit.
 
 W^X.  A fill grants X only to a fetch and W only to a write, so a TLB entry
 is never both writable and executable: stores take Unicorn's fast path
@@ -103,6 +110,10 @@ typedef struct vmm_shadow {
 #define VMM_WALK_EPT ...
 #define VMM_PEND_PF ...
 #define VMM_PEND_EPT ...
+#define VMM_PEND_GP ...
+#define VMM_ENV_CR ...
+#define VMM_ENV_A20 ...
+#define VMM_ENV_EFER ...
 
 int vmm_walk(vmm_mmu *m, uint64_t lin, int access, int user, uint64_t cr0, uint64_t cr3,
              uint64_t cr4, uint64_t efer, int32_t a20, int set_ad, vmm_walk_result *r);
@@ -111,8 +122,9 @@ int vmm_walk_bench(vmm_mmu *m, uint64_t *lins, int *accesses, int *users, size_t
 vmm_shadow *vmm_shadow_new(vmm_core *c, vmm_mmu *m);
 void vmm_shadow_free(vmm_shadow *s);
 int vmm_shadow_install(vmm_shadow *s, uint64_t uc_fill_fn, uint64_t cpu_fill_fn, uint64_t tlb_flush_fn,
-                       uint64_t tlb_flush_page_fn);
+                       uint64_t tlb_flush_page_fn, uint64_t tlb_set_page_fn);
 void vmm_shadow_reset_frames(vmm_shadow *s);
+int vmm_shadow_set_frames(vmm_shadow *s);
 int vmm_mmu_install_nested(vmm_core *c, vmm_mmu *m);
 int vmm_core_flush_tlb(vmm_core *c);
 """
@@ -132,6 +144,7 @@ MMU_CSRC = r"""
 
 #define VMM_PEND_PF  1
 #define VMM_PEND_EPT 2
+#define VMM_PEND_GP  3   /* a non-canonical address in long mode: #GP(0), as QEMU's walk raises */
 
 #define PHYS_BITS 40
 #define PHYS_MASK ((1ull << PHYS_BITS) - 1)
@@ -156,6 +169,9 @@ MMU_CSRC = r"""
 #define ENV_CR    424
 #define ENV_A20   496
 #define ENV_EFER  592
+#define VMM_ENV_CR   ENV_CR
+#define VMM_ENV_A20  ENV_A20
+#define VMM_ENV_EFER ENV_EFER
 
 typedef struct vmm_mmu {
     uint64_t *ept;          /* GPA page -> host frame << 12 | VMM_EPT_* */
@@ -178,7 +194,7 @@ typedef struct vmm_mmu {
 typedef struct {
     uint64_t gpa;
     uint64_t page_size;
-    uint32_t prot;        /* what the guest's tables allow at this privilege: 1 R, 2 W, 4 X */
+    uint32_t prot;        /* the tables' combined rights: 1 U/S, 2 R/W, 4 executable (not NX) */
     uint32_t error_code;  /* the #PF error code when the walk returns VMM_WALK_PF */
 } vmm_walk_result;
 
@@ -404,7 +420,7 @@ int vmm_walk(vmm_mmu *m, uint64_t lin, int access, int user, uint64_t cr0, uint6
     }
     r->gpa = phys & a20m;
     r->page_size = size;
-    r->prot = 1 | ((flags_rw || (!user && !wp)) ? 2 : 0) | (nx ? 0 : 4);
+    r->prot = (flags_us ? 1 : 0) | (flags_rw ? 2 : 0) | (nx ? 0 : 4);
     return VMM_WALK_OK;
 }
 
@@ -425,13 +441,16 @@ int vmm_walk_bench(vmm_mmu *m, uint64_t *lins, int *accesses, int *users, size_t
 }
 
 /* ---------------------------------------------------------------- shadow MMU */
-#define PGT_BITS 12
+#define PGT_BITS 14
 #define PGT_SIZE (1u << PGT_BITS)
 #define FST_NONE 0
 #define FST_W 1
 #define FST_X 2
 #define FOWN_MANY 0xFFFull
 #define TBC_BAD_MODE 0xFFFFFFFFu
+
+struct vmm_shadow;
+static void *vmm_shadow_cpu(struct vmm_shadow *s);
 
 typedef struct {
     uint64_t va;      /* page | 1 when valid */
@@ -478,12 +497,34 @@ typedef struct {
 } vmm_fill_args;
 
 static __thread vmm_fill_args vmm_fargs;
+static __thread struct vmm_shadow *vmm_running;   /* the shadow MMU of the vCPU in emu_start */
 static bool (*vmm_uc_fill)(void *cs, uint64_t addr, int size, int access, int mmu_idx, bool probe,
                            uintptr_t retaddr);
+static void (*vmm_tlb_set_page)(void *cs, uint64_t vaddr, uint64_t paddr, int prot, int mmu_idx,
+                                uint64_t size);
+static bool shadow_resolve(struct vmm_shadow *s, uint64_t addr, int access, int idx, int quiet,
+                           uint64_t *paddr, uint32_t *prot, uint64_t *size);
 
+/* In front of Unicorn's unicorn_fill_tlb.  A fill that succeeds is entered
+   into the TLB here directly: unicorn_fill_tlb would first run
+   cpu_restore_state (re-decoding the block up to the access, Unicorn issue
+   #2342), which the walk does not need (it reads CR0/CR3/CR4/EFER/A20, never
+   lazily synced).  A fill that fails goes on to unicorn_fill_tlb, whose
+   UC_HOOK_TLB_FILL callback (shadow_fill) walks again, records the #PF or
+   EPT violation and fails, so that Unicorn restores EIP and stops. */
 static bool vmm_fill_wrapper(void *cs, uint64_t addr, int size, int access, int mmu_idx, bool probe,
                              uintptr_t retaddr)
 {
+    struct vmm_shadow *s = vmm_running;
+    if (s && vmm_shadow_cpu(s) == cs && !probe && vmm_tlb_set_page) {
+        uint64_t paddr, size;
+        uint32_t prot;
+        if (shadow_resolve(s, addr, access, mmu_idx, 1, &paddr, &prot, &size)) {
+            /* the guest's page size, so that INVLPG anywhere in a large page drops it */
+            vmm_tlb_set_page(cs, addr & ~0xFFFull, paddr, (int)prot, mmu_idx, size);
+            return true;
+        }
+    }
     vmm_fargs.addr = addr;
     vmm_fargs.access = access;
     vmm_fargs.mmu_idx = mmu_idx;
@@ -491,6 +532,8 @@ static bool vmm_fill_wrapper(void *cs, uint64_t addr, int size, int access, int 
     vmm_fargs.valid = 1;
     return vmm_uc_fill(cs, addr, size, access, mmu_idx, probe, retaddr);
 }
+
+static void *vmm_shadow_cpu(struct vmm_shadow *s) { return s->core->cpu; }
 
 /* Drop the block-count cache entries of blocks that start in the page of
    `va`, or start in the page before and run into it.  An entry is made to
@@ -559,7 +602,7 @@ static void wx_grant(vmm_shadow *s, int64_t slot, uint64_t va, int idx, uint8_t 
    still about the same code? */
 static void pgt_note_exec(vmm_shadow *s, uint64_t va, int64_t slot, uint64_t hfn)
 {
-    vmm_pgt_entry *p = &s->pgt[(va >> 12) & (PGT_SIZE - 1)];
+    vmm_pgt_entry *p = &s->pgt[((va >> 12) ^ (va >> (12 + PGT_BITS)) ^ (va >> 40)) & (PGT_SIZE - 1)];
     uint32_t g = s->wgen[slot];
     if (p->va == (va | 1) && p->hfn == hfn && p->wgen == g)
         return;
@@ -572,39 +615,43 @@ static void pgt_note_exec(vmm_shadow *s, uint64_t va, int64_t slot, uint64_t hfn
     p->wgen = g;
 }
 
-static bool shadow_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *res, void *ud)
+/* The combined translation for one TLB fill: guest walk (GVA -> GPA, A/D
+   updates), then the EPT (GPA -> host frame; the first write to a logged
+   page marks it dirty), then the W^X bookkeeping.  False: a guest #PF or an
+   EPT violation, recorded as pending unless `quiet` (a probe, or the
+   wrapper's first attempt, which retries through Unicorn to raise it). */
+static bool shadow_resolve(vmm_shadow *s, uint64_t addr, int access, int idx, int quiet,
+                           uint64_t *paddr, uint32_t *prot, uint64_t *size)
 {
-    vmm_shadow *s = ud;
     vmm_core *c = s->core;
     vmm_mmu *m = s->mmu;
     uint8_t *env = c->env;
-    int access = type == UC_MEM_WRITE ? 1 : type == UC_MEM_FETCH ? 2 : 0;
-    uint64_t addr = vaddr, gpn, e, need, hfn;
-    int idx, probe = 0, rc;
+    uint64_t vaddr = addr & ~0xFFFull, gpn, e, need, hfn;
+    int rc;
     int64_t slot;
     vmm_walk_result w;
     uint32_t perms;
 
-    if (vmm_fargs.valid && (vmm_fargs.addr & ~0xFFFull) == vaddr && vmm_fargs.access == access) {
-        addr = vmm_fargs.addr;
-        idx = vmm_fargs.mmu_idx;
-        probe = vmm_fargs.probe;
-    } else {
-        /* not through cc->tlb_fill (cannot happen once installed): the CPL decides */
-        idx = (*(uint32_t *)(env + ENV_HFLAGS) & 3) == 3 ? 1 : 2;
-        s->wrapper_misses++;
-    }
-    vmm_fargs.valid = 0;
     s->fills++;
-    if (probe)
-        s->probes++;
     m->viol_valid = 0;
+    if ((*(uint64_t *)(env + ENV_EFER) & EFER_LMA) && (*(uint64_t *)(env + ENV_CR) & CR0_PG)) {
+        int64_t sext = (int64_t)addr >> 47;
+        if (sext != 0 && sext != -1) {
+            if (!quiet) {
+                s->pending = VMM_PEND_GP;
+                s->pend_access = (uint32_t)access;
+                s->pf_addr = addr;
+                s->pf_error = 0;
+            }
+            return false;
+        }
+    }
     rc = vmm_walk(m, addr, access, idx == 1,
                   *(uint64_t *)(env + ENV_CR), *(uint64_t *)(env + ENV_CR + 24),
                   *(uint64_t *)(env + ENV_CR + 32), *(uint64_t *)(env + ENV_EFER),
                   *(int32_t *)(env + ENV_A20), 1, &w);
     if (rc == VMM_WALK_PF) {
-        if (!probe) {
+        if (!quiet) {
             s->pending = VMM_PEND_PF;
             s->pend_access = (uint32_t)access;
             s->pf_addr = addr;
@@ -614,7 +661,7 @@ static bool shadow_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_
         return false;
     }
     if (rc == VMM_WALK_EPT) {
-        if (!probe) {
+        if (!quiet) {
             s->pending = VMM_PEND_EPT;
             s->pend_access = (uint32_t)access;
             s->violations++;
@@ -631,7 +678,7 @@ static bool shadow_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_
             e = (e | VMM_EPT_W) & ~VMM_EPT_LOG;
             m->ept[gpn] = e;
         } else {
-            if (!probe) {
+            if (!quiet) {
                 note_violation(m, w.gpa, addr, access, 0, !(e & VMM_EPT_VALID));
                 s->pending = VMM_PEND_EPT;
                 s->pend_access = (uint32_t)access;
@@ -656,8 +703,40 @@ static bool shadow_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_
             pgt_note_exec(s, vaddr, slot, hfn);
         }
     }
-    res->paddr = hfn << 12;
-    res->perms = (uc_prot)perms;
+    *paddr = hfn << 12;
+    *prot = perms;
+    *size = w.page_size > 0x40000000ull ? 4096 : w.page_size;   /* paging off: 4 KiB entries */
+    return true;
+}
+
+/* The UC_HOOK_TLB_FILL callback (Unicorn's unicorn_fill_tlb calls it). */
+static bool shadow_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *res, void *ud)
+{
+    vmm_shadow *s = ud;
+    int access = type == UC_MEM_WRITE ? 1 : type == UC_MEM_FETCH ? 2 : 0;
+    uint64_t addr = vaddr, paddr, size;
+    uint32_t prot;
+    int idx, probe = 0;
+
+    if (vmm_fargs.valid && (vmm_fargs.addr & ~0xFFFull) == vaddr && vmm_fargs.access == access) {
+        addr = vmm_fargs.addr;
+        idx = vmm_fargs.mmu_idx;
+        probe = vmm_fargs.probe;
+    } else {
+        /* not through cc->tlb_fill (cannot happen once installed): the CPL decides */
+        idx = (*(uint32_t *)(s->core->env + ENV_HFLAGS) & 3) == 3 ? 1 : 2;
+        s->wrapper_misses++;
+    }
+    vmm_fargs.valid = 0;
+    if (probe)
+        s->probes++;
+    if (!shadow_resolve(s, addr, access, idx, probe, &paddr, &prot, &size))
+        return false;
+    if (size > 4096 && vmm_tlb_set_page)
+        /* Unicorn enters a 4 KiB page; tell QEMU it belongs to a large one first */
+        vmm_tlb_set_page(s->core->cpu, vaddr, paddr, (int)prot, idx, size);
+    res->paddr = paddr;
+    res->perms = (uc_prot)prot;
     return true;
 }
 
@@ -683,7 +762,27 @@ void vmm_shadow_free(vmm_shadow *s)
 {
     if (!s)
         return;
+    if (vmm_running == s)
+        vmm_running = NULL;
     free(s->fstate); free(s->fowner); free(s->wgen); free(s);
+}
+
+/* The frame pool changed: new per-frame tables (after a full TLB flush). */
+int vmm_shadow_set_frames(vmm_shadow *s)
+{
+    uint64_t n = s->mmu->ram_frames + s->mmu->pool_frames;
+    uint8_t *st = calloc(n + 1, 1);
+    uint64_t *ow = calloc(n + 1, sizeof(uint64_t));
+    uint32_t *wg = calloc(n + 1, sizeof(uint32_t));
+    if (!st || !ow || !wg) {
+        free(st); free(ow); free(wg);
+        return -1;
+    }
+    free(s->fstate); free(s->fowner); free(s->wgen);
+    s->fstate = st; s->fowner = ow; s->wgen = wg;
+    s->nframes = n;
+    memset(s->pgt, 0, sizeof(s->pgt));
+    return 0;
 }
 
 /* After a full TLB flush nothing is granted any more. */
@@ -696,9 +795,10 @@ void vmm_shadow_reset_frames(vmm_shadow *s)
    fill in this CPU's class.  The class (X86CPU::cc) is found from
    CPUState::cc: a pointer, stored in the CPUState before env, to memory
    after env inside the same X86CPU object, where tlb_fill and, next to it,
-   tlb_fill_cpu hold unicorn_fill_tlb and x86_cpu_tlb_fill. */
+   tlb_fill_cpu hold unicorn_fill_tlb and x86_cpu_tlb_fill (in 2.1.4 the
+   class is 0x1cc0 bytes past env, the pointer 0x8a0 bytes before it). */
 int vmm_shadow_install(vmm_shadow *s, uint64_t uc_fill_fn, uint64_t cpu_fill_fn, uint64_t tlb_flush_fn,
-                       uint64_t tlb_flush_page_fn)
+                       uint64_t tlb_flush_page_fn, uint64_t tlb_set_page_fn)
 {
     vmm_core *c = s->core;
     uint8_t *cpu = c->cpu, *env = c->env;
@@ -714,7 +814,7 @@ int vmm_shadow_install(vmm_shadow *s, uint64_t uc_fill_fn, uint64_t cpu_fill_fn,
     for (i = 0; cpu + i < env && !slot; i += 8) {
         uint64_t v = *(uint64_t *)(cpu + i);
         uint8_t *p = (uint8_t *)(uintptr_t)v;
-        if ((v & 7) || p <= env || p >= cpu + 0x3F000)
+        if ((v & 7) || p <= env || p >= env + 0x8000)   /* 2.1.4: env + 0x1cc0 */
             continue;
         for (k = 0; k < 64; k++) {
             uint64_t *q = (uint64_t *)p + k;
@@ -727,6 +827,7 @@ int vmm_shadow_install(vmm_shadow *s, uint64_t uc_fill_fn, uint64_t cpu_fill_fn,
     if (!slot)
         return -3;
     vmm_uc_fill = (bool (*)(void *, uint64_t, int, int, int, bool, uintptr_t))(uintptr_t)uc_fill_fn;
+    vmm_tlb_set_page = (void (*)(void *, uint64_t, uint64_t, int, int, uint64_t))(uintptr_t)tlb_set_page_fn;
     s->tlb_flush = (void (*)(void *))(uintptr_t)tlb_flush_fn;
     s->tlb_flush_page = (void (*)(void *, uint64_t, uint16_t))(uintptr_t)tlb_flush_page_fn;
     e = uc_hook_add(c->uc, &s->hook, UC_HOOK_TLB_FILL, (void *)shadow_fill, s, 1, 0);
@@ -766,10 +867,16 @@ int vmm_mmu_install_nested(vmm_core *c, vmm_mmu *m)
 
 static void vmm_mmu_run_start(vmm_core *c)
 {
+    vmm_running = c->shadow;
     if (c->shadow)
         ((vmm_shadow *)c->shadow)->pending = 0;
     if (c->mmu)
         ((vmm_mmu *)c->mmu)->viol_valid = 0;
+}
+
+static void vmm_mmu_run_end(vmm_core *c)
+{
+    vmm_running = NULL;
 }
 
 /* Full TLB flush from the VMM (EPT changes, dirty-log re-arm, reset). */

@@ -181,6 +181,7 @@ typedef struct vmm_core {
 
 static int vmm_code_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t n);
 static void vmm_mmu_run_start(vmm_core *c);
+static void vmm_mmu_run_end(vmm_core *c);
 
 static int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
                      uint32_t value, uint32_t *result);
@@ -466,7 +467,11 @@ static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
     c->exc_vector = -1;
     c->trap_kind = 0;
     vmm_mmu_run_start(c);
-    return (int)uc_emu_start(c->uc, begin, until, 0, 0);
+    {
+        int e = (int)uc_emu_start(c->uc, begin, until, 0, 0);
+        vmm_mmu_run_end(c);
+        return e;
+    }
 }
 """
 

@@ -35,12 +35,13 @@ class PcConfig:
     serial: SerialBackend = field(default_factory=NullBackend)
     com2: SerialBackend | None = None
     input_to: str = "serial"  # where console input goes: "serial" (COM1) or "keyboard" (8042)
+    mmu: str = "shadow"       # "shadow" (C TLB fill: guest tables + EPT) or "nested" (Unicorn walks)
 
 
 class PcMachine(Machine):
     def __init__(self, config: PcConfig | None = None):
         config = config or PcConfig()
-        super().__init__(config.mem_size)
+        super().__init__(config.mem_size, mmu=config.mmu)
         self.config = config
         clock = self.clock
         pic = Pic8259Pair()

@@ -26,11 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import capstone
+import numpy as np
 import unicorn
 import unicorn.unicorn_py3.unicorn as _ucmod
 from unicorn import x86_const as X
 
 from vmm import native
+from vmm.ept import Ept, Violation
 from vmm.exits import ExitReason, VmExit
 from vmm.memory import GuestMemory
 from vmm.paging import translate
@@ -56,6 +58,7 @@ ENV_GDT = ENV_TR + SEG_SIZE
 ENV_IDT = ENV_GDT + SEG_SIZE
 ENV_CR = ENV_IDT + SEG_SIZE
 ENV_A20 = ENV_CR + 9 * 8
+ENV_EFER = ENV_A20 + 8 + 4 * 16 + 16 + 8   # after a20_mask: bnd_regs[4], bndcs_regs, msr_bndcfgs
 ENV_ERROR_CODE = 5384
 ENV_OLD_EXC = 5496
 ENV_SPAN = 0x2000
@@ -79,6 +82,16 @@ EFLAGS_IF = 1 << 9
 EFLAGS_VM = 1 << 17
 
 MSR_EFER = 0xC000_0080
+
+MMU_MODES = ("shadow", "nested")
+_RETRY = object()  # an EPT violation a handler fixed: enter the guest again
+# the error Unicorn reports in nested mode for each (access, hole) violation
+_VIOLATION_ERR = {
+    (0, True): unicorn.UC_ERR_READ_UNMAPPED, (1, True): unicorn.UC_ERR_WRITE_UNMAPPED,
+    (2, True): unicorn.UC_ERR_FETCH_UNMAPPED, (0, False): unicorn.UC_ERR_READ_PROT,
+    (1, False): unicorn.UC_ERR_WRITE_PROT, (2, False): unicorn.UC_ERR_FETCH_PROT,
+}
+_NESTED_VIOLATIONS = frozenset(_VIOLATION_ERR.values())
 
 REG_IDS = {
     "rax": X.UC_X86_REG_RAX, "rbx": X.UC_X86_REG_RBX, "rcx": X.UC_X86_REG_RCX,
@@ -119,10 +132,25 @@ class Vcpu:
     (return the value for IN); setting ``request_stop()`` inside it ends the
     run exactly after the I/O instruction.  ``rdtsc`` returns the TSC value,
     ``cpuid(leaf, subleaf)`` the four registers.
+
+    ``mmu`` chooses how guest memory is reached (DESIGN.md, "Memory: two-level
+    translation"): "shadow" (default) puts Unicorn in UC_TLB_VIRTUAL mode and
+    fills its TLB from C by walking the guest's page tables and then the EPT
+    (vmm/mmu_native.py); "nested" lets Unicorn walk the guest's tables itself,
+    the EPT being realised as Unicorn's memory map.  Guests see the same in
+    both.  ``ept`` is the second-level table (one is made if not given);
+    ``on_ept_violation(Violation) -> bool`` may fix an access the EPT refused
+    (the instruction is then retried), else the run stops with an ERROR exit.
     """
 
-    def __init__(self, memory: GuestMemory):
+    def __init__(self, memory: GuestMemory, mmu: str = "shadow", ept: Ept | None = None):
+        if mmu not in MMU_MODES:
+            raise ValueError(f"mmu must be one of {', '.join(MMU_MODES)}, not {mmu!r}")
         self.memory = memory
+        self.mmu_mode = mmu
+        self.ept = ept if ept is not None else Ept(memory)
+        if self.ept.memory is not memory:
+            raise ValueError("the EPT belongs to another guest memory")
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         # Sandy Bridge: LM and NX, but RDRAND/RDSEED raise #UD (UNICORN.md 5)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_SANDYBRIDGE)
@@ -170,6 +198,8 @@ class Vcpu:
         uc.ctl_set_exits([])
         self._reset_context = self._make_reset_context()
         self._check_layout()
+        self._shadow = ffi.NULL
+        self._setup_mmu()
         self.reset()
 
     # -- set-up ---------------------------------------------------------------
@@ -192,8 +222,63 @@ class Vcpu:
             and self._u64(ENV_GDT + 8) == 0x0ABC_D000
             and self._u32(ENV_GDT + 16) == 0x37
         )
+        efer = uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer ^ 0x801))   # toggle NXE and SCE
+        ok = ok and self._u64(ENV_EFER) == efer ^ 0x801
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer))
+        ok = ok and self._u64(ENV_EFER) == efer
+        # the C walk reads CR0-4, A20 and EFER at these offsets too
+        ok = ok and (lib.VMM_ENV_CR, lib.VMM_ENV_A20, lib.VMM_ENV_EFER) == (ENV_CR, ENV_A20, ENV_EFER)
         if not ok:
             raise VcpuError("this Unicorn build's CPU state layout is not the one vmm was written for (need 2.1.4)")
+
+    def _setup_mmu(self) -> None:
+        """The EPT's C view, and the shadow MMU's TLB fill or the nested MMU's hooks."""
+        ept = self.ept
+        m = ffi.new("vmm_mmu *")
+        m.ept = ffi.cast("uint64_t *", ept.entries.ctypes.data)
+        m.ept_pages = ept.npages
+        m.dirty = ffi.cast("uint8_t *", ept.dirty.ctypes.data)
+        m.ram = ffi.cast("uint8_t *", self.memory.address())
+        m.ram_frames = ept.ram_frames
+        self._mmu = m
+        ept.mmu_mode = self.mmu_mode
+        ept.on_change = self._ept_changed
+        ept.on_pool = self._ept_pool
+        ept.on_code_write = self._host_wrote
+        self._walk_phys = ept.phys
+        self.on_ept_violation: Callable[[Violation], bool] = ept.handle_violation
+        if self.mmu_mode == "nested":
+            rc = lib.vmm_mmu_install_nested(self._core, m)
+            if rc != 0:
+                raise VcpuError(f"installing the nested MMU hook failed (uc_err {rc})")
+        else:
+            s = lib.vmm_shadow_new(self._core, m)
+            if s == ffi.NULL:
+                raise MemoryError("cannot allocate the shadow MMU")
+            self._shadow = s
+            uclib = _ucmod.uclib
+
+            def fn(name: str) -> int:
+                try:
+                    return ctypes.cast(getattr(uclib, name), ctypes.c_void_p).value or 0
+                except AttributeError:
+                    return 0
+
+            rc = lib.vmm_shadow_install(s, fn("unicorn_fill_tlb_x86_64"), fn("x86_cpu_tlb_fill_x86_64"),
+                                        fn("tlb_flush_x86_64"), fn("tlb_flush_page_by_mmuidx_x86_64"),
+                                        fn("tlb_set_page_x86_64"))
+            if rc != 0:
+                raise VcpuError(f"cannot install the shadow MMU in this Unicorn build (code {rc}); "
+                                "Unicorn 2.1.4 is required (or use --mmu nested)")
+        if ept.pool is not None:
+            self._ept_pool(ept.pool_first, ept.pool_frames, ept.pool.ctypes.data)
+        # an EPT changed before this vCPU was attached: realise what differs from boot
+        if ept.touched:
+            boot = ept.boot_entries()
+            gpns = np.flatnonzero(ept.entries != boot)
+            if gpns.size:
+                self._ept_changed(gpns, boot[gpns])
 
     def reset(self, cs: int = 0xF000, ip: int = 0xFFF0) -> None:
         """Architectural reset (SDM vol. 3 9.1): real mode, CS:IP as given."""
@@ -206,6 +291,7 @@ class Vcpu:
         self.set_sys_seg("gdt", 0, 0, 0xFFFF, 0)
         self.uc.ctl_flush_tb()
         lib.vmm_core_flush_tbc(self._core)
+        lib.vmm_core_flush_tlb(self._core)
         self._core.icount = 0
         self._core.cur = ffi.NULL
         self.set_irq_pending(False)
@@ -245,8 +331,9 @@ class Vcpu:
         self.flush_tlb()
 
     def flush_tlb(self) -> None:
-        """Drop every cached translation (after the VMM changed paging state or the A20 gate)."""
-        self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+        """Drop every cached translation (after the VMM changed paging state, the A20 gate,
+        the guest's page tables behind the CPU's back, or the EPT)."""
+        lib.vmm_core_flush_tlb(self._core)  # also forgets the shadow MMU's W^X grants
 
     def seg(self, i: int) -> Segment:
         off = ENV_SEGS + i * SEG_SIZE
@@ -407,7 +494,7 @@ class Vcpu:
 
     # -- guest-linear memory (the VMM's own accesses) ---------------------------
     def translate(self, lin: int, access: str = "r", user: bool = False, set_ad: bool = True) -> int:
-        t = translate(self.memory, lin, access, user, self.cr0, self.cr3, self.cr4, self.efer,
+        t = translate(self._walk_phys, lin, access, user, self.cr0, self.cr3, self.cr4, self.efer,
                       set_ad=set_ad, a20_mask=self.a20_mask)
         return t.phys
 
@@ -416,7 +503,7 @@ class Vcpu:
         while n > 0:
             chunk = min(n, 0x1000 - (lin & 0xFFF))
             pa = self.translate(lin, access, user)
-            out += self.memory.read(pa, chunk)
+            out += self.ept.read(pa, chunk)
             lin += chunk
             n -= chunk
         return bytes(out)
@@ -432,10 +519,56 @@ class Vcpu:
             off += chunk
             n -= chunk
         for pa, off, chunk in pas:
-            self.memory.write(pa, data[off:off + chunk])
+            self.ept.write(pa, data[off:off + chunk])
 
     def _host_wrote(self, pa: int, n: int) -> None:
         self._code_dirty = True
+        self.ept.note_host_write(pa, n)
+
+    # -- the MMU ----------------------------------------------------------------------
+    def _ept_changed(self, gpns: np.ndarray, old: np.ndarray) -> None:
+        if self.mmu_mode == "nested":
+            self._realise_nested(gpns, old)
+            self.invalidate_code()
+        lib.vmm_core_flush_tlb(self._core)
+
+    def _realise_nested(self, gpns: np.ndarray, old: np.ndarray) -> None:
+        """Nested MMU: the EPT is Unicorn's memory map (a page mapped with its rights or absent)."""
+        ept, uc = self.ept, self.uc
+        for g, o in zip(gpns.tolist(), old.tolist()):
+            n = int(ept.entries[g])
+            gpa = g * 4096
+            was = bool(o & 0x10) and bool(o & 7)
+            now = bool(n & 0x10) and bool(n & 7)
+            if was and now and (o >> 12) == (n >> 12):
+                uc.mem_protect(gpa, 4096, n & 7)
+                continue
+            if was:
+                uc.mem_unmap(gpa, 4096)
+            if now:
+                uc.mem_map_ptr(gpa, 4096, n & 7, ept.frame_address(n >> 12))
+
+    def _ept_pool(self, first: int, frames: int, address: int) -> None:
+        m = self._mmu
+        m.pool = ffi.cast("uint8_t *", address)
+        m.pool_first = first
+        m.pool_frames = frames
+        if self._shadow != ffi.NULL:
+            # host frames live in Unicorn's physical space; only the EPT leads there
+            self.uc.mem_map_ptr(first * 4096, frames * 4096, unicorn.UC_PROT_ALL, address)
+            if lib.vmm_shadow_set_frames(self._shadow) != 0:
+                raise MemoryError("cannot grow the shadow MMU's frame tables")
+            lib.vmm_core_flush_tbc(self._core)
+            lib.vmm_core_flush_tlb(self._core)
+
+    def mmu_stats(self) -> dict[str, int]:
+        """Counters of the shadow MMU (empty in nested mode)."""
+        s = self._shadow
+        if s == ffi.NULL:
+            return {}
+        return {k: int(getattr(s, k)) for k in (
+            "fills", "fills_write", "fills_fetch", "faults", "violations", "probes", "revokes_page",
+            "revokes_all", "tbc_invalidations", "wrapper_misses")}
 
     def invalidate_code(self) -> None:
         """Drop all translated code (after the VMM wrote guest memory)."""
@@ -634,7 +767,36 @@ class Vcpu:
         return self.run(self.icount + 1)
 
     def _enter(self, budget: int, until: int) -> VmExit | None:
-        """One emu_start; returns the exit, or None for a budget/until stop."""
+        """Enter the guest; returns the exit, or None for a budget/until stop.
+
+        An EPT violation that a handler fixed re-enters at once (the faulting
+        instruction is retried); the same violation again at the same count
+        means the handler did not fix it, and ends the run.
+        """
+        last = None
+        while True:
+            x = self._enter_once(budget, until)
+            if x is not _RETRY:
+                return x
+            v = self._last_violation
+            key = (v.gpa >> 12, v.access, self._core.icount)
+            if key == last:
+                return VmExit(ExitReason.ERROR, self.rip, self._core.icount,
+                              detail=f"{v}: the violation handler did not fix it")
+            last = key
+
+    def _violation(self, err: int) -> Violation | None:
+        """The EPT violation behind a failed run, if that is what stopped it."""
+        m = self._mmu
+        if self._shadow != ffi.NULL:
+            if err != unicorn.UC_ERR_EXCEPTION or self._shadow.pending != lib.VMM_PEND_EPT:
+                return None
+        elif err not in _NESTED_VIOLATIONS or not m.viol_valid:
+            return None
+        return Violation(int(m.viol_gpa), "rwx"[m.viol_access], int(m.viol_lin), bool(m.viol_walk),
+                         bool(m.viol_hole))
+
+    def _enter_once(self, budget: int, until: int):
         c = self._core
         if self._code_dirty:
             self.invalidate_code()
@@ -649,11 +811,19 @@ class Vcpu:
         flags = c.stop_flags
         cs_base = self.seg(CS).base
         lin = cs_base + self.rip
+        # a guest #PF from the shadow MMU's fill, or an EPT violation: the access
+        # did not happen and the instruction did not retire
+        sh = self._shadow
+        pf = sh != ffi.NULL and err == unicorn.UC_ERR_EXCEPTION and sh.pending in (lib.VMM_PEND_PF, lib.VMM_PEND_GP)
+        viol = None if err == 0 or pf else self._violation(err)
+        fetch_fault = (pf and sh.pend_access == 2) or (viol is not None and viol.access == "x") or bool(
+            flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD) and c.exc_vector == 14 and self._is_fetch_fault(lin))
         cur = c.cur
         if cur != ffi.NULL:
             tb_start, tb_icount = cur.pc, cur.icount
             end = tb_start + cur.size
-            if flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD) and c.exc_vector == 14 and self._is_fetch_fault(lin):
+            if fetch_fault:
+                # the next block could not be fetched: the one that ran retired whole
                 retired = tb_icount
             elif err != 0 and err in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT):
                 retired = tb_icount
@@ -666,13 +836,31 @@ class Vcpu:
             c.icount += retired - tb_icount
             c.cur = ffi.NULL
         icount = c.icount
+        if pf:
+            vec = 14 if sh.pending == lib.VMM_PEND_PF else 13
+            if vec == 14:
+                self.set_cr2(sh.pf_addr)
+            c.exc_vector = vec
+            c.exc_error = sh.pf_error
+            c.exc_is_int = 0
+            if self._ref_hook is not None and not fetch_fault:
+                self.ref_icount -= 1  # the reference clock counted the faulting instruction
+            return VmExit(ExitReason.EXCEPTION, self.rip, icount, vector=vec, error_code=int(sh.pf_error))
+        if viol is not None:
+            if self._ref_hook is not None and not fetch_fault:
+                self.ref_icount -= 1
+            self._last_violation = viol
+            if self.on_ept_violation(viol):
+                return _RETRY
+            code = _VIOLATION_ERR[("rwx".index(viol.access), viol.hole)]
+            return VmExit(ExitReason.ERROR, self.rip, icount, detail=f"{unicorn.UcError(code)} ({viol})")
         if err != 0:
             return VmExit(ExitReason.ERROR, self.rip, icount, detail=unicorn.UcError(err).__str__())
         if flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD):
             vec = c.exc_vector
             sw = bool(flags & lib.VMM_STOP_EXC and c.exc_is_int)
             ec = c.exc_error if vec in (8, 10, 11, 12, 13, 14, 17) and not sw else None
-            if self._ref_hook is not None and not sw and not self._is_trap(vec):
+            if self._ref_hook is not None and not sw and not self._is_trap(vec) and not fetch_fault:
                 self.ref_icount -= 1
             return VmExit(ExitReason.EXCEPTION, self.rip, icount, vector=vec, error_code=ec, software=bool(sw))
         if flags & lib.VMM_STOP_INSN:
@@ -716,6 +904,9 @@ class Vcpu:
             self.uc.release_handle() if hasattr(self.uc, "release_handle") else None
             lib.vmm_core_free(self._core)
             self._core = ffi.NULL
+        if self._shadow != ffi.NULL:
+            lib.vmm_shadow_free(self._shadow)
+            self._shadow = ffi.NULL
 
 
 @ffi.def_extern()
