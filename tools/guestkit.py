@@ -116,7 +116,9 @@ class Guest:
 
     def load_tr(self) -> None:
         d = self.gdt[TSS_SEL]
-        self.cpu.set_sys_seg("tr", TSS_SEL, TSS, d & 0xFFFF, flags_of(d) | (2 << 8))
+        # as LTR leaves it in QEMU: busy in the GDT, available (9) in the cache
+        self.put(GDT + TSS_SEL + 5, bytes([0x8B]))
+        self.cpu.set_sys_seg("tr", TSS_SEL, TSS, d & 0xFFFF, flags_of(d))
 
     # -- modes ---------------------------------------------------------------
     def real_mode(self, code: str, at: int = 0x7C00) -> None:

@@ -475,7 +475,10 @@ class Delivery:
             new_eflags |= EF_NT
         gdt_base, _ = cpu.gdtr
         self._write(gdt_base + (tss_sel & ~7) + 4, (hi | (2 << 8)).to_bytes(4, "little"))
-        cpu.set_sys_seg("tr", tss_sel, new_base, new_limit, new_flags | (2 << 8))
+        # the descriptor in memory is marked busy; the cached TR keeps the type LTR
+        # leaves in QEMU (available, 9): its TSS stack lookup for a ring-3 call
+        # gate aborts the whole process on any other cached type
+        cpu.set_sys_seg("tr", tss_sel, new_base, new_limit, new_flags & ~(2 << 8))
         # 4. load the incoming state
         if cpu.cr0 & (1 << 31):
             cpu.set_reg("cr3", new_cr3)

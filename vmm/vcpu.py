@@ -42,6 +42,7 @@ ffi = _fast.ffi
 lib = _fast.lib
 
 NO_UNTIL = 0xFFFF_FFFF_FFFF_FFFF
+TCG_BUFFER = 128 << 20
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 # CPUX86State layout (QEMU 5 in Unicorn 2.1.4)
@@ -154,6 +155,9 @@ class Vcpu:
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         # Sandy Bridge: LM and NX, but RDRAND/RDSEED raise #UD (UNICORN.md 5)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_SANDYBRIDGE)
+        # Unicorn reserves 1 GiB of code buffer per engine by default; test runs
+        # and time travel keep many machines alive, and guest code is small
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
         self.uc = uc
         uc.mem_map_ptr(0, memory.size, unicorn.UC_PROT_ALL, memory.address())
         self._core = lib.vmm_core_new()
@@ -205,10 +209,12 @@ class Vcpu:
     # -- set-up ---------------------------------------------------------------
     @staticmethod
     def _make_reset_context():
+        """The CPU state of a fresh 16-bit engine (the engine itself is released)."""
         u16 = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_16)
         u16.ctl_set_cpu_model(X.UC_CPU_X86_SANDYBRIDGE)
+        u16.ctl_set_tcg_buffer_size(1 << 20)
         ctx = u16.context_save()
-        return ctx, u16
+        return ctx, None
 
     def _check_layout(self) -> None:
         """Fail loudly if the CPUX86State offsets do not match this Unicorn."""
