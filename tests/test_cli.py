@@ -170,8 +170,6 @@ def test_bad_arguments_in_a_subprocess(case, files):
     assert proc.stdout == b""
 
 
-@pytest.mark.xfail(strict=True, reason="tools/cli.py accepts a negative --max-instructions: it stops at "
-                                       "instruction 0 and exits 0 instead of a usage error")
 def test_negative_max_instructions_is_a_usage_error(capsys):
     code = main(["run", "--max-instructions", "-5", "--serial", "none"])
     check_usage_error(code, capsys.readouterr().err, "usage")

@@ -152,8 +152,10 @@ def test_validate_rejects_broken_images():
 
 # ---- reference runs under QEMU -------------------------------------------------
 
+# `crash` is left out: whether it loses its race depends on timing, and QEMU's
+# timers follow the host clock (that guest is about replaying one such run)
 @needs_qemu
-@pytest.mark.parametrize("name", sorted(gb.GUESTS))
+@pytest.mark.parametrize("name", sorted(n for n in gb.GUESTS if n != "crash"))
 def test_qemu_reference_output(name):
     committed(name)
     proc = subprocess.run(gb.qemu_command(name), cwd=ROOT, capture_output=True, stdin=subprocess.DEVNULL,

@@ -159,8 +159,6 @@ WAIT_500MS = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="vmm/firmware/bios.py: INT 15h AH=86h returns at once without letting "
-                                       "virtual time pass (SeaBIOS under QEMU: 9 BIOS ticks for 500 ms)")
 def test_bios_wait_lets_the_time_pass(tmp_path):
     path = tmp_path / "wait.img"
     path.write_bytes(boot_sector(WAIT_500MS))

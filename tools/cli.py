@@ -67,6 +67,13 @@ def parse_size(text: str) -> int:
     return value << {"K": 10, "M": 20, "G": 30}[unit]
 
 
+def parse_count(text: str) -> int:
+    v = parse_int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return v
+
+
 def parse_int(text: str) -> int:
     try:
         return int(text.replace("_", ""), 0)
@@ -79,7 +86,7 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
                    help="disk/floppy image, Multiboot kernel, flat binary, or a bundled guest name (default: demo)")
     r.add_argument("--mem", type=parse_size, default=32 << 20, metavar="SIZE",
                    help="guest RAM, e.g. 32M (default), 128M; a bare number is MiB")
-    r.add_argument("--max-instructions", type=parse_int, default=None, metavar="N",
+    r.add_argument("--max-instructions", type=parse_count, default=None, metavar="N",
                    help="stop after exactly N retired instructions")
     r.add_argument("--trace", action="store_true",
                    help="print every executed instruction with its icount (slow), VM exits and POST codes, on stderr")
@@ -129,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the first mismatch stops the replay with a report.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_argument("log", metavar="LOG")
-    rp.add_argument("--until", type=parse_int, default=None, metavar="ICOUNT",
+    rp.add_argument("--until", type=parse_count, default=None, metavar="ICOUNT",
                     help="stop after exactly ICOUNT instructions and print the state there")
     rp.add_argument("--verify", dest="verify", action="store_true", default=True,
                     help="check every digest (default)")

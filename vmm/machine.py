@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devices.bus import IoBus, MmioBus
-from devices.clock import VirtualClock
+from devices.clock import TICK_HZ, VirtualClock
 from vmm.cpuid import cpuid as fixed_cpuid
 from vmm.delivery import Delivery, GuestFault, TripleFault
 from vmm.ept import Ept
@@ -65,6 +65,7 @@ class Machine:
         self.io = IoBus()
         self.mmio = MmioBus()
         self.clock = VirtualClock(self.vcpu.current_icount)
+        self.clock_hz = TICK_HZ
         self.clock.on_new_deadline = self._new_deadline
         self.delivery = Delivery(self.vcpu)
         self.devices: list[Any] = []

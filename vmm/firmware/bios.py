@@ -31,6 +31,8 @@ ROM_SEG = 0xF000
 ROM_BASE = 0xF0000
 IRET_OFF = 0x0000
 WAIT16_OFF = 0x0010      # sti; hlt; jmp to the INT 16h trap: a blocking read waits here
+WAIT86_OFF = 0x0020      # sti; hlt; jmp to the wait-check trap: INT 15h AH=86h waits here
+WAIT_CHECK = 0xF0        # trap slot (not a BIOS vector) the INT 15h AH=86h wait loop jumps to
 TRAP_OFF = 0x0100        # F000:0100 + vector
 CONFIG_TABLE_OFF = 0x0E6F5
 
@@ -58,6 +60,8 @@ class Bios:
         rom[WAIT16_OFF:WAIT16_OFF + 2] = b"\xfb\xf4"  # sti; hlt
         rel = (TRAP_OFF + 0x16) - (WAIT16_OFF + 5)
         rom[WAIT16_OFF + 2:WAIT16_OFF + 5] = b"\xe9" + struct.pack("<h", rel)
+        rel = (TRAP_OFF + WAIT_CHECK) - (WAIT86_OFF + 5)
+        rom[WAIT86_OFF:WAIT86_OFF + 5] = b"\xfb\xf4\xe9" + struct.pack("<h", rel)
         rom[TRAP_OFF:TRAP_OFF + 0x100] = b"\xcf" * 0x100
         # system configuration table (INT 15h AH=C0): AT, 8259 cascade, RTC
         rom[CONFIG_TABLE_OFF:CONFIG_TABLE_OFF + 10] = struct.pack("<HBBBBBBBB", 8, 0xFC, 0, 1, 0x70, 0, 0, 0, 0)
@@ -543,9 +547,25 @@ class Bios:
             self._set8(0, True, 0)
             self._ok()
         elif ah == 0x86:
-            self._ok()  # the wait returns at once: virtual time is the guest's only clock
+            # wait CX:DX microseconds of virtual time with interrupts serviced,
+            # as a BIOS does: the guest halts in the ROM until the deadline
+            us = ((self._r(1) & 0xFFFF) << 16) | (self._r(2) & 0xFFFF)
+            self._wait_until = self.m.clock.now() + us * (self.m.clock_hz // 1_000_000)
+            self.m.clock.schedule(self._wait_until, self._wake, "bios-wait")
+            self.m.vcpu.rip = WAIT86_OFF
         else:
             self._fail()
+
+    def _wake(self, now: int) -> None:
+        self.m.halted = False  # the wait loop's HLT ends at the deadline even with no interrupt
+
+    def int_f0(self) -> None:
+        """The INT 15h AH=86h wait loop's check: done, or halt again."""
+        if self.m.clock.now() >= getattr(self, "_wait_until", 0):
+            self._set8(0, True, 0)
+            self._ok()
+        else:
+            self.m.vcpu.rip = WAIT86_OFF
 
     def int_16(self) -> None:
         ah = self.ah
