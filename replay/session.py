@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from replay.events import Event, EventKind
 from replay import events as ev
+from replay.events import Event, EventKind
 from replay.logfile import LogReader, LogWriter
 from vmm.digest import page_hashes
 from vmm.firmware.boot import boot

@@ -243,3 +243,16 @@ def test_gdb_on_a_live_run(tmp_path):
     assert pcs(out)[:2] == [0x100070, 0x100072], out
     assert "exited normally" in out or "exited with code 00" in out, out
     assert target.exited is not None and target.exited.status == 0
+
+
+def test_committed_crash_recording_replays():
+    """guests/recordings/crash.vmlog (the README walkthrough's) replays bit-exact from any clone."""
+    from pathlib import Path
+
+    from replay.session import Replayer
+
+    log = Path(__file__).resolve().parent.parent / "guests" / "recordings" / "crash.vmlog"
+    rp = Replayer(str(log))
+    res = rp.run()
+    assert res.reason.value == "exit" and res.status == 1
+    assert b"CRASH: page fault at CR2=0x00000000" in bytes(rp.m.serial_out)

@@ -34,7 +34,7 @@ class AsmError(ValueError):
 
 
 def asm(src: str, bits: int = 32, addr: int = 0) -> bytes:
-    enc, count = _KS[bits].asm(src, addr)
+    enc, _count = _KS[bits].asm(src, addr)
     if not enc and src.strip():
         raise AsmError(f"keystone assembled nothing from: {src[:80]!r}")
     return bytes(enc or b"")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import runpy
 
 from cffi import FFI
 
@@ -487,9 +488,7 @@ def _unicorn_paths() -> tuple[str, str]:
 def _mmu_source() -> tuple[str, str]:
     """The shadow MMU's C (vmm/mmu_native.py), read by path: cffi runs this file as a script."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmu_native.py")
-    ns: dict = {}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), ns)
+    ns = runpy.run_path(path)
     return ns["MMU_CDEF"], ns["MMU_CSRC"]
 
 

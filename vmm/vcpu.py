@@ -831,9 +831,7 @@ class Vcpu:
             if fetch_fault:
                 # the next block could not be fetched: the one that ran retired whole
                 retired = tb_icount
-            elif err != 0 and err in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT):
-                retired = tb_icount
-            elif lin == end and until == NO_UNTIL:
+            elif err != 0 and err in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT) or lin == end and until == NO_UNTIL:
                 retired = tb_icount
             elif tb_start <= lin <= end:
                 retired = self.count_insns(tb_start, lin)
