@@ -348,8 +348,12 @@ class Replayer:
         if self.reader.truncated:
             last = self.reader.last_icount or 0
             limit = last if limit is None else min(limit, last)
+        end = self.end_icount
+        if end is not None:
+            # never past the recording's end (a run recorded with an instruction limit stops there)
+            limit = end if limit is None else min(limit, end)
         res = m.run(limit)
-        if limit is not None and res.reason is StopReason.LIMIT:
+        if res.reason is StopReason.LIMIT and (end is None or m.vcpu.icount < end or self.reader.truncated):
             return res
         # the run ended: the recording must end the same way
         self._check(self._digests.snapshot(True))

@@ -311,3 +311,16 @@ def test_cli_replay_reports_divergence_and_bad_logs(tmp_path):
     junk.write_bytes(os.urandom(100))
     assert main(["replay", str(junk), "--serial", "none"]) == 6
     assert main(["log", "verify", str(junk)]) == 6
+
+
+def test_a_run_recorded_with_an_instruction_limit_replays_to_that_limit(tmp_path):
+    img = tmp_path / "race.bin"
+    image = race_guest(3000)
+    img.write_bytes(image)
+    log = str(tmp_path / "limited.vmlog")
+    res, m = record(str(img), image, log, boot_kind="flat", max_instructions=1_234_567)
+    assert res.reason.value == "limit" and res.icount == 1_234_567
+    rp = Replayer(log)
+    r = rp.run()
+    assert r.reason.value == "limit" and rp.m.vcpu.icount == 1_234_567
+    assert final_state(rp.m) == final_state(m)
