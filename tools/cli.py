@@ -523,7 +523,7 @@ def _attach_trace(m) -> None:
            ((16, capstone.CS_MODE_16), (32, capstone.CS_MODE_32), (64, capstone.CS_MODE_64))}
 
     def on_code(uc, address, size, _):
-        code = bytes(uc.mem_read(address, size)) if address + size <= m.memory.size else b""
+        code = cpu._code_bytes(address, size) or b""  # through the guest's page tables
         text = "??"
         for i in dis[cpu.code_bits].disasm(code, address, 1):
             text = f"{i.mnemonic} {i.op_str}".strip()
