@@ -324,3 +324,27 @@ def test_a_run_recorded_with_an_instruction_limit_replays_to_that_limit(tmp_path
     r = rp.run()
     assert r.reason.value == "limit" and rp.m.vcpu.icount == 1_234_567
     assert final_state(rp.m) == final_state(m)
+
+
+def test_cli_record_with_scripted_input_then_replay(tmp_path, capsys):
+    from tools.cli import main
+
+    img = tmp_path / "race.bin"
+    img.write_bytes(race_guest(3000))
+    inp = tmp_path / "input.txt"
+    inp.write_bytes(b"typed by a script")
+    log = str(tmp_path / "cli.vmlog")
+    out1 = tmp_path / "rec.serial"
+    assert main(["record", str(img), "--boot", "flat", "-o", log, "--input", str(inp),
+                 "--serial", str(out1)]) == 0
+    err = capsys.readouterr().err
+    assert "recorded" in err and "events" in err and "log bytes" in err
+    kinds = [e.kind for e in LogReader(log)]
+    assert EventKind.CONSOLE_INPUT in kinds
+    out2 = tmp_path / "rep.serial"
+    assert main(["replay", log, "--serial", str(out2)]) == 0
+    assert out1.read_bytes() == out2.read_bytes() and len(out1.read_bytes()) > 17
+    assert main(["replay", log, "--serial", "none", "--until", "1000"]) == 0
+    assert "state at icount 1000" in capsys.readouterr().err
+    assert main(["log", "show", log, "--events"]) == 0
+    assert "CONSOLE_INPUT" in capsys.readouterr().out
