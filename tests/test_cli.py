@@ -287,3 +287,43 @@ def test_trace_disassembles_every_instruction_with_its_icount(capsys):
     assert set(steps) <= {0, 1} and steps.count(0) == faults and counts[-1] == 29999
     assert not any(ln.endswith("??") for ln in lines)
     assert any(": mov cr0," in ln for ln in lines)  # the demo switches paging on within these
+
+
+def test_serial_on_a_tcp_socket(tmp_path):
+    """--serial tcp:127.0.0.1:PORT waits for a client, then the guest's COM1 reaches it."""
+    import socket
+    import threading
+
+    from tools.cli import main
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    got = bytearray()
+
+    def client():
+        for _ in range(200):
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                import time
+                time.sleep(0.05)
+        else:
+            return
+        with s:
+            while True:
+                try:
+                    d = s.recv(4096)
+                except OSError:
+                    break
+                if not d:
+                    break
+                got.extend(d)
+
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    assert main(["run", "demo", "--serial", f"tcp:127.0.0.1:{port}"]) == 0
+    t.join(timeout=10)
+    assert b"[demo] all tasks done, exiting with status 0" in bytes(got)

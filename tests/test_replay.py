@@ -348,3 +348,27 @@ def test_cli_record_with_scripted_input_then_replay(tmp_path, capsys):
     assert "state at icount 1000" in capsys.readouterr().err
     assert main(["log", "show", log, "--events"]) == 0
     assert "CONSOLE_INPUT" in capsys.readouterr().out
+
+
+def test_tracing_stays_outside_the_guests_view(tmp_path):
+    """A run under --trace (a code hook on every instruction) records the same log as a plain run."""
+    import io
+    import sys
+
+    from tools.cli import _attach_trace
+
+    image = race_guest(1200, ticks=2)
+    plain_log, _, _ = do_record(tmp_path, image, name="a.bin")
+    plain = [(e.kind, e.icount, e.payload) for e in LogReader(plain_log)]
+    img = tmp_path / "b.bin"
+    img.write_bytes(image)
+    traced_log = str(tmp_path / "traced.vmlog")
+    saved, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        record(str(img), image, traced_log, boot_kind="flat", max_instructions=40_000_000, setup=_attach_trace)
+    finally:
+        sys.stderr = saved
+    traced = [(e.kind, e.icount, e.payload) for e in LogReader(traced_log)]
+    # the image name differs (a.bin / b.bin); every other event is identical
+    assert len(plain) > 3
+    assert [x for x in plain if x[0] != EventKind.DISK_IMAGE] == [x for x in traced if x[0] != EventKind.DISK_IMAGE]

@@ -90,8 +90,9 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
                    help="stop after exactly N retired instructions")
     r.add_argument("--trace", action="store_true",
                    help="print every executed instruction with its icount (slow), VM exits and POST codes, on stderr")
-    r.add_argument("--serial", default="stdio", metavar="stdio|none|FILE",
-                   help="where COM1 goes: the terminal (default), nowhere, or a file")
+    r.add_argument("--serial", default="stdio", metavar="stdio|none|tcp:[HOST:]PORT|FILE",
+                   help="where COM1 goes: the terminal (default), nowhere, a TCP socket (127.0.0.1 by default; "
+                        "input comes from the client), or a file")
     r.add_argument("--boot", default="auto", choices=["auto", "disk", "floppy", "multiboot", "flat"],
                    help="boot protocol (default: detect from the image)")
     r.add_argument("--load-addr", type=parse_int, default=0x100000, metavar="ADDR",
@@ -196,6 +197,23 @@ def _serial_backend(spec: str):
         return b, b
     if spec == "none":
         return NullBackend(), None
+    if spec.startswith("tcp:"):
+        from devices.serial_backends import SocketBackend
+
+        hostport = spec[4:]
+        host, _, port = hostport.rpartition(":")
+        try:
+            b = SocketBackend(host or "127.0.0.1", int(port))
+        except ValueError:
+            raise UsageError(f"--serial tcp: wants tcp:[HOST:]PORT, not {spec!r}") from None
+        except OSError as e:
+            raise UsageError(f"cannot listen on {hostport}: {e.strerror}") from None
+        print(f"vmm: COM1 on tcp {host or '127.0.0.1'}:{b.port}: waiting for a client "
+              f"(e.g. `nc 127.0.0.1 {b.port}`)", file=sys.stderr, flush=True)
+        while not b.connected:  # as QEMU's server,wait: the guest starts once someone listens
+            b.poll_input()
+            time.sleep(0.02)
+        return b, b  # the client's bytes are console input
     try:
         return FileBackend(spec), None
     except OSError as e:
@@ -221,7 +239,7 @@ def _live_input(args, stdio):
         except OSError as e:
             raise UsageError(f"cannot read input file {args.input}: {e.strerror}") from None
         return "file", lambda: script.pop() if script else b""
-    if stdio is not None and stdio.is_tty:
+    if stdio is not None and getattr(stdio, "is_tty", True):  # a terminal, or a socket client
         return "terminal", stdio.poll_input
     return "none", None
 
@@ -313,7 +331,7 @@ def _quit_aware(m, source, stdio):
 
     def src() -> bytes:
         data = source()
-        if stdio.quit_requested:
+        if getattr(stdio, "quit_requested", False):
             m.request_host_stop("quit (Ctrl-A x)")
         return data
     return src
@@ -333,7 +351,7 @@ def cmd_record(args) -> int:
         if live is not None:
             def source() -> bytes:
                 d = live()
-                if stdio is not None and stdio.quit_requested:
+                if stdio is not None and getattr(stdio, "quit_requested", False):
                     ref["m"].request_host_stop("quit (Ctrl-A x)")
                 return d
 
