@@ -30,6 +30,21 @@ from replay.session import Replayer
 from vmm.machine import RunResult, StopReason
 
 DEFAULT_INTERVAL = 2_000_000
+MAX_INTERVAL = 20_000_000        # ~0.2 s of forward replay: the most any reverse step costs
+TARGET_CHECKPOINTS = 256
+
+
+def adaptive_interval(length: int | None) -> int:
+    """Checkpoint spacing for a recording of ``length`` instructions.
+
+    Short recordings get a checkpoint every DEFAULT_INTERVAL instructions;
+    long ones spread about TARGET_CHECKPOINTS over their length, so checkpoint
+    memory stays bounded, but never more than MAX_INTERVAL apart, so a reverse
+    step never replays more than that.
+    """
+    if not length:
+        return DEFAULT_INTERVAL
+    return max(DEFAULT_INTERVAL, min(MAX_INTERVAL, length // TARGET_CHECKPOINTS))
 
 SW, HW, WRITE, READ, ACCESS = 0, 1, 2, 3, 4
 
@@ -50,11 +65,12 @@ class Stop:
 
 
 class TimeTravel:
-    def __init__(self, log_path: str, image: bytes | None = None, interval: int = DEFAULT_INTERVAL,
+    def __init__(self, log_path: str, image: bytes | None = None, interval: int | None = None,
                  serial=None):
         self.rp = Replayer(log_path, image=image, serial=serial)
         self.m = self.rp.m
-        self.interval = interval
+        # None: adapt to the recording's length (see adaptive_interval)
+        self.interval = interval if interval is not None else adaptive_interval(self.rp.end_icount)
         self.cps = Checkpoints(self.m, self.rp.save_position, self.rp.load_position)
         self.cps.take()
         self.end_icount = self.rp.end_icount

@@ -110,3 +110,12 @@ def test_breakpoint_forward_and_reverse(recording):
     assert back.reason == "breakpoint" and back.icount == hits[1]
     back = tt.reverse_cont()
     assert back.icount == hits[0]
+
+
+def test_adaptive_checkpoint_interval():
+    from replay.timetravel import DEFAULT_INTERVAL, MAX_INTERVAL, adaptive_interval
+
+    assert adaptive_interval(None) == DEFAULT_INTERVAL
+    assert adaptive_interval(10_000_000) == DEFAULT_INTERVAL          # short: dense
+    assert adaptive_interval(2_560_000_000) == 10_000_000              # ~256 checkpoints
+    assert adaptive_interval(10**12) == MAX_INTERVAL                   # the reverse cost stays bounded

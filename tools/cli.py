@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--gdb", default=None, metavar="[HOST:]PORT",
                     help="serve the gdb remote protocol (default host 127.0.0.1), with reverse execution: "
                          "connect with `target remote :PORT`; the replay then runs under gdb's control")
-    rp.add_argument("--checkpoint-interval", type=parse_int, default=2_000_000, metavar="N",
-                    help="with --gdb: take a checkpoint every N instructions (bounds the cost of going back)")
+    rp.add_argument("--checkpoint-interval", type=parse_count, default=None, metavar="N",
+                    help="with --gdb: take a checkpoint every N instructions (default: adapted to the "
+                         "recording's length, 2M to 20M, which bounds the cost of going back)")
     lg = sub.add_parser("log", help="inspect a replay log",
                         description="Inspect or check a replay log.")
     lsub = lg.add_subparsers(dest="log_command", metavar="SUBCOMMAND")
