@@ -111,7 +111,8 @@ def _find_image(cfg: dict) -> str:
 
 
 def build_machine(cfg: dict, image: bytes, serial) -> PcMachine:
-    m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial))
+    m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial,
+                           mmu=cfg.get("mmu", "shadow")))
     info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
                 cmdline=cfg["cmdline"])
     if info.kind in ("disk", "floppy"):
@@ -163,12 +164,13 @@ def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 <
            live_input: Callable[[], bytes] | None = None, input_kind: str = "none",
            max_instructions: int | None = None, serial=None, pace_idle: bool = False,
            setup: Callable[[PcMachine], None] | None = None,
-           chunk_events: int | None = None) -> tuple[RunResult, PcMachine]:
+           chunk_events: int | None = None, mmu: str = "shadow") -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path``."""
     from devices.serial_backends import NullBackend
 
     cfg = machine_config(mem_size, epoch, image_name, image, boot_kind, cmdline if cmdline is not None else image_name,
                          load_addr, input_kind)
+    cfg["mmu"] = mmu
     m = build_machine(cfg, image, serial or NullBackend())
     initial_hashes = page_hashes(m.memory.ram)
     writer = LogWriter(out_path, cfg, state_digest(m, initial_hashes),

@@ -372,3 +372,17 @@ def test_tracing_stays_outside_the_guests_view(tmp_path):
     # the image name differs (a.bin / b.bin); every other event is identical
     assert len(plain) > 3
     assert [x for x in plain if x[0] != EventKind.DISK_IMAGE] == [x for x in traced if x[0] != EventKind.DISK_IMAGE]
+
+
+@pytest.mark.parametrize("mmu", ["shadow", "nested"])
+def test_the_mmu_mode_is_recorded_and_replayed(tmp_path, mmu):
+    img = tmp_path / "race.bin"
+    image = race_guest(3000)
+    img.write_bytes(image)
+    log = str(tmp_path / f"{mmu}.vmlog")
+    res, m = record(str(img), image, log, boot_kind="flat", mmu=mmu, max_instructions=40_000_000)
+    assert LogReader(log).header.config["mmu"] == mmu
+    rp = Replayer(log)
+    assert rp.m.vcpu.mmu_mode == mmu
+    rp.run()
+    assert final_state(rp.m) == final_state(m)

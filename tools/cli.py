@@ -370,7 +370,7 @@ def cmd_record(args) -> int:
                             boot_kind=args.boot, cmdline=args.cmdline if args.cmdline is not None else args.image,
                             load_addr=args.load_addr, live_input=source, input_kind=kind,
                             max_instructions=args.max_instructions, serial=backend,
-                            pace_idle=kind == "terminal", setup=setup)
+                            pace_idle=kind == "terminal", setup=setup, mmu=args.mmu)
         except BootError as e:
             raise UsageError(str(e)) from None
         except OSError as e:
