@@ -152,3 +152,15 @@ def test_single_stepping_counts_the_same(items):
         assert steps <= total
     assert steps == total
     assert stepped.cpu.snapshot_regs() == straight.cpu.snapshot_regs()
+
+
+def test_a_closed_vcpu_releases_its_engine_once():
+    import gc
+
+    g = Guest()
+    g.protected_mode("mov ecx, 100; L: dec ecx; jnz L; mov dx, 0x501; out dx, al")
+    assert g.run().reason.value == "exit"
+    g.cpu.close()
+    g.cpu.close()  # idempotent
+    del g
+    gc.collect()  # the binding's finalizer must not close the engine a second time

@@ -904,10 +904,18 @@ class Vcpu:
         struct.pack_into("<i", self._env, ENV_OLD_EXC, -1)
 
     def close(self) -> None:
-        if self._core != ffi.NULL:
-            self.uc.release_handle() if hasattr(self.uc, "release_handle") else None
-            lib.vmm_core_free(self._core)
-            self._core = ffi.NULL
+        """Release the engine and the C state now rather than at garbage collection.
+
+        The engine goes first (through the binding's own finalizer, which runs
+        once), so no hook can run on freed state.  The vCPU is unusable after.
+        """
+        if self._core == ffi.NULL:
+            return
+        finalizer = getattr(self.uc, "_Uc__finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        lib.vmm_core_free(self._core)
+        self._core = ffi.NULL
         if self._shadow != ffi.NULL:
             lib.vmm_shadow_free(self._shadow)
             self._shadow = ffi.NULL
