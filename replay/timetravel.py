@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import unicorn
-
 from replay.checkpoint import Checkpoints
 from replay.session import Replayer
 from vmm.machine import RunResult, StopReason
@@ -123,19 +121,16 @@ class TimeTravel:
         self.m.vcpu.set_breakpoints(self.breakpoints)
 
     def add_watchpoint(self, kind: int, addr: int, length: int) -> None:
-        types = {WRITE: unicorn.UC_HOOK_MEM_WRITE, READ: unicorn.UC_HOOK_MEM_READ,
-                 ACCESS: unicorn.UC_HOOK_MEM_READ | unicorn.UC_HOOK_MEM_WRITE}[kind]
         vcpu = self.m.vcpu
+        kinds = {WRITE: vcpu.WATCH_WRITE, READ: vcpu.WATCH_READ, ACCESS: vcpu.WATCH_READ | vcpu.WATCH_WRITE}[kind]
 
-        def hook(uc, access, address, size, value, _):
-            if kind == WRITE and access == unicorn.UC_MEM_WRITE and self._unchanged(address, size, value):
+        def hook(access, address, size, value):
+            if kind == WRITE and access == vcpu.ACCESS_WRITE and self._unchanged(address, size, value):
                 return  # gdb's `watch` reports a write only when it changes the value
             # record the instruction now executing; the stop point is just after it
             self._watch_hits.append(Hit(vcpu.current_icount() + 1, kind, address))
 
-        h = vcpu.uc.hook_add(types, hook, None, addr, addr + length - 1)
-        self.watchpoints[(kind, addr, length)] = h
-        vcpu.invalidate_code()
+        self.watchpoints[(kind, addr, length)] = vcpu.add_watch_hook(kinds, addr, addr + length - 1, hook)
 
     def _unchanged(self, address: int, size: int, value: int) -> bool:
         """Does this store write the bytes memory already holds? (Called before the store.)"""
@@ -152,8 +147,7 @@ class TimeTravel:
     def remove_watchpoint(self, kind: int, addr: int, length: int) -> None:
         h = self.watchpoints.pop((kind, addr, length), None)
         if h is not None:
-            self.m.vcpu.uc.hook_del(h)
-            self.m.vcpu.invalidate_code()
+            self.m.vcpu.remove_hook(h)
 
     # -- forward ------------------------------------------------------------------------
     def step(self) -> Stop:

@@ -534,22 +534,20 @@ def cmd_log(args) -> int:
 
 def _attach_trace(m) -> None:
     import capstone
-    import unicorn
 
     err = sys.stderr
     cpu = m.vcpu
     dis = {b: capstone.Cs(capstone.CS_ARCH_X86, mode) for b, mode in
            ((16, capstone.CS_MODE_16), (32, capstone.CS_MODE_32), (64, capstone.CS_MODE_64))}
 
-    def on_code(uc, address, size, _):
+    def on_code(address, size):
         code = cpu._code_bytes(address, size) or b""  # through the guest's page tables
         text = "??"
         for i in dis[cpu.code_bits].disasm(code, address, 1):
             text = f"{i.mnemonic} {i.op_str}".strip()
         err.write(f"{cpu.current_icount():>12} {address:#010x}: {text}\n")
 
-    cpu.uc.hook_add(unicorn.UC_HOOK_CODE, on_code)
-    cpu.invalidate_code()
+    cpu.add_code_hook(on_code)
     m.trace = lambda x: err.write(f"{'':>12} -- exit: {x}\n")
     m.postcode.on_code = lambda v: err.write(f"{'':>12} -- POST code {v:#04x}\n")
 

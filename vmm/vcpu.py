@@ -649,6 +649,31 @@ class Vcpu:
             pos += size
         return start + pos
 
+    # -- observation hooks (debugger, tracer): never change what the guest computes ----
+    WATCH_READ, WATCH_WRITE = 1, 2
+    ACCESS_WRITE = unicorn.UC_MEM_WRITE
+
+    def add_watch_hook(self, kinds: int, begin: int, end: int, callback) -> int:
+        """Call ``callback(access, address, size, value)`` for guest data accesses to
+        linear [begin, end]; ``kinds`` is WATCH_READ | WATCH_WRITE.  Returns a handle."""
+        types = (unicorn.UC_HOOK_MEM_READ if kinds & self.WATCH_READ else 0) | (
+            unicorn.UC_HOOK_MEM_WRITE if kinds & self.WATCH_WRITE else 0)
+        h = self.uc.hook_add(types, lambda uc, access, address, size, value, _: callback(access, address, size, value),
+                             None, begin, end)
+        self.invalidate_code()
+        return h
+
+    def add_code_hook(self, callback, begin: int = 1, end: int = 0) -> int:
+        """Call ``callback(address, size)`` before each instruction in [begin, end] (all when begin > end)."""
+        h = self.uc.hook_add(unicorn.UC_HOOK_CODE, lambda uc, address, size, _: callback(address, size),
+                             None, begin, end)
+        self.invalidate_code()
+        return h
+
+    def remove_hook(self, handle: int) -> None:
+        self.uc.hook_del(handle)
+        self.invalidate_code()
+
     # -- breakpoints ------------------------------------------------------------------
     @property
     def breakpoints(self) -> frozenset[int]:
