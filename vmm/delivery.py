@@ -263,17 +263,8 @@ class Delivery:
         offset = (hi & 0xFFFF_0000) | (lo & 0xFFFF)
         if not is32:
             offset &= 0xFFFF
-        if selector & 0xFFFC == 0:
-            raise GuestFault(13, ext)
-        e1, e2 = self.read_descriptor(selector, ext)
-        sel_err = (selector & 0xFFFC) | ext
-        if not (e2 & DESC_S) or not (e2 & DESC_CODE):
-            raise GuestFault(13, sel_err)
+        e1, e2, sel_err = self._handler_code_segment(selector, cpl, ext)
         cs_dpl = (e2 >> 13) & 3
-        if cs_dpl > cpl:
-            raise GuestFault(13, sel_err)
-        if not e2 & DESC_P:
-            raise GuestFault(11, sel_err)
         flags = cpu.rflags
         vm86 = bool(flags & EF_VM)
         conforming = bool(e2 & DESC_CONFORMING)
@@ -336,6 +327,24 @@ class Delivery:
             newflags &= ~EF_IF
         cpu.rflags = newflags
 
+    def _handler_code_segment(self, selector: int, cpl: int, ext: int) -> tuple[int, int, int]:
+        """The gate's target code segment, checked as SDM 6.12.1.1 says: (lo, hi, error code).
+
+        NULL -> #GP(EXT); not a code segment or DPL > CPL -> #GP(selector);
+        not present -> #NP(selector).
+        """
+        if selector & 0xFFFC == 0:
+            raise GuestFault(13, ext)
+        lo, hi = self.read_descriptor(selector, ext)
+        sel_err = (selector & 0xFFFC) | ext
+        if not (hi & DESC_S) or not (hi & DESC_CODE):
+            raise GuestFault(13, sel_err)
+        if (hi >> 13) & 3 > cpl:
+            raise GuestFault(13, sel_err)
+        if not hi & DESC_P:
+            raise GuestFault(11, sel_err)
+        return lo, hi, sel_err
+
     def _tss_stack(self, dpl: int, ext: int) -> tuple[int, int]:
         """SS:ESP for privilege ``dpl`` from the current TSS (SDM 7.2.1, 6.12.1)."""
         cpu = self.cpu
@@ -374,17 +383,8 @@ class Delivery:
         selector = e1 >> 16
         offset = (e2 & 0xFFFF_0000) | (e1 & 0xFFFF) | (e3 << 32)
         ist = e2 & 7
-        if selector & 0xFFFC == 0:
-            raise GuestFault(13, ext)
-        d1, d2 = self.read_descriptor(selector, ext)
-        sel_err = (selector & 0xFFFC) | ext
-        if not (d2 & DESC_S) or not (d2 & DESC_CODE):
-            raise GuestFault(13, sel_err)
+        d1, d2, sel_err = self._handler_code_segment(selector, cpl, ext)
         cs_dpl = (d2 >> 13) & 3
-        if cs_dpl > cpl:
-            raise GuestFault(13, sel_err)
-        if not d2 & DESC_P:
-            raise GuestFault(11, sel_err)
         if not (d2 & DESC_L) or (d2 & DESC_B):
             raise GuestFault(13, sel_err)
         conforming = bool(d2 & DESC_CONFORMING)
