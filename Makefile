@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench guests clean
 
-$(STAMP): pyproject.toml setup.py vmm/native_build.py vmm/mmu_native.py
+$(STAMP): pyproject.toml setup.py vmm/cpu/native_build.py $(wildcard vmm/cpu/native/*)
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "unicorn==2.1.4" "cffi>=1.16" "setuptools>=68" wheel
@@ -27,4 +27,4 @@ guests:
 	$(PY) guests/build.py
 
 clean:
-	rm -rf $(VENV) build vmm/_vmmfast*.so *.egg-info
+	rm -rf $(VENV) build vmm/cpu/_native*.so *.egg-info

@@ -1,4 +1,4 @@
-"""Builds the vCPU's C fast path (vmm._vmmfast) at install time through cffi."""
+"""Builds the vCPU's C fast path (vmm.cpu._native, from the C files in vmm/cpu/native/) at install time through cffi."""
 import shutil
 import sys
 
@@ -7,4 +7,4 @@ from setuptools import setup
 if shutil.which("cc") is None and shutil.which("gcc") is None:
     sys.exit("vmm: no C compiler found; the vCPU's fast path is C built at install time: apt-get install gcc")
 
-setup(cffi_modules=["vmm/native_build.py:ffibuilder"])
+setup(cffi_modules=["vmm/cpu/native_build.py:ffibuilder"])

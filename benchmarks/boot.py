@@ -82,7 +82,7 @@ def vmm_process(image: str, mem: int) -> tuple[float, float, bytes, int]:
 def vmm_in_process(image: str, mem: int) -> tuple[float, float, bytes, int]:
     from vmm.firmware.boot import boot
     from vmm.machine import StopReason
-    from vmm.pc import PcConfig, PcMachine
+    from vmm.platform.pc import PcConfig, PcMachine
 
     class Stamp:
         def __init__(self) -> None:

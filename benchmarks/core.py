@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import unicorn
 from unicorn import x86_const as X
 
-from devices.debugports import PostCode
+from devices.legacy.debugports import PostCode
 from tools.guestkit import Guest, asm
 
 LOOP5 = "L: add eax, 1; add ebx, 2; xor esi, eax; dec ecx; jnz L"

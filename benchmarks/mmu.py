@@ -1,7 +1,7 @@
 """MMU figures, each side by side with its baseline measured in the same run.
 
-1. Page walks per second: the C walk (vmm/mmu_native.py, what the shadow
-   MMU's TLB fill runs) against the Python reference walk (vmm/paging.py),
+1. Page walks per second: the C walk (vmm/cpu/mmu_native.py, what the shadow
+   MMU's TLB fill runs) against the Python reference walk (vmm/memory/paging.py),
    on the same inputs: 4-level tables mapping 4096 random 4 KiB pages, and
    random reads, writes and fetches at CPL 0 and 3 (A/D updates on).  The C
    walk is timed both in one batch call and called once per walk from
@@ -29,13 +29,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from devices.debugports import DebugExit
+from devices.legacy.debugports import DebugExit
 from tools.guestkit import PT, Guest
-from vmm.ept import Ept
+from vmm.memory.ept import Ept
 from vmm.machine import Machine
-from vmm.memory import GuestMemory
-from vmm.mmu import CWalk
-from vmm.paging import PageFault, translate
+from vmm.memory.ram import GuestMemory
+from vmm.memory.mmu import CWalk
+from vmm.memory.paging import PageFault, translate
 
 PE, WP, PG, PAE, LME, LMA, NXE = 1, 1 << 16, 1 << 31, 1 << 5, 1 << 8, 1 << 10, 1 << 11
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guests.build import guest_path  # noqa: E402
 from replay.session import Replayer, record  # noqa: E402
 from vmm.firmware.boot import boot  # noqa: E402
-from vmm.pc import PcConfig, PcMachine  # noqa: E402
+from vmm.platform.pc import PcConfig, PcMachine  # noqa: E402
 
 MEM = 32 << 20
 

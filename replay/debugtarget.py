@@ -20,9 +20,9 @@ from replay.target import (
     TargetMemoryError,
 )
 from replay.timetravel import Stop, TimeTravel
-from vmm.memory import GuestMemoryError
-from vmm.paging import PageFault
-from vmm.vcpu import CS, DS, ES, FS, GS, SS
+from vmm.memory.ram import GuestMemoryError
+from vmm.memory.paging import PageFault
+from vmm.cpu.vcpu import CS, DS, ES, FS, GS, SS
 
 I386_GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 X64_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",

@@ -30,7 +30,7 @@ from replay.logfile import LogReader, LogWriter
 from vmm.digest import page_hashes
 from vmm.firmware.boot import boot
 from vmm.machine import RunResult, StopReason
-from vmm.pc import DEFAULT_EPOCH, PcConfig, PcMachine
+from vmm.platform.pc import DEFAULT_EPOCH, PcConfig, PcMachine
 
 VMM_VERSION = "0.1.0"
 DIGEST_TICKS = 1_000_000        # registers and outputs every 10 ms of virtual time
@@ -166,7 +166,7 @@ def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 <
            setup: Callable[[PcMachine], None] | None = None,
            chunk_events: int | None = None, mmu: str = "shadow") -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path``."""
-    from devices.serial_backends import NullBackend
+    from host.serial import NullBackend
 
     cfg = machine_config(mem_size, epoch, image_name, image, boot_kind, cmdline if cmdline is not None else image_name,
                          load_addr, input_kind)
@@ -206,7 +206,7 @@ class Replayer:
     """Replay a log, checking every digest; ``run()`` returns the RunResult or raises Divergence."""
 
     def __init__(self, log_path: str, image: bytes | None = None, serial=None, verify: bool = True):
-        from devices.serial_backends import NullBackend
+        from host.serial import NullBackend
 
         self.reader = LogReader(log_path)
         self.header = self.reader.header

@@ -29,7 +29,7 @@ from guests import build as gb
 from tools import cli
 from vmm.firmware.boot import boot
 from vmm.machine import StopReason
-from vmm.pc import PcConfig, PcMachine
+from vmm.platform.pc import PcConfig, PcMachine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_EXPECTED = gb.expected_serial("demo").decode()

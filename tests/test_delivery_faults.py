@@ -20,7 +20,7 @@ import struct
 
 import pytest
 
-from devices.pic import Pic8259Pair
+from devices.legacy.pic import Pic8259Pair
 from tools import guestkit
 from tools.guestkit import (
     CODE,

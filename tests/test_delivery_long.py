@@ -32,7 +32,7 @@ from tools.guestkit import (
     USER,
     asm,
 )
-from vmm.vcpu import CS, SS
+from vmm.cpu.vcpu import CS, SS
 
 EXIT = "mov dx, 0x501\nout dx, al\n"
 SCR = 0x60000

@@ -15,7 +15,7 @@ import struct
 import pytest
 from unicorn.x86_const import UC_X86_REG_GDTR
 
-from devices.pic import Pic8259Pair
+from devices.legacy.pic import Pic8259Pair
 from tools import guestkit
 from tools.guestkit import (
     CODE,
@@ -36,7 +36,7 @@ from tools.guestkit import (
     asm,
     seg_desc,
 )
-from vmm.vcpu import DS, ES, SS
+from vmm.cpu.vcpu import DS, ES, SS
 
 EXIT = "mov dx, 0x501\nout dx, al\n"
 SCR = 0x60000  # scratch area written by the guests

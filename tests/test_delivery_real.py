@@ -13,10 +13,10 @@ import struct
 
 import pytest
 
-from devices.pic import Pic8259Pair
+from devices.legacy.pic import Pic8259Pair
 from tools import guestkit
 from tools.guestkit import asm
-from vmm.vcpu import CS, SS
+from vmm.cpu.vcpu import CS, SS
 
 EXIT = "mov dx, 0x501\nout dx, al\n"
 SCRATCH = 0x600

@@ -1,4 +1,4 @@
-"""The EPT (vmm/ept.py): map, unmap, protect, translate; EPT violations exit
+"""The EPT (vmm/memory/ept.py): map, unmap, protect, translate; EPT violations exit
 to the VMM with the GPA and the kind of access, and a handler that fixes the
 mapping lets the guest retry; on top of that lazy allocation, copy-on-write
 and page sharing are a few lines each; dirty logging collects exactly the
@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.debugports import DebugExit
+from devices.legacy.debugports import DebugExit
 from tools.guestkit import Guest
-from vmm.ept import LOG, POOL_FIRST, RWX, VALID, Ept, EptError, EptViolation, Violation, W
+from vmm.memory.ept import LOG, POOL_FIRST, RWX, VALID, Ept, EptError, EptViolation, Violation, W
 from vmm.machine import Machine, StopReason
-from vmm.memory import GuestMemory
+from vmm.memory.ram import GuestMemory
 
 MODES = ("shadow", "nested")
 PAGE = 4096

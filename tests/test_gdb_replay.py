@@ -228,7 +228,7 @@ def test_gdb_on_a_live_run(tmp_path):
     """`vmm run --gdb`: break, step, read and write registers, continue to the guest's exit."""
     from replay.debugtarget import LiveTarget
     from vmm.firmware.boot import boot
-    from vmm.pc import PcMachine
+    from vmm.platform.pc import PcMachine
 
     path = str(guest_path("demo"))
     m = PcMachine()

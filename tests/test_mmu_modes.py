@@ -25,11 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.debugports import DebugExit
+from devices.legacy.debugports import DebugExit
 from tools.guestkit import CODE, KCODE32, PT, UCODE32, UDATA32, USER, Guest, asm, gate32
 from vmm.firmware.boot import boot
 from vmm.machine import Machine, StopReason
-from vmm.pc import PcConfig, PcMachine
+from vmm.platform.pc import PcConfig, PcMachine
 
 BUILD = Path(__file__).resolve().parent.parent / "guests" / "build"
 IMAGES = sorted(p.name for p in BUILD.iterdir() if p.suffix in (".img", ".elf", ".bin")) if BUILD.is_dir() else []

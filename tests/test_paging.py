@@ -1,5 +1,5 @@
-"""The page walk three ways: Python (vmm/paging.py, the reference), C (the
-shadow MMU's, vmm/mmu_native.py) and Unicorn's own (QEMU's, which the nested
+"""The page walk three ways: Python (vmm/memory/paging.py, the reference), C (the
+shadow MMU's, vmm/cpu/mmu_native.py) and Unicorn's own (QEMU's, which the nested
 MMU uses), on random page tables in every paging mode.
 
 Each example builds one translation path for a random linear address --
@@ -35,11 +35,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmm.ept import Ept
+from vmm.memory.ept import Ept
 from vmm.machine import Machine
-from vmm.memory import GuestMemory
-from vmm.mmu import CWalk
-from vmm.paging import PageFault, translate
+from vmm.memory.ram import GuestMemory
+from vmm.memory.mmu import CWalk
+from vmm.memory.paging import PageFault, translate
 
 RAM = 1 << 20
 FRAMES = RAM // 4096

@@ -7,7 +7,7 @@ came).  Here each one runs
 
 * through the CLI entry point, ``tools.cli.main(["run", IMAGE, ...])``, in
   process, with ``--serial none`` (exit status only) and ``--serial FILE``;
-* through ``vmm.pc.PcMachine`` directly, asserting the stop reason and status;
+* through ``vmm.platform.pc.PcMachine`` directly, asserting the stop reason and status;
 * twice, asserting the two runs are identical (instruction count, serial
   bytes, VM-exit counts): the machine is a deterministic function of its inputs;
 
@@ -26,7 +26,7 @@ from guests import build as gb
 from tools import cli
 from vmm.firmware.boot import boot
 from vmm.machine import StopReason
-from vmm.pc import PcConfig, PcMachine
+from vmm.platform.pc import PcConfig, PcMachine
 
 # The device test guests (guests/t_*.asm with the frame in t_common.asm).
 # Other t_* guests (e.g. t_paging, maintained elsewhere) have their own tests.

@@ -31,7 +31,7 @@ from tools.guestkit import (
     USER,
     asm,
 )
-from vmm.vcpu import CS, DS, SS
+from vmm.cpu.vcpu import CS, DS, SS
 
 EXIT = "mov dx, 0x501\nout dx, al\n"
 SCR = 0x60000

@@ -191,7 +191,7 @@ def _load_image(args) -> tuple[str, bytes]:
 
 def _serial_backend(spec: str):
     """(backend, the terminal backend if the terminal is used)."""
-    from devices.serial_backends import FileBackend, NullBackend, StdioBackend
+    from host.serial import FileBackend, NullBackend, StdioBackend
 
     if spec == "stdio":
         b = StdioBackend()
@@ -199,7 +199,7 @@ def _serial_backend(spec: str):
     if spec == "none":
         return NullBackend(), None
     if spec.startswith("tcp:"):
-        from devices.serial_backends import SocketBackend
+        from host.serial import SocketBackend
 
         hostport = spec[4:]
         host, _, port = hostport.rpartition(":")
@@ -290,7 +290,7 @@ def _exit_status(res, args) -> int:
 
 def cmd_run(args) -> int:
     from vmm.firmware.boot import BootError, boot
-    from vmm.pc import DEFAULT_EPOCH, PcConfig, PcMachine
+    from vmm.platform.pc import DEFAULT_EPOCH, PcConfig, PcMachine
 
     _path, data = _load_image(args)
     backend, stdio = _serial_backend(args.serial)
@@ -341,7 +341,7 @@ def _quit_aware(m, source, stdio):
 def cmd_record(args) -> int:
     from replay.session import record
     from vmm.firmware.boot import BootError
-    from vmm.pc import DEFAULT_EPOCH
+    from vmm.platform.pc import DEFAULT_EPOCH
 
     path, data = _load_image(args)
     backend, stdio = _serial_backend(args.serial)

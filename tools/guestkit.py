@@ -14,9 +14,9 @@ import struct
 
 from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks
 
-from devices.debugports import DebugExit
+from devices.legacy.debugports import DebugExit
 from vmm.machine import Machine
-from vmm.vcpu import CS, DS, ES, FS, GS, SS
+from vmm.cpu.vcpu import CS, DS, ES, FS, GS, SS
 
 GDT, IDT, TSS, PT = 0x1000, 0x2000, 0x3000, 0x4000
 CODE, HANDLERS, USER = 0x10000, 0x20000, 0x30000

@@ -7,7 +7,7 @@ hand, looks at the interrupt controller's input lines and INTR output, and
 runs INTA cycles.
 
     from tools.qtest import QTest
-    q = QTest.pc()                       # a vmm.pc.PcMachine, not running
+    q = QTest.pc()                       # a vmm.platform.pc.PcMachine, not running
     q.outb(0x43, 0x34); q.outb(0x40, 0xA9); q.outb(0x40, 0x04)   # PIT ch0: mode 2, 1193
     q.clock_step(1_000_000)              # 10 ms of virtual time; timers fire in order
     q.irq_level(0), q.intr(), q.ack()    # IRQ0 line, INTR pin, INTA -> vector 0x08
@@ -68,12 +68,12 @@ class QTest:
 
     @classmethod
     def pc(cls, mem_size: int = 32 << 20, **config) -> QTest:
-        """A fresh PcMachine (see vmm.pc.PcConfig for ``config``), built and not running.
+        """A fresh PcMachine (see vmm.platform.pc.PcConfig for ``config``), built and not running.
 
         Serial output is collected (``serial_output()``) unless ``serial=`` is given.
         """
-        from devices.serial_backends import BufferBackend
-        from vmm.pc import PcConfig, PcMachine
+        from host.serial import BufferBackend
+        from vmm.platform.pc import PcConfig, PcMachine
 
         config.setdefault("serial", BufferBackend())
         return cls(PcMachine(PcConfig(mem_size=mem_size, **config)))

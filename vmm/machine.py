@@ -14,12 +14,12 @@ from typing import Any
 
 from devices.bus import IoBus, MmioBus
 from devices.clock import TICK_HZ, VirtualClock
-from vmm.cpuid import cpuid as fixed_cpuid
-from vmm.delivery import Delivery, GuestFault, TripleFault
-from vmm.ept import Ept
+from vmm.cpu.cpuid import cpuid as fixed_cpuid
+from vmm.cpu.delivery import Delivery, GuestFault, TripleFault
+from vmm.memory.ept import Ept
 from vmm.exits import ExitReason, VmExit
-from vmm.memory import GuestMemory
-from vmm.vcpu import Vcpu
+from vmm.memory.ram import GuestMemory
+from vmm.cpu.vcpu import Vcpu
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -60,7 +60,7 @@ class InterruptController:
 class Machine:
     def __init__(self, mem_size: int = 32 << 20, mmu: str = "shadow"):
         self.memory = GuestMemory(mem_size)
-        self.ept = Ept(self.memory)  # GPA -> host frame; see vmm/ept.py
+        self.ept = Ept(self.memory)  # GPA -> host frame; see vmm/memory/ept.py
         self.vcpu = Vcpu(self.memory, mmu=mmu, ept=self.ept)
         self.io = IoBus()
         self.mmio = MmioBus()

@@ -40,13 +40,13 @@ from hypothesis import strategies as st
 import devices
 from devices.base import SIZE_MASK, DeviceStateError, IrqLine
 from devices.clock import VirtualClock
-from devices.debugports import DebugConsole, DebugExit, PostCode
-from devices.i8042 import I8042, Port92
-from devices.pic import Pic8259Pair
-from devices.pit import Pit8254, SystemControlB
-from devices.rtc import Rtc146818
-from devices.serial_backends import BufferBackend
-from devices.uart import Uart16550
+from devices.legacy.debugports import DebugConsole, DebugExit, PostCode
+from devices.legacy.i8042 import I8042, Port92
+from devices.legacy.pic import Pic8259Pair
+from devices.legacy.pit import Pit8254, SystemControlB
+from devices.legacy.rtc import Rtc146818
+from host.serial import BufferBackend
+from devices.legacy.uart import Uart16550
 
 EPOCH = 1_767_225_600
 FAST = settings(max_examples=40, deadline=None, derandomize=True,
@@ -188,8 +188,8 @@ NAMES = sorted(RIGS)
 def test_every_device_class_is_covered():
     """A device class added to devices/ without a rig here fails this test."""
     found = set()
-    for mi in pkgutil.iter_modules(devices.__path__):
-        mod = importlib.import_module(f"devices.{mi.name}")
+    for mi in pkgutil.walk_packages(devices.__path__, "devices."):
+        mod = importlib.import_module(mi.name)
         for _, cls in inspect.getmembers(mod, inspect.isclass):
             if (cls.__module__ == mod.__name__ and not getattr(cls, "_is_protocol", False)
                     and hasattr(cls, "save_state") and hasattr(cls, "load_state")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from devices.base import DeviceStateError
 from devices.bus import IoBus
 from devices.clock import VirtualClock
-from devices.debugports import DebugConsole, DebugExit, PostCode
+from devices.legacy.debugports import DebugConsole, DebugExit, PostCode
 
 MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}
 

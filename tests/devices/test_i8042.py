@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from devices.base import DeviceStateError, IrqLine
 from devices.clock import VirtualClock
-from devices.i8042 import I8042, Port92
+from devices.legacy.i8042 import I8042, Port92
 
 DATA, CMD = 0x60, 0x64
 OBF, SYS, CMDF, AUXOBF = 0x01, 0x04, 0x08, 0x20

@@ -1,4 +1,4 @@
-"""Tests for devices.pic: the 8259A pair and ELCR, driven through their ports."""
+"""Tests for devices.legacy.pic: the 8259A pair and ELCR, driven through their ports."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.base import DeviceStateError, IrqLine
-from devices.pic import Pic8259Pair
+from devices.legacy.pic import Pic8259Pair
 
 M_CMD, M_DATA, S_CMD, S_DATA, ELCR1, ELCR2 = 0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1
 READ_IRR, READ_ISR, POLL = 0x0A, 0x0B, 0x0C

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from devices.base import DeviceStateError, IrqLine
 from devices.clock import VirtualClock
-from devices.pit import Pit8254, SystemControlB
+from devices.legacy.pit import Pit8254, SystemControlB
 
 PIT_HZ = 1_193_182
 TICK_HZ = 100_000_000

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from devices.base import DeviceStateError, IrqLine
 from devices.clock import TICK_HZ, VirtualClock
-from devices.rtc import Rtc146818, civil_from_days, days_from_civil
+from devices.legacy.rtc import Rtc146818, civil_from_days, days_from_civil
 
 SEC, ASEC, MIN, AMIN, HOUR, AHOUR, DOW, DOM, MON, YEAR = range(10)
 RA, RB, RC, RD = 0x0A, 0x0B, 0x0C, 0x0D

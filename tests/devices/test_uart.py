@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import devices.serial_backends as sb
+import host.serial as sb
 from devices.base import DeviceStateError, IrqLine
 from devices.clock import VirtualClock
-from devices.serial_backends import (
+from host.serial import (
     BufferBackend,
     FileBackend,
     NullBackend,
@@ -21,7 +21,7 @@ from devices.serial_backends import (
     SocketBackend,
     StdioBackend,
 )
-from devices.uart import Uart16550
+from devices.legacy.uart import Uart16550
 
 BASE = 0x3F8
 RBR = THR = DLL = 0

@@ -20,12 +20,12 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from devices.disk import DiskImage
+from devices.storage.disk import DiskImage
 from vmm.firmware.keymap import FROM_SCAN
-from vmm.vcpu import CS, DS, ES, SS
+from vmm.cpu.vcpu import CS, DS, ES, SS
 
 if TYPE_CHECKING:
-    from vmm.pc import PcMachine
+    from vmm.platform.pc import PcMachine
 
 ROM_SEG = 0xF000
 ROM_BASE = 0xF0000

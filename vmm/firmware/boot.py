@@ -17,9 +17,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from devices.disk import DiskImage
+from devices.storage.disk import DiskImage
 from vmm.firmware.bios import Bios
-from vmm.vcpu import CS, DS, ES, FS, GS, SS
+from vmm.cpu.vcpu import CS, DS, ES, FS, GS, SS
 
 MB_MAGIC = 0x1BADB002
 MB_BOOT_MAGIC = 0x2BADB002

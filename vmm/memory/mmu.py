@@ -1,8 +1,8 @@
 """The shadow MMU's page walk, callable from Python (tests, benchmarks, tools).
 
-The walk itself is C (vmm/mmu_native.py, inside vmm._vmmfast); the vCPU
+The walk itself is C (vmm/cpu/native/mmu.c, inside vmm.cpu._native); the vCPU
 calls it from Unicorn's TLB fill.  ``CWalk`` runs the very same function over
-an EPT and its host frames, with the signature of vmm/paging.py's
+an EPT and its host frames, with the signature of vmm/memory/paging.py's
 ``translate``, so the two can be held against each other on the same
 inputs.  No Unicorn here.
 """
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vmm import native
-from vmm.ept import Ept, EptViolation, Violation
-from vmm.paging import PageFault, Translation
+from vmm.cpu import native
+from vmm.memory.ept import Ept, EptViolation, Violation
+from vmm.memory.paging import PageFault, Translation
 
 _fast = native.load()
 ffi = _fast.ffi
@@ -48,7 +48,7 @@ class CWalk:
 
     def translate(self, lin: int, access: str, user: bool, cr0: int, cr3: int, cr4: int, efer: int,
                   set_ad: bool = True, a20_mask: int = -1) -> Translation:
-        """Same contract as vmm.paging.translate (raises PageFault or EptViolation)."""
+        """Same contract as vmm.memory.paging.translate (raises PageFault or EptViolation)."""
         r = self._r
         rc = lib.vmm_walk(self._m, lin & 0xFFFF_FFFF_FFFF_FFFF, _ACCESS[access], 1 if user else 0,
                           cr0, cr3, cr4, efer, _a20(a20_mask), 1 if set_ad else 0, r)

@@ -11,7 +11,7 @@ Paging-structure reads where no RAM answers see all ones (unclaimed bus).
 
 The VMM uses it for its own guest-linear accesses (delivery pushes frames,
 reads the IDT, GDT and TSS, decodes instructions); the shadow MMU's C walk
-(vmm/mmu_native.py) is a line-by-line port of it, held equal to it by
+(vmm/cpu/mmu_native.py) is a line-by-line port of it, held equal to it by
 tests/test_paging.py.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from vmm.memory import GuestMemoryError
+from vmm.memory.ram import GuestMemoryError
 
 PFEC_P = 1
 PFEC_W = 2

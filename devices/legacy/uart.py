@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING
 from devices.base import DeviceStateError, IrqLine, State, check_state
 
 if TYPE_CHECKING:
-    from devices.serial_backends import SerialBackend
+    from host.serial import SerialBackend
 
 KIND = "uart16550"
 VERSION = 1

@@ -31,11 +31,11 @@ import unicorn
 import unicorn.unicorn_py3.unicorn as _ucmod
 from unicorn import x86_const as X
 
-from vmm import native
-from vmm.ept import Ept, Violation
+from vmm.cpu import native
+from vmm.memory.ept import Ept, Violation
 from vmm.exits import ExitReason, VmExit
-from vmm.memory import GuestMemory
-from vmm.paging import translate
+from vmm.memory.ram import GuestMemory
+from vmm.memory.paging import translate
 
 _fast = native.load()
 ffi = _fast.ffi
@@ -137,7 +137,7 @@ class Vcpu:
     ``mmu`` chooses how guest memory is reached (DESIGN.md, "Memory: two-level
     translation"): "shadow" (default) puts Unicorn in UC_TLB_VIRTUAL mode and
     fills its TLB from C by walking the guest's page tables and then the EPT
-    (vmm/mmu_native.py); "nested" lets Unicorn walk the guest's tables itself,
+    (vmm/cpu/mmu_native.py); "nested" lets Unicorn walk the guest's tables itself,
     the EPT being realised as Unicorn's memory map.  Guests see the same in
     both.  ``ept`` is the second-level table (one is made if not given);
     ``on_ept_violation(Violation) -> bool`` may fix an access the EPT refused

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from devices.debugports import DebugConsole, DebugExit, PostCode
-from devices.i8042 import I8042, Port92
-from devices.pic import Pic8259Pair
-from devices.pit import Pit8254, SystemControlB
-from devices.rtc import Rtc146818
-from devices.serial_backends import NullBackend, SerialBackend
-from devices.uart import Uart16550
+from devices.legacy.debugports import DebugConsole, DebugExit, PostCode
+from devices.legacy.i8042 import I8042, Port92
+from devices.legacy.pic import Pic8259Pair
+from devices.legacy.pit import Pit8254, SystemControlB
+from devices.legacy.rtc import Rtc146818
+from host.serial import NullBackend, SerialBackend
+from devices.legacy.uart import Uart16550
 from vmm.digest import OutputStream
 from vmm.machine import Machine
 

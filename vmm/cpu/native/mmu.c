@@ -1,135 +1,56 @@
-"""C source of the shadow MMU, spliced into the vCPU's cffi module (vmm._vmmfast).
-
-vmm/native_build.py appends ``MMU_CSRC`` after its own source (so the code
-here sees ``vmm_core``) and ``MMU_CDEF`` to its declarations.  This file is
-read by path, not imported, so that cffi's setup-time build (which executes
-native_build.py as a script) finds it too; keep it free of imports.
-
-Three parts:
-
-* ``vmm_walk``: the guest page-table walk (GVA -> GPA), a line-by-line port
-  of vmm/paging.py's ``translate`` (the reference; tests/test_paging.py holds
-  the two equal).  Paging-structure entries are read through the EPT from the
-  host frames, bounds-checked: a GPA with no RAM behind it reads as all ones
-  (an unclaimed bus) and A/D writes to it are dropped; a GPA the VMM made to
-  trap, or a write to a page the EPT keeps read-only, is an EPT violation.
-* the EPT itself is two numpy arrays owned by vmm/ept.py: ``ept[gpn]`` =
-  host frame << 12 | flags, and ``dirty[gpn]``.  Host frames are Unicorn
-  physical pages: frames [0, ram_frames) are guest RAM as mapped at boot, a
-  second pool (for copy-on-write, lazy allocation, sharing) sits at
-  ``pool_first``.
-* the shadow MMU: a UC_HOOK_TLB_FILL callback (Unicorn in UC_TLB_VIRTUAL
-  mode) that walks the guest tables, then the EPT, and returns the combined
-  entry.  Unicorn's hook is given neither the access's offset in the page
-  (CR2 needs it) nor its mmu_idx (an implicit supervisor access made at
-  CPL 3, such as a descriptor-table read during IRET, must not be checked as
-  a user access), so ``vmm_fill_wrapper`` is put in front of Unicorn's own
-  ``unicorn_fill_tlb`` in the CPU class (cc->tlb_fill): it gets what
-  QEMU's softmmu passes -- full address, access type, mmu_idx, probe.
-  mmu_idx is exactly QEMU's choice: MMU_USER_IDX for CPL-3 accesses, a
-  kernel index for implicit supervisor ones (cpu_ldl_kernel and friends in
-  seg_helper.c).  A fill that succeeds is entered with tlb_set_page right
-  there (with the guest's page size, so INVLPG anywhere in a large page
-  drops it), skipping unicorn_fill_tlb's cpu_restore_state (Unicorn issue
-  #2342); a fill that fails goes on into unicorn_fill_tlb, whose
-  UC_HOOK_TLB_FILL callback walks again, records the #PF (CR2, error code),
-  the #GP of a non-canonical address or the EPT violation in vmm_shadow,
-  and fails, so Unicorn restores EIP and stops with UC_ERR_EXCEPTION;
-  vmm/vcpu.py turns that into the exit.
-
-W^X.  A fill grants X only to a fetch and W only to a write, so a TLB entry
-is never both writable and executable: stores take Unicorn's fast path
-(UNICORN.md 6), and every write to a frame that holds translated code, and
-every (re)translation of code, goes through a fill.  Per host frame the
-shadow MMU tracks which kind is granted and to which (page, mmu_idx)
-entries; granting the other kind revokes them (a page flush, or a full TLB
-flush when several pages alias the frame), so a frame is never writable and
-executable through two different entries either.  Each grant of W bumps the
-frame's write generation.  The instruction clock's block-count cache is
-keyed by (linear address, size, mode); a fetch fill of page V -> frame F
-that finds V last validated against another frame or an older write
-generation of F invalidates the cache entries of V (and of blocks running
-into V from the page before).  Code rewritten in place to a block of the
-same address and size but another instruction count is therefore counted
-right, and so is the same linear address mapped to other code after a CR3
-switch.
-"""
-
-MMU_CDEF = r"""
-typedef struct vmm_mmu {
-    uint64_t *ept;
-    uint64_t ept_pages;
-    uint8_t *dirty;
-    uint64_t dirty_marked;
-    uint8_t *ram;
-    uint64_t ram_frames;
-    uint8_t *pool;
-    uint64_t pool_first;
-    uint64_t pool_frames;
-    uint64_t viol_gpa;
-    uint64_t viol_lin;
-    uint32_t viol_access;
-    uint32_t viol_walk;
-    uint32_t viol_hole;
-    uint32_t viol_valid;
-} vmm_mmu;
-
-typedef struct {
-    uint64_t gpa;
-    uint64_t page_size;
-    uint32_t prot;
-    uint32_t error_code;
-} vmm_walk_result;
-
-typedef struct vmm_shadow {
-    vmm_mmu *mmu;
-    uint32_t pending;
-    uint32_t pend_access;
-    uint64_t pf_addr;
-    uint32_t pf_error;
-    uint64_t fills;
-    uint64_t fills_write;
-    uint64_t fills_fetch;
-    uint64_t faults;
-    uint64_t violations;
-    uint64_t probes;
-    uint64_t revokes_page;
-    uint64_t revokes_all;
-    uint64_t tbc_invalidations;
-    uint64_t wrapper_misses;
-    ...;
-} vmm_shadow;
-
-#define VMM_EPT_R ...
-#define VMM_EPT_W ...
-#define VMM_EPT_X ...
-#define VMM_EPT_LOG ...
-#define VMM_EPT_VALID ...
-#define VMM_WALK_OK ...
-#define VMM_WALK_PF ...
-#define VMM_WALK_EPT ...
-#define VMM_PEND_PF ...
-#define VMM_PEND_EPT ...
-#define VMM_PEND_GP ...
-#define VMM_ENV_CR ...
-#define VMM_ENV_A20 ...
-#define VMM_ENV_EFER ...
-
-int vmm_walk(vmm_mmu *m, uint64_t lin, int access, int user, uint64_t cr0, uint64_t cr3,
-             uint64_t cr4, uint64_t efer, int32_t a20, int set_ad, vmm_walk_result *r);
-int vmm_walk_bench(vmm_mmu *m, uint64_t *lins, int *accesses, int *users, size_t n, uint64_t cr0,
-                   uint64_t cr3, uint64_t cr4, uint64_t efer, int32_t a20, int set_ad);
-vmm_shadow *vmm_shadow_new(vmm_core *c, vmm_mmu *m);
-void vmm_shadow_free(vmm_shadow *s);
-int vmm_shadow_install(vmm_shadow *s, uint64_t uc_fill_fn, uint64_t cpu_fill_fn, uint64_t tlb_flush_fn,
-                       uint64_t tlb_flush_page_fn, uint64_t tlb_set_page_fn);
-void vmm_shadow_reset_frames(vmm_shadow *s);
-int vmm_shadow_set_frames(vmm_shadow *s);
-int vmm_mmu_install_nested(vmm_core *c, vmm_mmu *m);
-int vmm_core_flush_tlb(vmm_core *c);
-"""
-
-MMU_CSRC = r"""
+/*
+ * The shadow MMU and the EPT walk: part of the vCPU's C module (vmm.cpu._native),
+ * compiled in one unit after core.c (build.c includes both), so it sees vmm_core.
+ *
+ * Three parts:
+ *
+ * * `vmm_walk`: the guest page-table walk (GVA -> GPA), a line-by-line port
+ *   of vmm/memory/paging.py's `translate` (the reference; tests/test_paging.py holds
+ *   the two equal).  Paging-structure entries are read through the EPT from the
+ *   host frames, bounds-checked: a GPA with no RAM behind it reads as all ones
+ *   (an unclaimed bus) and A/D writes to it are dropped; a GPA the VMM made to
+ *   trap, or a write to a page the EPT keeps read-only, is an EPT violation.
+ * * the EPT itself is two numpy arrays owned by vmm/memory/ept.py: `ept[gpn]` =
+ *   host frame << 12 | flags, and `dirty[gpn]`.  Host frames are Unicorn
+ *   physical pages: frames [0, ram_frames) are guest RAM as mapped at boot, a
+ *   second pool (for copy-on-write, lazy allocation, sharing) sits at
+ *   `pool_first`.
+ * * the shadow MMU: a UC_HOOK_TLB_FILL callback (Unicorn in UC_TLB_VIRTUAL
+ *   mode) that walks the guest tables, then the EPT, and returns the combined
+ *   entry.  Unicorn's hook is given neither the access's offset in the page
+ *   (CR2 needs it) nor its mmu_idx (an implicit supervisor access made at
+ *   CPL 3, such as a descriptor-table read during IRET, must not be checked as
+ *   a user access), so `vmm_fill_wrapper` is put in front of Unicorn's own
+ *   `unicorn_fill_tlb` in the CPU class (cc->tlb_fill): it gets what
+ *   QEMU's softmmu passes -- full address, access type, mmu_idx, probe.
+ *   mmu_idx is exactly QEMU's choice: MMU_USER_IDX for CPL-3 accesses, a
+ *   kernel index for implicit supervisor ones (cpu_ldl_kernel and friends in
+ *   seg_helper.c).  A fill that succeeds is entered with tlb_set_page right
+ *   there (with the guest's page size, so INVLPG anywhere in a large page
+ *   drops it), skipping unicorn_fill_tlb's cpu_restore_state (Unicorn issue
+ *   #2342); a fill that fails goes on into unicorn_fill_tlb, whose
+ *   UC_HOOK_TLB_FILL callback walks again, records the #PF (CR2, error code),
+ *   the #GP of a non-canonical address or the EPT violation in vmm_shadow,
+ *   and fails, so Unicorn restores EIP and stops with UC_ERR_EXCEPTION;
+ *   vmm/cpu/vcpu.py turns that into the exit.
+ *
+ * W^X.  A fill grants X only to a fetch and W only to a write, so a TLB entry
+ * is never both writable and executable: stores take Unicorn's fast path
+ * (UNICORN.md 6), and every write to a frame that holds translated code, and
+ * every (re)translation of code, goes through a fill.  Per host frame the
+ * shadow MMU tracks which kind is granted and to which (page, mmu_idx)
+ * entries; granting the other kind revokes them (a page flush, or a full TLB
+ * flush when several pages alias the frame), so a frame is never writable and
+ * executable through two different entries either.  Each grant of W bumps the
+ * frame's write generation.  The instruction clock's block-count cache is
+ * keyed by (linear address, size, mode); a fetch fill of page V -> frame F
+ * that finds V last validated against another frame or an older write
+ * generation of F invalidates the cache entries of V (and of blocks running
+ * into V from the page before).  Code rewritten in place to a block of the
+ * same address and size but another instruction count is therefore counted
+ * right, and so is the same linear address mapped to other code after a CR3
+ * switch.
+ */
 /* ---------------------------------------------------------------- EPT */
 #define VMM_EPT_R      0x01ull
 #define VMM_EPT_W      0x02ull
@@ -294,7 +215,7 @@ static int walk_store(vmm_mmu *m, uint64_t gpa, int width, uint64_t val, uint64_
 #define STORE(addr, width, v) do { if (walk_store(m, (addr), (width), (v), lin)) return VMM_WALK_EPT; } while (0)
 #define FAULT(ec) do { r->error_code = (ec); return VMM_WALK_PF; } while (0)
 
-/* Port of vmm/paging.py translate(): keep the two in step, statement by
+/* Port of vmm/memory/paging.py translate(): keep the two in step, statement by
    statement.  access: 0 read, 1 write, 2 fetch. */
 int vmm_walk(vmm_mmu *m, uint64_t lin, int access, int user, uint64_t cr0, uint64_t cr3,
              uint64_t cr4, uint64_t efer, int32_t a20, int set_ad, vmm_walk_result *r)
@@ -920,4 +841,3 @@ static int vmm_code_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t n)
     }
     return UC_ERR_OK;
 }
-"""

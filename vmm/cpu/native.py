@@ -1,6 +1,7 @@
 """Load the C fast path, building it on first use if the install did not.
 
-``pip install`` compiles ``vmm._vmmfast`` through setup.py (cffi_modules).
+``pip install`` compiles ``vmm.cpu._native`` through setup.py (cffi_modules)
+from the C files in vmm/cpu/native/.
 A source checkout that was not installed builds it here, once, next to this
 file.  With no C compiler the error says so plainly.
 """
@@ -18,19 +19,19 @@ class NativeBuildError(RuntimeError):
 
 def load():
     try:
-        return importlib.import_module("vmm._vmmfast")
+        return importlib.import_module("vmm.cpu._native")
     except ImportError:
         pass
     cc = os.environ.get("CC", "cc").split()[0]
     if shutil.which(cc) is None and shutil.which("gcc") is None:
         raise NativeBuildError(
-            "the vCPU's C fast path (vmm._vmmfast) is not built and no C compiler was found: "
+            "the vCPU's C fast path (vmm.cpu._native) is not built and no C compiler was found: "
             "install gcc (apt-get install gcc) and reinstall with `pip install -e .`"
         )
-    from vmm.native_build import make_builder
+    from vmm.cpu.native_build import make_builder
 
     here = os.path.dirname(os.path.abspath(__file__))
-    tmp = os.path.join(os.path.dirname(here), "build", "cffi")
+    tmp = os.path.join(os.path.dirname(os.path.dirname(here)), "build", "cffi")
     builder = make_builder()
     try:
         so = builder.compile(tmpdir=tmp, verbose=False)
@@ -38,5 +39,5 @@ def load():
         raise NativeBuildError(f"building the vCPU's C fast path failed: {e}") from e
     shutil.copy(so, os.path.join(here, os.path.basename(so)))
     importlib.invalidate_caches()
-    sys.modules.pop("vmm._vmmfast", None)
-    return importlib.import_module("vmm._vmmfast")
+    sys.modules.pop("vmm.cpu._native", None)
+    return importlib.import_module("vmm.cpu._native")

@@ -1,101 +1,28 @@
-"""cffi build of the vCPU's C fast path (``vmm._vmmfast``).
-
-What runs in C, and why (measurements in ../shared/UNICORN.md section 5 and
-benchmarks/):
-
-* the block hook that keeps the exact instruction clock: a direct-mapped cache
-  of translation-block instruction counts, the budget check that stops the
-  vCPU before a block that would run past the next deadline, and the trap
-  range check used by the HLE BIOS;
-* the IN/OUT hooks, which call the Python port bus and, when the bus asks for
-  it, stop the vCPU *exactly after* the I/O instruction.  Unicorn's own
-  ``uc_emu_stop`` only takes effect at the end of the translation block, so
-  the hook sets EIP to the next instruction and leaves the CPU loop with
-  Unicorn's exported ``cpu_loop_exit`` (a longjmp back into ``cpu_exec``,
-  taken only after the Python callback has returned);
-* SYSCALL and SYSENTER stop exactly *at* the instruction the same way, so the
-  VMM emulates them from their MSRs while the vCPU is stopped;
-* the interrupt and invalid-instruction hooks record the exception and stop;
-* RDTSC/RDTSCP (the Python binding refuses these hooks) and CPUID call back
-  into Python and skip the native instruction.
-
-Python keeps the reference versions (vmm/vcpu.py) that tests compare to.
-"""
-from __future__ import annotations
-
-import importlib.util
-import os
-import runpy
-
-from cffi import FFI
-
-CDEF = r"""
-typedef struct {
-    uint64_t pc;
-    uint32_t size;
-    uint32_t icount;
-    uint32_t mode;
-    uint32_t pad;
-} vmm_tbc_entry;
-
-typedef struct vmm_core {
-    void *uc;
-    void *cpu;
-    uint8_t *env;
-    uint64_t icount;
-    uint64_t budget;
-    vmm_tbc_entry *cur;
-    uint32_t slow;
-    uint32_t stop_flags;
-    int32_t exc_vector;
-    uint64_t exc_eip;
-    uint32_t exc_error;
-    uint32_t exc_is_int;
-    uint64_t trap_lo;
-    uint64_t trap_len;
-    uint64_t io_count;
-    uint64_t tb_count;
-    uint64_t tb_misses;
-    uint64_t stop_eip;
-    uint32_t trap_kind;
-    uint32_t io_late_stops;
-    uint32_t irq_pending;
-    void *handle;
-    size_t hooks[10];
-    ...;
-} vmm_core;
-
-#define VMM_STOP_BUDGET ...
-#define VMM_STOP_TRAP ...
-#define VMM_STOP_IO ...
-#define VMM_STOP_IO_LATE ...
-#define VMM_STOP_EXC ...
-#define VMM_STOP_UD ...
-#define VMM_STOP_INSN ...
-#define VMM_STOP_IRQWIN ...
-#define VMM_IO_STOP ...
-#define VMM_SLOW_IRQ ...
-#define VMM_SLOW_TRAP ...
-#define VMM_EV_RDTSC ...
-#define VMM_EV_RDTSCP ...
-#define VMM_EV_CPUID ...
-#define VMM_INSN_SYSCALL ...
-#define VMM_INSN_SYSENTER ...
-
-extern "Python" int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
-                              uint32_t value, uint32_t *result);
-extern "Python" int vmm_py_event(void *handle, int kind);
-
-vmm_core *vmm_core_new(void);
-void vmm_core_free(vmm_core *c);
-int vmm_core_attach(vmm_core *c, void *uc, uint64_t reg_read_fn, uint64_t loop_exit_fn);
-int vmm_core_install_hooks(vmm_core *c);
-void vmm_core_flush_tbc(vmm_core *c);
-int vmm_vmem_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t size);
-int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until);
-"""
-
-CSRC = r"""
+/*
+ * The vCPU's C fast path (vmm.cpu._native), built by cffi at install time
+ * (vmm/cpu/native_build.py).
+ *
+ * What runs in C, and why (measurements in ../shared/UNICORN.md section 5 and
+ * benchmarks/):
+ *
+ * * the block hook that keeps the exact instruction clock: a direct-mapped cache
+ *   of translation-block instruction counts, the budget check that stops the
+ *   vCPU before a block that would run past the next deadline, and the trap
+ *   range check used by the HLE BIOS;
+ * * the IN/OUT hooks, which call the Python port bus and, when the bus asks for
+ *   it, stop the vCPU *exactly after* the I/O instruction.  Unicorn's own
+ *   `uc_emu_stop` only takes effect at the end of the translation block, so
+ *   the hook sets EIP to the next instruction and leaves the CPU loop with
+ *   Unicorn's exported `cpu_loop_exit` (a longjmp back into `cpu_exec`,
+ *   taken only after the Python callback has returned);
+ * * SYSCALL and SYSENTER stop exactly *at* the instruction the same way, so the
+ *   VMM emulates them from their MSRs while the vCPU is stopped;
+ * * the interrupt and invalid-instruction hooks record the exception and stop;
+ * * RDTSC/RDTSCP (the Python binding refuses these hooks) and CPUID call back
+ *   into Python and skip the native instruction.
+ *
+ * Python keeps the reference versions (vmm/cpu/vcpu.py) that tests compare to.
+ */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,7 +31,7 @@ CSRC = r"""
 #define TBC_BITS 16
 #define TBC_SIZE (1u << TBC_BITS)
 /* index by address only, so the entry load does not wait for the hflags load;
-   the shadow MMU's per-page invalidation (mmu_native.py) uses the same macro */
+   the shadow MMU's per-page invalidation (mmu.c) uses the same macro */
 #define TBC_INDEX(addr) (((addr) ^ ((addr) >> TBC_BITS)) & (TBC_SIZE - 1))
 
 #define VMM_STOP_BUDGET   0x01u
@@ -174,7 +101,7 @@ typedef struct vmm_core {
     void *handle;
     void (*loop_exit)(void *cpu);
     uc_hook hooks[10];
-    void *mmu;            /* vmm_mmu: the EPT and host frames (mmu_native.py) */
+    void *mmu;            /* vmm_mmu: the EPT and host frames (mmu.c) */
     void *shadow;         /* vmm_shadow in --mmu shadow, NULL in nested mode */
     uc_hook mem_hook;
     vmm_tbc_entry tbc[TBC_SIZE];
@@ -474,41 +401,3 @@ static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
         return e;
     }
 }
-"""
-
-
-def _unicorn_paths() -> tuple[str, str]:
-    spec = importlib.util.find_spec("unicorn")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the unicorn package is not installed (pip install unicorn==2.1.4)")
-    pkg = os.path.dirname(spec.origin)
-    return os.path.join(pkg, "include"), os.path.join(pkg, "lib")
-
-
-def _mmu_source() -> tuple[str, str]:
-    """The shadow MMU's C (vmm/mmu_native.py), read by path: cffi runs this file as a script."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmu_native.py")
-    ns = runpy.run_path(path)
-    return ns["MMU_CDEF"], ns["MMU_CSRC"]
-
-
-def make_builder() -> FFI:
-    inc, lib = _unicorn_paths()
-    mmu_cdef, mmu_csrc = _mmu_source()
-    ffibuilder = FFI()
-    ffibuilder.cdef(CDEF + mmu_cdef)
-    ffibuilder.set_source(
-        "vmm._vmmfast",
-        CSRC + mmu_csrc,
-        include_dirs=[inc],
-        library_dirs=[lib],
-        extra_link_args=[f"-Wl,-rpath,{lib}", "-l:libunicorn.so.2"],
-        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
-    )
-    return ffibuilder
-
-
-ffibuilder = make_builder()
-
-if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)

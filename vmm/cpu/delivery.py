@@ -22,8 +22,8 @@ versions only call hooks.
 """
 from __future__ import annotations
 
-from vmm.paging import PageFault
-from vmm.vcpu import CS, DS, ES, FS, GS, SS, Vcpu
+from vmm.memory.paging import PageFault
+from vmm.cpu.vcpu import CS, DS, ES, FS, GS, SS, Vcpu
 
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 # fault-class exceptions (SDM table 6-1): the EFLAGS image they push has RF=1

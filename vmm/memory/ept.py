@@ -1,8 +1,8 @@
 """The EPT: the VMM's second-level translation, GPA page -> (host frame, R/W/X).
 
 It is the only path from a guest to host memory.  The guest's page tables
-map linear addresses to guest-physical ones (vmm/paging.py, and its C port
-in vmm/mmu_native.py); this table maps each guest-physical page to a host
+map linear addresses to guest-physical ones (vmm/memory/paging.py, and its C port
+in vmm/cpu/mmu_native.py); this table maps each guest-physical page to a host
 frame with permissions, and an access the EPT does not allow is an *EPT
 violation*: it exits to the VMM with the GPA and the kind of access (read,
 write or fetch), and the handlers registered in ``Ept.handlers`` may fix
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vmm.memory import GuestMemory, GuestMemoryError
+from vmm.memory.ram import GuestMemory, GuestMemoryError
 
 PAGE = 4096
 R, W, X = 1, 2, 4
@@ -368,7 +368,7 @@ class Ept:
 
 
 class EptPhys:
-    """PhysMem for vmm/paging.py: paging-structure accesses through the EPT.
+    """PhysMem for vmm/memory/paging.py: paging-structure accesses through the EPT.
 
     A hole reads as all ones and drops writes (GuestMemoryError, which the walk
     turns into exactly that); a trapping page, or an A/D write to a page the EPT

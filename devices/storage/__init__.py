@@ -1,0 +1,1 @@
+"""Storage: disk images as the guest's devices see them."""

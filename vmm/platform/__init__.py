@@ -1,0 +1,1 @@
+"""Boards: the machine wired as a PC (pc.py)."""
