@@ -5,6 +5,27 @@ devices get absolute port numbers (a device may answer several ranges, as the
 8259 pair at 0x20/0xA0 and its ELCR at 0x4D0 do), MMIO devices get the offset
 inside the region they were mapped at (BARs move, ports do not).
 
+Widths: a device may declare the access widths it implements, ``io_sizes``
+(subset of 1, 2, 4) and ``mmio_sizes`` (subset of 1, 2, 4, 8); the bus
+(devices/bus.py) then only ever calls it with naturally aligned accesses of
+those widths, splitting or widening the guest's access itself.  Without the
+declaration a device gets every access as the guest made it.
+
+vCPU ids: every bus access carries the id of the vCPU that made it; a device
+that needs it (per-CPU registers, as the local APIC has) sets
+``wants_vcpu = True`` and receives it as one more, last, argument of
+``io_read``/``io_write``/``mmio_read``/``mmio_write``.
+
+DMA: a device that reads or writes guest memory is given a ``Dma`` view
+(vmm/memory/dma.py) at construction; it raises ``DmaError`` for anything
+outside RAM, before any byte moves.
+
+Interrupts: devices drive ``IrqLine`` wires; only interrupt controllers talk
+to CPUs, through ``CpuPins`` (devices/irqchip.py).
+
+Time: only the machine's ``VirtualClock`` (devices/clock.py); a timer's
+name is a stable id (``"pit.ch0"``), unique in the machine.
+
 State is plain data: ``save_state()`` returns a dict of ints, bools, strings,
 bytes, lists and dicts (never a live object) carrying a ``"version"`` key;
 ``load_state()`` restores it, raises no interrupt and touches no other device.
@@ -21,6 +42,29 @@ GuestVirtAddr = NewType("GuestVirtAddr", int)
 State = dict[str, Any]
 
 SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+
+
+class DmaError(ValueError):
+    """A DMA transfer that would touch memory outside the guest's RAM (raised by
+    the machine's DMA view, vmm/memory/dma.py, before any byte moves)."""
+
+    def __init__(self, gpa: int, length: int, why: str):
+        super().__init__(f"DMA {why} at guest-physical {gpa:#x}+{length:#x}")
+        self.gpa = gpa
+        self.length = length
+
+
+class Dma(Protocol):
+    """What a DMA-capable device is given: guest-physical reads and writes that
+    raise DmaError for anything but RAM."""
+
+    def read(self, gpa: int, n: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+    def read_u32(self, gpa: int) -> int: ...
+
+    def write_u32(self, gpa: int, v: int) -> None: ...
 
 
 class DeviceStateError(ValueError):

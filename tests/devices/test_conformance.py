@@ -27,6 +27,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import pathlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from hypothesis import strategies as st
 
 import devices
 from devices.base import SIZE_MASK, DeviceStateError, IrqLine
+from devices.bus import MmioBus
 from devices.clock import VirtualClock
 from devices.legacy.debugports import DebugConsole, DebugExit, PostCode
 from devices.legacy.i8042 import I8042, Port92
@@ -64,6 +66,16 @@ class Rig:
     lines: dict[str, IrqLine] = field(default_factory=dict)
     log: list[tuple] = field(default_factory=list)
     host_ops: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    mmio: int = 0            # length of the device's MMIO window (driven at offsets 0..mmio through a bus)
+    vcpu_ids: tuple[int, ...] = (0,)   # vCPU ids accesses may carry (per-CPU devices)
+    _bus: Any = None
+
+    @property
+    def bus(self) -> MmioBus:
+        if self._bus is None:
+            self._bus = MmioBus()
+            self._bus.register(self.dev, 0, self.mmio)
+        return self._bus
 
     def record(self, what: str) -> Callable[..., None]:
         def cb(*args: Any) -> None:
@@ -182,6 +194,21 @@ CLASS_OF = {
     "pic": Pic8259Pair, "pit": Pit8254, "port61": SystemControlB, "rtc": Rtc146818, "uart": Uart16550,
     "i8042": I8042, "port92": Port92, "debug_exit": DebugExit, "debugcon": DebugConsole, "postcode": PostCode,
 }
+
+
+def _extra_rigs() -> None:
+    """Rigs of newer devices live beside this file, one module per family
+    (tests/devices/rigs_*.py, each with RIGS and CLASS_OF dicts)."""
+    here = pathlib.Path(__file__).parent
+    for f in sorted(here.glob("rigs_*.py")):
+        mod = importlib.import_module(f"tests.devices.{f.stem}")
+        for k, fn in mod.RIGS.items():
+            assert k not in RIGS, f"rig {k} defined twice"
+            RIGS[k] = fn
+        CLASS_OF.update(mod.CLASS_OF)
+
+
+_extra_rigs()
 NAMES = sorted(RIGS)
 
 
@@ -203,28 +230,41 @@ def test_every_device_class_is_covered():
 
 def ports_around(dev: Any) -> list[int]:
     ports: set[int] = set()
-    for base, length in dev.io_ranges:
+    for base, length in getattr(dev, "io_ranges", ()):
         ports.update(p for p in range(base - 4, base + length + 4) if 0 <= p <= 0xFFFF)
     return sorted(ports)
 
 
 def in_range_ports(dev: Any) -> list[int]:
-    return sorted({p for base, length in dev.io_ranges for p in range(base, base + length)})
+    return sorted({p for base, length in getattr(dev, "io_ranges", ()) for p in range(base, base + length)})
 
 
 def op_strategy(name: str, around: bool) -> st.SearchStrategy:
-    dev = RIGS[name](VirtualClock()).dev
+    sample = RIGS[name](VirtualClock())
+    dev = sample.dev
     ports = ports_around(dev) if around else in_range_ports(dev)
-    host = sorted(RIGS[name](VirtualClock()).host_ops)
+    host = sorted(sample.host_ops)
     size = st.sampled_from([1, 2, 4])
-    port = st.sampled_from(ports)
     byte = st.integers(0, 0xFF)
-    ops = [
-        st.tuples(st.just("r"), port, size),
-        st.tuples(st.just("w"), port, size, st.integers(0, 0xFFFF_FFFF)),
-        st.tuples(st.just("w"), port, st.just(1), byte),
-        st.tuples(st.just("adv"), st.one_of(st.integers(0, 2_000), st.integers(0, 20_000_000))),
-    ]
+    vcpu = st.sampled_from(sample.vcpu_ids)
+    ops = [st.tuples(st.just("adv"), st.one_of(st.integers(0, 2_000), st.integers(0, 20_000_000)))]
+    if ports:
+        port = st.sampled_from(ports)
+        ops += [
+            st.tuples(st.just("r"), port, size),
+            st.tuples(st.just("w"), port, size, st.integers(0, 0xFFFF_FFFF)),
+            st.tuples(st.just("w"), port, st.just(1), byte),
+        ]
+    if sample.mmio:
+        span = sample.mmio + (64 if around else 0)
+        off = st.integers(0, span - 1)
+        msize = st.sampled_from([1, 2, 4, 8])
+        ops += [
+            st.tuples(st.just("mr"), off, msize, vcpu),
+            st.tuples(st.just("mw"), off, msize, st.integers(0, (1 << 64) - 1), vcpu),
+            st.tuples(st.just("mw"), st.integers(0, sample.mmio - 1).map(lambda o: o & ~3), st.just(4),
+                      st.integers(0, 0xFFFF_FFFF), vcpu),
+        ]
     if host:
         ops.append(st.tuples(st.just("host"), st.sampled_from(host), st.integers(0, 31), byte))
     return st.lists(st.one_of(*ops), max_size=40)
@@ -236,6 +276,11 @@ def apply(rig: Rig, op: tuple) -> Any:
         return rig.dev.io_read(op[1], op[2])
     if kind == "w":
         rig.dev.io_write(op[1], op[2], op[3] & SIZE_MASK[op[2]])
+        return None
+    if kind == "mr":
+        return rig.bus.read(op[1], op[2], op[3])
+    if kind == "mw":
+        rig.bus.write(op[1], op[2], op[3] & SIZE_MASK[op[2]], op[4])
         return None
     if kind == "adv":
         rig.clock.advance(op[1])

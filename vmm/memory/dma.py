@@ -1,0 +1,108 @@
+"""DMA: a device's view of guest-physical memory.
+
+Devices never get a host pointer or the RAM buffer.  They read and write
+guest memory through a ``DmaView``, which goes through the EPT (the only path
+from a guest address to host memory) and checks every byte first:
+
+* a transfer that touches anything but RAM the EPT maps (a hole, MMIO, an
+  address past the end of the guest-physical space) raises ``DmaError``
+  before a single byte moves; the device then does what its datasheet says
+  (an ATA bus-master sets its error bit, virtio marks the device broken, a NIC
+  drops the frame), never a host access.  DMA aimed at MMIO is refused rather
+  than routed to the device (QEMU's lesson: a DMA into a device's own MMIO
+  re-entered its handler);
+* writes mark the pages dirty (the EPT's dirty log) and invalidate translated
+  code in every vCPU (through the memory's host-write notification), so a
+  guest that runs code a device just wrote runs the new code.
+
+``read``/``write`` move bytes; the ``*_u16/u32/u64`` helpers read and write
+little-endian scalars, as descriptor rings need.
+"""
+from __future__ import annotations
+
+import struct
+
+from devices.base import DmaError
+from vmm.memory.ept import PAGE, R, VALID, W, Ept, EptViolation
+
+MAX_TRANSFER = 64 << 20
+
+__all__ = ["DmaError", "DmaView", "MAX_TRANSFER"]
+
+
+class DmaView:
+    """Bounds-checked guest-physical access for one device (or one bus of them)."""
+
+    def __init__(self, ept: Ept, name: str = "dma"):
+        self.ept = ept
+        self.name = name
+        self.reads = 0
+        self.writes = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    def _check(self, gpa: int, n: int, access: int) -> None:
+        if gpa < 0 or n < 0 or n > MAX_TRANSFER:
+            raise DmaError(gpa, n, "of an impossible length")
+        if n == 0:
+            return
+        entries = self.ept.entries
+        first, last = gpa // PAGE, (gpa + n - 1) // PAGE
+        if last >= len(entries):
+            raise DmaError(gpa, n, "past the end of guest-physical memory")
+        span = entries[first:last + 1]
+        ok = (span & VALID) != 0
+        if not ok.all():
+            raise DmaError(gpa, n, "into a hole (no RAM there)")
+        frames = span >> 12
+        ram = frames < self.ept.ram_frames
+        if self.ept.pool is not None:
+            from vmm.memory.ept import POOL_FIRST
+            ram |= (frames >= POOL_FIRST) & (frames < POOL_FIRST + self.ept.pool_frames)
+        if not ram.all():
+            raise DmaError(gpa, n, "into a region that is not RAM")
+        need = R if access == 0 else W
+        if access == 0 and not ((span & need) != 0).all():
+            raise DmaError(gpa, n, "from memory the EPT does not let the guest read")
+
+    def check(self, gpa: int, n: int, write: bool = False) -> bool:
+        """True if a transfer of ``n`` bytes at ``gpa`` would be allowed."""
+        try:
+            self._check(gpa, n, 1 if write else 0)
+        except DmaError:
+            return False
+        return True
+
+    def read(self, gpa: int, n: int) -> bytes:
+        self._check(gpa, n, 0)
+        self.reads += 1
+        self.bytes_read += n
+        return self.ept.read(gpa, n)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        self._check(gpa, len(data), 1)
+        self.writes += 1
+        self.bytes_written += len(data)
+        try:
+            self.ept.write(gpa, data)
+        except EptViolation as e:   # a page the VMM keeps read-only (and no handler fixed)
+            raise DmaError(gpa, len(data), f"refused by the EPT ({e})") from None
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack("<H", self.read(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.read(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<H", v & 0xFFFF))
+
+    def write_u32(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<I", v & 0xFFFF_FFFF))
+
+    def write_u64(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<Q", v & 0xFFFF_FFFF_FFFF_FFFF))
