@@ -45,6 +45,12 @@ def debian_modules(debian_kernel: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def debian_busybox() -> Path:
+    """The static busybox binary of busybox-static."""
+    return _available(debian.busybox)
+
+
+@pytest.fixture(scope="session")
 def busybox_initramfs() -> Path:
     """A gzip'd cpio initramfs with busybox-static and INIT_SCRIPT as /init."""
     return _available(debian.initramfs, INIT_SCRIPT)

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from tests.realguests import MARKER, busybox_initramfs, debian_kernel, debian_modules  # noqa: F401
+from tests.realguests import (  # noqa: F401  (fixtures)
+    MARKER,
+    busybox_initramfs,
+    debian_busybox,
+    debian_kernel,
+    debian_modules,
+)
 from tools import debian
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -91,11 +97,10 @@ def test_initramfs_is_deterministic_and_complete(debian_modules):  # noqa: F811
     assert debian.initramfs("echo two\n", ["virtio_blk"], extra) != first
 
 
-def test_initramfs_extracts_with_busybox_cpio(tmp_path):
+def test_initramfs_extracts_with_busybox_cpio(tmp_path, debian_busybox):  # noqa: F811
     """busybox's own cpio reads what we wrote: every file, link and directory comes out."""
     archive = gzip.decompress(debian.initramfs("echo x\n", [], {"etc/motd": "hi\n"}).read_bytes())
-    bb = debian.busybox()
-    r = subprocess.run([str(bb), "cpio", "-i", "-d"], input=archive, cwd=tmp_path, check=False,
+    r = subprocess.run([str(debian_busybox), "cpio", "-i", "-d"], input=archive, cwd=tmp_path, check=False,
                        capture_output=True, timeout=60)
     assert r.returncode == 0 or b"mknod" in r.stderr, r.stderr
     assert (tmp_path / "etc" / "motd").read_text() == "hi\n"
@@ -105,8 +110,9 @@ def test_initramfs_extracts_with_busybox_cpio(tmp_path):
 
 
 def test_bad_initramfs_paths_are_refused():
-    with pytest.raises(debian.InitramfsError, match="bad initramfs path"):
-        debian.initramfs("x", [], {"../etc/passwd": "x"})
+    for bad in ("../etc/passwd", "/", "a//b", "./x"):
+        with pytest.raises(debian.InitramfsError, match="bad initramfs path"):
+            debian.initramfs("x", [], {bad: "x"})
 
 
 def test_unavailable_packages_give_one_line(monkeypatch, tmp_path):

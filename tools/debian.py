@@ -405,6 +405,7 @@ def initramfs_bytes(init_script: str, modules: Iterable[str] = (),
                     extra_files: Mapping[str, bytes | str | Path] | None = None,
                     busybox_path: Path | None = None, moddir: Path | None = None) -> bytes:
     """The uncompressed cpio archive that ``initramfs`` compresses (see there)."""
+    extra = {_clean_path(path): content for path, content in (extra_files or {}).items()}
     bb = busybox_path or busybox()
     files: dict[str, CpioEntry] = {}
 
@@ -429,8 +430,7 @@ def initramfs_bytes(init_script: str, modules: Iterable[str] = (),
     for name, data in mods:
         add(CpioEntry(f"lib/modules/{name}.ko", S_IFREG | 0o644, data))
     add(CpioEntry("lib/modules/load-order", S_IFREG | 0o644, "".join(f"{n}\n" for n, _ in mods).encode()))
-    for path, content in sorted((extra_files or {}).items()):
-        p = _clean_path(path)
+    for p, content in sorted(extra.items()):
         if isinstance(content, Path):
             data = content.read_bytes()
             perm = 0o755 if os.access(content, os.X_OK) else 0o644
