@@ -314,3 +314,12 @@ def test_find_free_goes_above_the_highest_segment_when_low_memory_is_taken():
     assert find_free(0x2000, [(0x1000, 0x9F000), (0x100000, 0x12345)], 32 * MiB, preferred=0x9000) == 0x113000
     with pytest.raises(PlacementError, match="no room"):
         find_free(0x2000, [(0x1000, 0x9F000), (0x100000, 31 * MiB)], 32 * MiB)
+
+
+def test_multiboot_info_base():
+    from vmm.firmware.placement import multiboot_info_base
+
+    gdt = (0x800, 0x20)
+    assert multiboot_info_base([gdt, (0x100000, 0x4000)], 32 * MiB) == 0x9000        # unchanged layout
+    assert multiboot_info_base([gdt, (0x8000, 0x3000)], 32 * MiB) == 0x9E000         # a kernel loaded low
+    assert multiboot_info_base([gdt, (0x1000, 0x9F000), (0x100000, 0x4000)], 32 * MiB, 0x1800) == 0x104000

@@ -64,3 +64,13 @@ def find_free(size: int, taken: Iterable[tuple[int, int]], mem_size: int, prefer
         return addr
     raise PlacementError(f"no room for {size} bytes of boot information: conventional memory is taken "
                          f"and RAM ends at {mem_size:#x}, before {addr + size:#x}")
+
+
+MULTIBOOT_INFO_ADDR = 0x9000   # where boot.py has always put the Multiboot information block
+
+
+def multiboot_info_base(taken: Iterable[tuple[int, int]], mem_size: int, size: int = PAGE) -> int:
+    """Where the Multiboot information block (and the memory map, command line, module list and
+    strings boot.py keeps beside it, ``size`` bytes in all) may go: at 0x9000 as before unless a
+    loaded segment, a module or boot.py's GDT is there, else per ``find_free``."""
+    return find_free(_align_up(size, PAGE), taken, mem_size, preferred=MULTIBOOT_INFO_ADDR)
