@@ -474,9 +474,9 @@ def _zero_page(data: bytes, hdr: SetupHeader, *, load_addr: int, cmdline_addr: i
     for e in e820:
         if e.type == E820_RAM and e.addr <= HIGH_MEMORY + ram_above_1m < e.end:
             ram_above_1m = e.end - HIGH_MEMORY
-    struct.pack_into("<I", zp, ZP_ALT_MEM_K, ram_above_1m >> 10)
+    struct.pack_into("<I", zp, ZP_ALT_MEM_K, ram_above_1m >> 10)                      # as INT 15h E801h
+    struct.pack_into("<H", zp, ZP_SCREEN_INFO + SI_EXT_MEM_K, min(0xFFFF, ram_above_1m >> 10))  # INT 15h 88h
     if text_screen:
-        struct.pack_into("<H", zp, ZP_SCREEN_INFO + SI_EXT_MEM_K, min(0xFFFF, ram_above_1m >> 10))
         zp[ZP_SCREEN_INFO + SI_ORIG_VIDEO_MODE] = TEXT_MODE
         zp[ZP_SCREEN_INFO + SI_ORIG_VIDEO_COLS] = TEXT_COLS
         struct.pack_into("<H", zp, ZP_SCREEN_INFO + SI_ORIG_VIDEO_EGA_BX, EGA_BX)
