@@ -12,7 +12,9 @@ i440FX/PIIX3 chipset functions that QEMU's ``pc`` machine presents.
 Wiring a PC (the machine does this)::
 
     pci = PciBus()
-    conf = ConfigMechanism1(pci, narrow=reset_control)   # reset_control: the 0xCF9 device
+    # reset_control is the 0xCF9 register (devices.timers.acpi_pm.PiixResetControl); it is
+    # reached through conf and must not be registered on the IoBus itself (config.py says why)
+    conf = ConfigMechanism1(pci, narrow=reset_control)
     machine.add_device(conf)                             # claims 0xCF8-0xCFB and 0xCFC-0xCFF
     pci.attach(machine.add_device(I440fx()), 0)
     piix3 = machine.add_device(Piix3(isa_irq))           # isa_irq(n) -> IrqLine into ISA IRQ n

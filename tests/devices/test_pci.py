@@ -337,6 +337,36 @@ def test_regions_appear_only_while_decode_is_enabled():
     assert pc.mmio.claims == [] and pc.io.device_at(0xC000) is None
 
 
+def test_bar_servers_get_widths_they_declare_and_the_vcpu_id():
+    class DwordRegs:
+        io_sizes = (4,)
+        mmio_sizes = (4,)
+        wants_vcpu = True
+
+        def __init__(self) -> None:
+            self.log: list[tuple] = []
+
+        def io_read(self, offset: int, size: int, vcpu: int) -> int:
+            self.log.append(("io", offset, size, vcpu))
+            return 0x4433_2211
+
+        def io_write(self, offset: int, size: int, value: int, vcpu: int) -> None:
+            self.log.append(("iow", offset, size, value, vcpu))
+
+        mmio_read = io_read
+        mmio_write = io_write
+
+    io, mmio = IoBus(), MmioBus()
+    regs = DwordRegs()
+    f = PciFunction(name="f", vendor_id=0x1234, device_id=1, class_code=0, io_bus=io, mmio_bus=mmio)
+    f.add_bar(0, 16, regs, io=True)
+    f.config_write(0x10, 4, 0xE000)
+    f.config_write(0x04, 2, 0x0001)
+    assert io.read(0xE006, 1, vcpu=3) == 0x33
+    io.write(0xE008, 4, 0x55, vcpu=1)
+    assert regs.log == [("io", 4, 4, 3), ("iow", 8, 4, 0x55, 1)]
+
+
 def test_moving_a_bar_moves_its_region():
     pc = Pc()
     toy = pc.toy(3)
