@@ -1,4 +1,4 @@
-"""Conformance-suite rigs for devices/timers: the HPET.
+"""Conformance-suite rigs for devices/timers: the HPET, the ACPI PM block and the PIIX reset register.
 
 test_conformance.py imports this module while it is itself being imported
 (from its ``_extra_rigs``), so ``Rig`` is looked up when a rig is built, not
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from devices.clock import VirtualClock
+from devices.timers.acpi_pm import AcpiPm, PiixResetControl
 from devices.timers.hpet import HPET_WINDOW, Hpet
 
 # Routes the rig's HPET may use: QEMU q35's mask (I/O APIC inputs 2, 8, 16-23),
@@ -43,7 +44,25 @@ def rig_hpet(clock: VirtualClock) -> Any:
     return r
 
 
+def rig_acpi_pm(clock: VirtualClock) -> Any:
+    r = _rig(clock)
+    r.dev = AcpiPm(clock, r.line("sci"), r.record("poweroff"))
+    r.host_ops = {
+        "power_button": lambda *_: r.dev.power_button(),
+        "gpe": lambda n, _: r.dev.raise_gpe(n % 16),
+    }
+    return r
+
+
+def rig_piix_rcr(clock: VirtualClock) -> Any:
+    r = _rig(clock)
+    r.dev = PiixResetControl(r.record("reset"))
+    return r
+
+
 RIGS: dict[str, Callable[[VirtualClock], Any]] = {
     "hpet": rig_hpet,
+    "acpi_pm": rig_acpi_pm,
+    "piix_rcr": rig_piix_rcr,
 }
-CLASS_OF = {"hpet": Hpet}
+CLASS_OF = {"hpet": Hpet, "acpi_pm": AcpiPm, "piix_rcr": PiixResetControl}
