@@ -232,7 +232,8 @@ class _Linker:
                 body = struct.pack(f"<{LOADER_FILESZ}sIB", name.encode(), align, zone)
             elif cmd[0] == CMD_ADD_POINTER:
                 _, dest, src, offset, size = cmd
-                body = struct.pack(f"<{LOADER_FILESZ}s{LOADER_FILESZ}sIB", dest.encode(), src.encode(), offset, size)
+                body = struct.pack(f"<{LOADER_FILESZ}s{LOADER_FILESZ}sIB", dest.encode(), src.encode(),
+                                   offset, size)
             else:
                 _, name, at, start, length = cmd
                 body = struct.pack(f"<{LOADER_FILESZ}sIII", name.encode(), at, start, length)
