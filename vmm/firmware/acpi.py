@@ -19,8 +19,9 @@ against every day; the code is our own):
   flags QEMU sets (WBINVD, PROC_C1, SLP_BUTTON: no fixed sleep button,
   RTC_S4, USE_PLATFORM_CLOCK; PWR_BUTTON clear: the power button is the
   fixed-feature one; FORCE_APIC_CLUSTER_MODEL above 8 CPUs).  FIRMWARE_CTRL
-  and DSDT point at the FACS and DSDT and X_FIRMWARE_CTRL/X_DSDT hold the
-  same addresses.
+  and DSDT point at the FACS and DSDT, X_DSDT holds the DSDT's address too,
+  X_FIRMWARE_CTRL is 0 (the spec allows only one of the FACS fields to be
+  set; Linux lists the FACS twice otherwise).
 * FACS (5.2.10): 64 bytes, version 2, 64-byte aligned (first in the blob).
 * MADT "APIC" (5.2.12, revision 4 = ACPI 6.0): local APIC address
   0xFEE00000, PCAT_COMPAT; one Processor Local APIC per CPU (UID = APIC ID
@@ -273,8 +274,9 @@ class AcpiTables:
         # FACS first: it is the one table with an alignment requirement (64 bytes).
         facs = self._add("FACS", self._facs(), checksummed=False)
         dsdt = self._add("DSDT", self._header("DSDT", DSDT_REVISION) + build_dsdt(cfg))
-        # FIRMWARE_CTRL, DSDT, X_FIRMWARE_CTRL, X_DSDT
-        fadt_pointers = [(36, 4, facs), (40, 4, dsdt), (132, 8, facs), (140, 8, dsdt)]
+        # FIRMWARE_CTRL, DSDT, X_DSDT.  X_FIRMWARE_CTRL stays 0: "If the FIRMWARE_CTRL field
+        # contains a non zero value then this field must be zero" (the FACS is below 4 GiB).
+        fadt_pointers = [(36, 4, facs), (40, 4, dsdt), (140, 8, dsdt)]
         listed = [self._add("FACP", self._fadt(), pointers=fadt_pointers)]
         listed.append(self._add("APIC", self._header("APIC", MADT_REVISION) + madt_body(cfg)))
         if cfg.hpet:
