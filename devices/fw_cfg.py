@@ -448,7 +448,8 @@ class FwCfg:
         if "written" not in state:
             raise DeviceStateError(f"{KIND}: state lacks 'written'")
         written = state["written"]
-        if not isinstance(written, dict) or sorted(written) != list(self.writable):
+        if (not isinstance(written, dict) or any(type(k) is not str for k in written)
+                or sorted(written) != list(self.writable)):
             raise DeviceStateError(f"{KIND}: written must hold exactly the writable files {self.writable}")
         contents: dict[int, bytearray] = {}
         for fname in self.writable:
@@ -511,7 +512,8 @@ def qemu_x86_items(*, ram_size: int, cpus: int, max_cpus: int | None = None, uui
 
 
 def qemu_x86_files(*, e820: Iterable[tuple[int, int, int]], boot_fail_wait: int = -1,
-                   bootorder: Iterable[str] = (), extra: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
+                   bootorder: Iterable[str] = (),
+                   extra: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
     """The named files of a QEMU PC that are not ACPI or SMBIOS: "etc/e820" (RAM and
     reservations, 20-byte entries), "etc/boot-fail-wait" (le32 seconds, -1 = never reboot)
     and "bootorder" (OpenFirmware device paths, one a line, NUL-terminated; empty when no
@@ -541,7 +543,8 @@ def linux_boot_items(*, setup_addr: int, setup: bytes, kernel_addr: int, kernel:
     if not cmdline.endswith(b"\0"):
         cmdline += b"\0"
     items = {
-        FW_CFG_SETUP_ADDR: _u32(setup_addr), FW_CFG_SETUP_SIZE: _u32(len(setup)), FW_CFG_SETUP_DATA: bytes(setup),
+        FW_CFG_SETUP_ADDR: _u32(setup_addr), FW_CFG_SETUP_SIZE: _u32(len(setup)),
+        FW_CFG_SETUP_DATA: bytes(setup),
         FW_CFG_KERNEL_ADDR: _u32(kernel_addr), FW_CFG_KERNEL_SIZE: _u32(len(kernel)),
         FW_CFG_KERNEL_DATA: bytes(kernel),
         FW_CFG_CMDLINE_ADDR: _u32(cmdline_addr), FW_CFG_CMDLINE_SIZE: _u32(len(cmdline)),

@@ -312,7 +312,8 @@ def test_dma_write_rules():
     assert dma(bus, ram, fc.DMA_CTL_WRITE, 8, BUF) == fc.DMA_CTL_ERROR
     assert dev.item(rw) == b"\x11" * 4 + bytes(range(0x40, 0x48)) + b"\x11" * 4
     # a write from outside RAM
-    assert dma(bus, ram, (rw << 16) | fc.DMA_CTL_SELECT | fc.DMA_CTL_WRITE, 4, 0xF000_0000) == fc.DMA_CTL_ERROR
+    control = (rw << 16) | fc.DMA_CTL_SELECT | fc.DMA_CTL_WRITE
+    assert dma(bus, ram, control, 4, 0xF000_0000) == fc.DMA_CTL_ERROR
     assert len(written) == 1
     # the write channel bit does not make a read-only item writable
     assert dma(bus, ram, (0x4000 << 16) | fc.DMA_CTL_SELECT | fc.DMA_CTL_WRITE, 4, BUF) == fc.DMA_CTL_ERROR
@@ -376,6 +377,7 @@ def test_state_round_trip_keeps_written_files():
     {"selector": 0x40}, {"selector": -1}, {"selector": True}, {"offset": 5},   # past the signature's end
     {"offset": 2**32}, {"dma_address": 2**64}, {"written": {}}, {"written": {"opt/org.example/rw": b"x"}},
     {"written": {"opt/org.example/rw": b"x" * 16, "etc/e820": b""}}, {"written": []},
+    {"written": {"opt/org.example/rw": b"x" * 16, 1: b""}},
 ])
 def test_load_state_refuses_bad_fields(change):
     dev, bus, _, _ = make()
