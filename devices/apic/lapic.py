@@ -40,7 +40,9 @@ Interrupt Controller (APIC)" (chapter 11 in editions from 2023 on):
   reads 0; the MSR reads 0 and ignores writes in the other modes.
 * 10.6.1 "Interrupt Command Register": IPIs through the APIC bus
   (apicbus.py); the delivery status bit reads idle at once.
-* 10.8.3.1 "Task and Processor Priorities" (TPR, PPR) and 10.6.2.4's APR;
+* 10.8.3.1 "Task and Processor Priorities" (TPR, PPR), 10.8.6.1 CR8 as the
+  TPR's priority class (``cr8``/``write_cr8``, for the machine's MOV CR8),
+  and 10.6.2.4's APR;
   10.8.4 "Interrupt Acceptance for Fixed Interrupts" (IRR -> ISR by priority
   class above the PPR; TMR set for level-triggered vectors); 10.8.5 "EOI"
   (highest ISR bit cleared; a vector whose TMR bit is set is broadcast to
@@ -229,7 +231,7 @@ class LocalApic:
         # page (MSR 0x1B), so the machine can move the MMIO claim.
         self.on_base_change: Callable[[int, int], None] | None = None
         self._timer: Timer | None = None
-        self._intr_seen = False
+        self._intr_seen: bool | None = False
         self.lint = [False, False]  # input pin levels (asserted), driven from outside
         self.apic_base = 0
         self.apic_id = apic_id
@@ -262,12 +264,15 @@ class LocalApic:
 
     def reset(self) -> None:
         """Power-up reset (10.4.7.1), with the BSP's LINT0 left in ExtINT as QEMU has it."""
+        old_base = self.base_address
         self.apic_id = self.initial_id
         self.apic_base = DEFAULT_BASE | BASE_ENABLE | (BASE_BSP if self.bsp else 0)
         self._init_registers()
         if self.bsp:
             self.lvt[LVT_LINT0] = DM_EXTINT << 8
         self._update()
+        if old_base != DEFAULT_BASE and self.on_base_change is not None:
+            self.on_base_change(old_base, DEFAULT_BASE)
 
     def init_reset(self) -> None:
         """INIT (10.4.7.3): power-up state except the APIC ID and the APIC base MSR.
@@ -313,6 +318,16 @@ class LocalApic:
         if tpr >= irrv and tpr > isrv:
             return self.tpr
         return max(tpr, irrv, isrv) << 4
+
+    @property
+    def cr8(self) -> int:
+        """CR8 in 64-bit mode is TPR[7:4] (10.8.6.1)."""
+        return self.tpr >> 4
+
+    def write_cr8(self, value: int) -> None:
+        """MOV to CR8: TPR[7:4] = value[3:0], TPR[3:0] = 0 (10.8.6.1)."""
+        self.tpr = (value & 0xF) << 4
+        self._update()
 
     def highest_deliverable(self) -> int:
         """The IRR vector the CPU would take now, or -1 (10.8.3.1: class above the PPR's)."""
@@ -895,7 +910,9 @@ class LocalApic:
         self.timer_next = None
         if st["timer_next"] is not None:
             self._arm(st["timer_next"])
-        self._intr_seen = self.intr
+        # Unknown until the next event: INTR may also depend on an 8259 that
+        # is loaded after this APIC, so that event kicks the vCPU regardless.
+        self._intr_seen = None
 
 
 class LocalApicBank:

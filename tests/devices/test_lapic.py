@@ -255,6 +255,20 @@ def test_tpr_masks_by_class_and_ppr_follows_tpr_and_isr():
     assert sy.inta(0) == 0x5F
 
 
+def test_cr8_is_the_tpr_priority_class():
+    sy = ApicSystem(1, pic=False)
+    sy.enable()
+    a = sy.lapics[0]
+    sy.write(0, L.REG_TPR, 0x5A)
+    assert a.cr8 == 5
+    fixed(sy, 0, 0x65)
+    a.write_cr8(0x16)                           # only bits 3:0 count
+    assert sy.read(0, L.REG_TPR) == 0x60
+    assert not sy.pins[0].intr
+    a.write_cr8(5)
+    assert sy.pins[0].intr and sy.kicks == [0, 0, 0]
+
+
 def test_arbitration_priority_register():
     sy = ApicSystem(1, pic=False)
     sy.enable()
@@ -490,6 +504,9 @@ def test_apic_base_msr_moves_the_page_and_reports_it():
     for bad in (0xFEE0_0901, 0xFEE0_0A00, 0xFEE0_0D00, 1 << 40 | 0xFEE0_0900):
         assert not a.msr_write(L.MSR_APIC_BASE, bad), hex(bad)
     assert a.msr_read(L.MSR_APIC_BASE) == 0xAB_FED0_0900
+    a.reset()                                            # power-up puts the page back, and says so
+    assert moves[-1] == (0xAB_FED0_0000, 0xFEE0_0000)
+    assert a.msr_read(L.MSR_APIC_BASE) == 0xFEE0_0900
 
 
 def test_msrs_it_does_not_own_and_the_bank_forwards_by_vcpu():
