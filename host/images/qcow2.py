@@ -449,10 +449,15 @@ class Qcow2Image(BlockImage):
             view = view[n:]
             offset += n
         self._file_size = max(self._file_size, offset)
+        self._unsynced = True
 
     def _sync(self) -> None:
         os.fsync(self._fd)
         self._unsynced = False
+
+    def _sync_if_written(self) -> None:
+        if self._unsynced:
+            self._sync()
 
     # -- L2 tables -------------------------------------------------------------------
 
@@ -621,20 +626,16 @@ class Qcow2Image(BlockImage):
         elif e & OFFSET_MASK:
             self._free_later(e & OFFSET_MASK, self.cluster_size)
 
-    def _writeback_refcounts(self) -> bool:
+    def _writeback_refcounts(self) -> None:
         """Write dirty refcount blocks, then the refcount table entries that
         point at new ones (with an fsync between, so a table entry never
         points at a block not yet on disk)."""
-        wrote = False
         for bi in sorted(self._rb_dirty):
             self._pwrite(self._rt[bi], self._rb_cache[bi].to_bytes())
-            wrote = True
         self._rb_dirty.clear()
         if self._rt_dirty:
             self._sync()
             self._write_entries(self._rt_offset, self._rt, self._rt_dirty)
-            wrote = True
-        return wrote
 
     def _write_entries(self, base: int, table: array, dirty: set[int]) -> None:
         """Write the dirty 8-byte entries of an in-memory table, runs coalesced."""
@@ -654,16 +655,15 @@ class Qcow2Image(BlockImage):
     def _sync_metadata(self) -> None:
         """Bring the file up to date with memory, in the order that keeps it
         consistent at every step (see the module docstring)."""
-        if self._writeback_refcounts() or self._unsynced:
-            self._sync()
-        if self._l2_dirty:
-            for l2_offset in sorted(self._l2_dirty):
-                self._pwrite(l2_offset, _be_bytes(self._l2_cache[l2_offset]))
-            self._l2_dirty.clear()
-            self._sync()
+        self._writeback_refcounts()
+        self._sync_if_written()         # data and refcounts before anything points at them
+        for l2_offset in sorted(self._l2_dirty):
+            self._pwrite(l2_offset, _be_bytes(self._l2_cache[l2_offset]))
+        self._l2_dirty.clear()
         if self._l1_dirty:
+            self._sync_if_written()     # L2 tables (some written on eviction) before L1 entries
             self._write_entries(self._l1_offset, self._l1, self._l1_dirty)
-            self._sync()
+        self._sync_if_written()         # references gone before their refcounts drop
         if self._pending_free:
             pending, self._pending_free = self._pending_free, []
             cb = self.cluster_bits
@@ -766,10 +766,15 @@ class Qcow2Image(BlockImage):
     def zero_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         runs: list[tuple[int, int, bool]] = []
         pos, end = offset, offset + length
+        l1_span = self._l2_bits + self.cluster_bits
         while pos < end:
             gc = pos >> self.cluster_bits
-            n = min(self.cluster_size - (pos & self._cmask), end - pos)
-            e = self._l2_entry(gc)
+            if self._l1[pos >> l1_span] & OFFSET_MASK:
+                n = min(self.cluster_size - (pos & self._cmask), end - pos)
+                e = self._l2_entry(gc)
+            else:       # no L2 table: the whole range it would map is unallocated
+                n = min(end, ((pos >> l1_span) + 1) << l1_span) - pos
+                e = 0
             if e & OFLAG_ZERO and not e & OFLAG_COMPRESSED:
                 got = [(pos, n, True)]
             elif e & (OFFSET_MASK | OFLAG_COMPRESSED):
@@ -836,7 +841,6 @@ class Qcow2Image(BlockImage):
                     gc += 1
                     n += min(cs, end - pos - n)
                 self._pwrite(host + inner, view[src:src + n])
-                self._unsynced = True
             else:
                 self._write_new_cluster(gc, e, inner, view[src:src + n])
             pos += n
@@ -854,7 +858,6 @@ class Qcow2Image(BlockImage):
                 l2_offset = self._l2_for_write(gc)
                 self._set_l2(l2_offset, gc, e | OFLAG_COPIED)
                 self._pwrite(host + inner, chunk)
-                self._unsynced = True
                 return
         l2_offset = self._l2_for_write(gc)
         zero_base = self._reads_as_zero(gc, e)
@@ -873,7 +876,6 @@ class Qcow2Image(BlockImage):
             content = bytearray(bytes(cs) if zero_base else self._cluster_content(gc, e))
             content[inner:inner + len(chunk)] = chunk
             self._pwrite(host, content)
-        self._unsynced = True
         self._set_l2(l2_offset, gc, host | OFLAG_COPIED)
         self._free_entry_later(e)
 
