@@ -167,3 +167,24 @@ def test_qemu_loads_the_modules_we_packed(debian_kernel, debian_modules):  # noq
     for m in ("virtio_blk", "virtio_ring", "virtio"):
         assert f"insmod {m} failed" not in out
         assert f"\n{m} " in lsmod.replace("\r", "")
+
+
+def test_vmm_boots_the_kernel_and_initramfs(debian_kernel, busybox_initramfs):  # noqa: F811
+    """Our VMM boots the same kernel and initramfs as the QEMU reference above, entering through the
+    64-bit boot protocol, up to the marker of /init and the end of poweroff -f."""
+    from vmm.firmware.linux import load_linux
+    from vmm.machine import StopReason
+    from vmm.platform.pc import PcConfig, PcMachine
+
+    m = PcMachine(PcConfig(mem_size=256 << 20))
+    try:
+        load_linux(m, debian_kernel.read_bytes(), busybox_initramfs.read_bytes(), "console=ttyS0 panic=-1")
+        res = m.run(20_000_000_000)
+        out = bytes(m.serial_out).decode(errors="replace")
+        assert MARKER in out, f"{res}\n{out[-3000:]}"
+        after = out.split(MARKER, 1)[1]
+        assert debian_kernel.name.removeprefix("vmlinuz-") in after
+        assert "reboot: System halted" in after or "reboot: Power down" in after, f"{res}\n{after[-2000:]}"
+        assert res.reason is not StopReason.LIMIT
+    finally:
+        m.vcpu.close()
