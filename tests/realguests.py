@@ -51,6 +51,12 @@ def debian_busybox() -> Path:
 
 
 @pytest.fixture(scope="session")
+def debian_seabios() -> Path:
+    """SeaBIOS's 128 KiB ROM image (bios.bin)."""
+    return _available(debian.seabios)
+
+
+@pytest.fixture(scope="session")
 def busybox_initramfs() -> Path:
     """A gzip'd cpio initramfs with busybox-static and INIT_SCRIPT as /init."""
     return _available(debian.initramfs, INIT_SCRIPT)

@@ -15,6 +15,7 @@ from tests.realguests import (  # noqa: F401  (fixtures)
     debian_busybox,
     debian_kernel,
     debian_modules,
+    debian_seabios,
 )
 from tools import debian
 
@@ -127,6 +128,12 @@ def test_unavailable_packages_give_one_line(monkeypatch, tmp_path):
     finally:
         debian.candidate.cache_clear()
         debian.package.cache_clear()
+
+
+def test_seabios_rom(debian_seabios):  # noqa: F811
+    rom = debian_seabios.read_bytes()
+    assert len(rom) == 128 << 10
+    assert rom[-16] == 0xEA                      # the reset vector at F000:FFF0 is a far jump
 
 
 def test_cache_is_reused(debian_kernel):  # noqa: F811
