@@ -311,6 +311,22 @@ def test_overwrite_in_place_and_reuse_of_freed_clusters():
         assert_consistent(path, pattern(2, 1 << 20))
 
 
+def test_empty_disk_and_explicit_formats():
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "z.qcow2")
+        create(path, 0)
+        with open_image(path, True) as im:
+            assert im.size == 0 and im.read(0, 0) == b"" and im.check().clean
+            assert im.sha256() == hashlib.sha256(b"").hexdigest()
+        qemu_check(path)
+        with open_image(path, fmt="raw") as im:        # the file itself, header and all
+            assert im.read(0, 4) == b"QFI\xfb"
+        with pytest.raises(ImageError, match="unknown image format"):
+            open_image(path, fmt="vmdk")
+        with pytest.raises(ImageError, match="exists"):
+            create(path, 1 << 20)
+
+
 # -- images made by QEMU ----------------------------------------------------------------
 
 needs_qemu = pytest.mark.skipif(QEMU_IMG is None or QEMU_IO is None, reason=NO_QEMU)

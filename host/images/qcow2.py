@@ -358,11 +358,11 @@ class Qcow2Image(BlockImage):
         self._l1 = self._read_table(self._l1_offset, h.l1_size * 8)
         for i, e in enumerate(self._l1):
             if e:
-                self._check_table_entry(e, L1E_RESERVED, f"L1 entry {i}")
+                self._check_table_entry(e & OFFSET_MASK, e & L1E_RESERVED, f"L1 entry {i}")
         self._rt = self._read_table(self._rt_offset, self._rt_clusters * cs)
         for i, e in enumerate(self._rt):
             if e:
-                self._check_table_entry(e, REFT_RESERVED, f"refcount table entry {i}")
+                self._check_table_entry(e & ~REFT_RESERVED, e & REFT_RESERVED, f"refcount table entry {i}")
 
         cache_tables = max(4, limits.cache_bytes // cs // 2)
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
@@ -426,10 +426,11 @@ class Qcow2Image(BlockImage):
         raw = self._pread(offset, nbytes)
         return _be_array("Q", raw)
 
-    def _check_table_entry(self, e: int, reserved: int, what: str) -> None:
-        off = e & OFFSET_MASK if reserved != REFT_RESERVED else e & ~REFT_RESERVED
-        if e & reserved:
-            raise ImageError(f"{self.path}: corrupt {what} ({e:#x}): reserved bits set")
+    def _check_table_entry(self, off: int, reserved_bits: int, what: str) -> None:
+        """A pointer to an L2 table or a refcount block must be a cluster
+        that starts inside the file, with no reserved bits set."""
+        if reserved_bits:
+            raise ImageError(f"{self.path}: corrupt {what}: reserved bits {reserved_bits:#x} set")
         if off & self._cmask or off == 0 or off >= self._file_size:
             raise ImageError(f"{self.path}: corrupt {what}: table at {off:#x} is misaligned or outside "
                              f"the {self._file_size:#x}-byte file")
@@ -1133,9 +1134,9 @@ def create(path: str | os.PathLike[str], size: int | None = None, *,
     if l1_size * 8 > limits.max_l1_bytes:
         raise ImageError(f"{path}: virtual size {size} needs an L1 table larger than the cap; "
                          f"use larger clusters")
-    l1_clusters = max(1, _div_up(l1_size * 8, cs))
+    l1_clusters = _div_up(l1_size * 8, cs)
 
-    h = Header(version, 0, 0, cb, size, 0, l1_size, cs, 0, 0, 0, 0, refcount_order=order,
+    h = Header(version, 0, 0, cb, size, 0, l1_size, cs if l1_size else 0, 0, 0, 0, 0, refcount_order=order,
                header_length=V3_HEADER_LENGTH if version >= 3 else _V2_HEADER.size)
     ext = b""
     if backing_name is not None:
