@@ -624,6 +624,57 @@ def test_broken_files_refused_with_one_line():
         _expect_one_line(variant("zbad", bytes(bad)), "compressed cluster", read_all=True)
 
 
+_FUZZ_BASE: dict[str, bytes] = {}
+
+
+def _fuzz_base() -> bytes:
+    """A small image with data, zero, unallocated and (with qemu-img)
+    compressed clusters, 4 KiB clusters so its metadata is dense."""
+    if "img" not in _FUZZ_BASE:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "f.qcow2")
+            if QEMU_IMG is not None:
+                raw = os.path.join(d, "f.raw")
+                _known_raw(raw, 256 * 1024)
+                qemu(QEMU_IMG, "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4096", raw, path)
+            else:
+                create(path, 256 * 1024, cluster_size=4096)
+            with open_image(path, True) as im:
+                im.write(10_000, pattern(1, 50_000))
+                im.discard(100_000, 30_000)
+            with open(path, "rb") as f:
+                _FUZZ_BASE["img"] = f.read()
+    return _FUZZ_BASE["img"]
+
+
+@settings(max_examples=_examples(150, 3000), **SETTINGS)
+@given(flips=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)), min_size=1, max_size=8),
+       metadata_only=st.booleans(), writable=st.booleans(), cut=st.none() | st.integers(0, 1 << 30))
+def test_hostile_images_raise_image_error_only(flips, metadata_only, writable, cut):
+    """Random damage to a valid image: opening, reading the whole disk,
+    writing and flushing either work or raise ImageError, nothing else."""
+    data = bytearray(_fuzz_base())
+    for where, value in flips:
+        # Most of a qcow2's metadata is in its first clusters; aim there half the time.
+        where %= 5 * 4096 if metadata_only else len(data)
+        data[where] = value
+    if cut is not None:
+        del data[cut % len(data):]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "h.qcow2")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            with open_image(path, writable, limits=Limits(max_size=1 << 30)) as im:
+                im.read(0, min(im.size, 1 << 20))
+                if writable:
+                    im.write(5000, b"w" * 9000)
+                    im.discard(0, min(im.size, 20_000))
+                    im.flush()
+        except ImageError as e:
+            assert "\n" not in str(e)
+
+
 def test_backing_chain_errors_one_line():
     with tempfile.TemporaryDirectory() as d:
         def at(name: str) -> str:

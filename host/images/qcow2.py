@@ -236,7 +236,7 @@ def parse_header(buf: bytes, path: str, file_size: int, limits: Limits = DEFAULT
             h.compression_type = buf[104]
         if h.refcount_order > 6:
             raise bad(f"refcount order {h.refcount_order} is above 6 (64-bit refcounts)")
-    ext_end = bfo if 0 < bfo < cs else min(cs, len(buf))
+    ext_end = min(bfo if 0 < bfo < cs else cs, len(buf))
     _parse_extensions(h, buf, ext_end, bad)
 
     unknown = h.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
@@ -934,7 +934,7 @@ class Qcow2Image(BlockImage):
     def _grow_refcount_table(self) -> None:
         counts = self._current_refcounts()
         for index in self._refcount_structure_clusters():
-            if index < len(counts):
+            if index < len(counts) and counts[index]:
                 counts[index] -= 1
         self._rebuild_refcounts(counts, min_table_clusters=2 * self._rt_clusters)
 
@@ -972,11 +972,15 @@ class Qcow2Image(BlockImage):
         if count_refcount_structure:
             for index in self._refcount_structure_clusters():
                 ref(index << cb, cs, "refcount structure")
+        seen: set[int] = set()
         for l1e in self._l1:
             l2_offset = l1e & OFFSET_MASK
             if not l2_offset:
                 continue
             ref(l2_offset, cs, "L2 table")
+            if l2_offset in seen:       # shared: counted twice above, its entries once (a hostile L1
+                continue                # pointing everywhere at one table costs one read)
+            seen.add(l2_offset)
             table = self._l2_cache.get(l2_offset) or self._read_table(l2_offset, cs)
             for e in table:
                 if e & OFLAG_COMPRESSED:
