@@ -38,6 +38,7 @@ from host.images import (
     MemoryOverlay,
     RawImage,
     create,
+    open_cow,
     open_image,
 )
 
@@ -744,6 +745,23 @@ def test_raw_image_and_memory_overlay():
         with pytest.raises(ImageError, match="full"):
             small.write(50_000, b"x")
         small.close()
+
+
+def test_open_cow_in_memory_and_in_a_file():
+    with tempfile.TemporaryDirectory() as d:
+        base = os.path.join(d, "base.raw")
+        content = pattern(4, 300 * 512)
+        with open(base, "wb") as f:
+            f.write(content)
+        clone = os.path.join(d, "clone.qcow2")
+        # In memory, then a new file, then that file again: only the file keeps the write.
+        for overlay, before in ((None, content[:512]), (clone, content[:512]), (clone, b"w" * 512)):
+            with open_cow(base, overlay) as im:
+                assert im.read(0, 512) == before
+                im.write(0, b"w" * 512)
+        with open(base, "rb") as f:
+            assert f.read() == content
+        assert_consistent(clone, b"w" * 512 + content[512:])
 
 
 def test_sha256_is_the_guest_view_whatever_the_format():

@@ -6,15 +6,18 @@ next sector, the tail reading as zeros.
 
 ``MemoryOverlay(base)`` puts any image behind a copy-on-write layer held in
 memory, as devices/storage/disk.py did: the guest writes, the base file is
-never touched, and a run can be repeated from the same base.  For a
-copy-on-write layer in a file (which survives the process), make a qcow2
-overlay: ``qcow2.create(path, backing=base_path)``.
+never touched, and a run can be repeated from the same base.
+
+``open_cow(path, overlay)`` is the one call for both kinds of layer: in
+memory, or in a qcow2 file whose backing file is ``path`` (a linked clone,
+which survives the process and can be reopened).
 """
 from __future__ import annotations
 
 import os
 
-from .base import DEFAULT_LIMITS, SECTOR, BlockImage, ImageError, Limits
+from . import qcow2
+from .base import DEFAULT_LIMITS, SECTOR, BlockImage, ImageError, Limits, open_image
 
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -169,3 +172,16 @@ class MemoryOverlay(BlockImage):
     def close(self) -> None:
         self._blocks.clear()
         self.base.close()
+
+
+def open_cow(path: str | os.PathLike[str], overlay: str | os.PathLike[str] | None = None, *,
+             fmt: str | None = None, limits: Limits = DEFAULT_LIMITS) -> BlockImage:
+    """The image at ``path``, opened read-only behind a copy-on-write layer:
+    in memory if ``overlay`` is None, else the qcow2 file ``overlay`` (made
+    with ``path`` as its backing file if it does not exist yet)."""
+    if overlay is None:
+        return MemoryOverlay(open_image(path, False, fmt, limits=limits), limits=limits)
+    overlay = os.fspath(overlay)
+    if not os.path.exists(overlay):
+        qcow2.create(overlay, backing=os.path.abspath(path), backing_fmt=fmt, limits=limits)
+    return open_image(overlay, True, "qcow2", limits=limits)
