@@ -733,6 +733,14 @@ class Qcow2Image(BlockImage):
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
+        inner = offset & self._cmask
+        if inner + length <= self.cluster_size:
+            # The common request, inside one standard cluster: one pread.
+            e = self._l2_entry(offset >> self.cluster_bits)
+            if e & OFFSET_MASK and not e & (OFLAG_COMPRESSED | OFLAG_ZERO):
+                data = os.pread(self._fd, length, self._data_offset(e, offset >> self.cluster_bits) + inner)
+                if len(data) == length:
+                    return data
         parts: list[bytes] = []
         pos, end = offset, offset + length
         cb, cs, cmask = self.cluster_bits, self.cluster_size, self._cmask
