@@ -141,9 +141,53 @@ class VirtualClock:
 
     # -- state --------------------------------------------------------------
     def save_state(self) -> dict:
-        """Time only; timers belong to their devices, which re-arm them on load."""
-        return {"kind": "clock", "version": 1, "idle": self.idle, "manual": self._manual}
+        """Time, and the pending timers as (deadline, sequence, name).
+
+        A timer's callback is code, not state: a device re-arms its own
+        timers in ``load_state``, and any other owner (the platform's input
+        poll, a replay's digest timer) names a restorer in ``finish_restore``.
+        The sequence numbers keep the firing order of timers due at the same
+        tick exactly as it was.
+        """
+        timers = sorted((t.deadline, t.seq, t.name) for t in self._heap if t.active)
+        return {"kind": "clock", "version": 2, "idle": self.idle, "manual": self._manual, "seq": self._seq,
+                "timers": [list(x) for x in timers]}
 
     def load_state(self, state: dict) -> None:
+        """Restore time; pending timers come back as their owners re-arm them (see finish_restore)."""
+        if not isinstance(state, dict) or state.get("kind") != "clock" or state.get("version") not in (1, 2):
+            raise ValueError("clock: not a clock state of version 1 or 2")
         self.idle = int(state["idle"])
         self._manual = int(state["manual"])
+        self._heap = []
+        self._restoring = [(int(d), int(s), str(n)) for d, s, n in state.get("timers", [])]
+        self._saved_seq = int(state.get("seq", self._seq))
+
+    def finish_restore(self, restorers: dict[str, Callable[[int], None]] | None = None) -> list[str]:
+        """After every owner has loaded its state: give re-armed timers their saved
+        sequence numbers, re-create the timers of ``restorers`` (name -> callback),
+        and return the names of saved timers nobody re-armed."""
+        restorers = restorers or {}
+        saved = getattr(self, "_restoring", [])
+        by_key = {(t.name, t.deadline): t for t in self._heap if t.active}
+        lost = []
+        for deadline, seq, name in saved:
+            t = by_key.pop((name, deadline), None)
+            if t is not None:
+                t.seq = seq
+            elif name in restorers:
+                self._heap.append(Timer(deadline, seq, restorers[name], name))
+            else:
+                lost.append(name)
+        heapq.heapify(self._heap)
+        self._seq = max(getattr(self, "_saved_seq", self._seq), max((t.seq for t in self._heap), default=0))
+        self._restoring = []
+        return lost
+
+    def find(self, name: str) -> Timer | None:
+        """The active timer of that name (the first due), if any."""
+        best = None
+        for t in self._heap:
+            if t.active and t.name == name and (best is None or t < best):
+                best = t
+        return best

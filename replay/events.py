@@ -39,7 +39,11 @@ from typing import Any, NamedTuple
 
 # Changing EventKind (adding, removing or renumbering a kind), REG_NAMES or any
 # payload layout above changes what a log means: bump FORMAT_VERSION with it.
-FORMAT_VERSION = 1
+# Version 2 stamps every event with the vCPU it belongs to (REG_DIGEST: whose
+# registers; an input: the vCPU running when it entered) and its icount is the
+# machine's (all vCPUs together).  Version 1 logs (one vCPU) read as vCPU 0.
+FORMAT_VERSION = 2
+MIN_FORMAT_VERSION = 1
 
 U64_MAX = (1 << 64) - 1
 MAX_EVENT_PAYLOAD = 16 << 20  # a payload larger than this is refused by the writer
@@ -77,6 +81,7 @@ class Event:
     kind: EventKind
     icount: int
     payload: bytes = b""
+    vcpu: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, EventKind):
@@ -88,6 +93,8 @@ class Event:
             if not isinstance(self.payload, (bytearray, memoryview)):
                 raise TypeError(f"event payload must be bytes, not {type(self.payload).__name__}")
             object.__setattr__(self, "payload", bytes(self.payload))
+        if isinstance(self.vcpu, bool) or not isinstance(self.vcpu, int) or not 0 <= self.vcpu < 1 << 16:
+            raise ValueError(f"event vcpu must be an integer in [0, 65536): {self.vcpu!r}")
 
 
 def _bad(kind: EventKind, why: str) -> LogFormatError:

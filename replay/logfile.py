@@ -16,7 +16,8 @@ On-disk layout (all integers little-endian)::
       u64       icount of the chunk's first event
       u32       number of events in the chunk (at least 1)
       P bytes   zlib (level 6) of the events, each encoded as
-                  varint kind, varint icount delta, varint payload length, payload
+                  varint kind, varint icount delta, varint vCPU id (version 2 only),
+                  varint payload length, payload
                 where a varint is unsigned LEB128 (at most 10 bytes) and the
                 delta is from the previous event of the same chunk; the first
                 event's "delta" is from 0, i.e. its absolute icount, which
@@ -39,11 +40,12 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 from replay.events import (
     DECODERS,
     FORMAT_VERSION,
+    MIN_FORMAT_VERSION,
     MAX_EVENT_PAYLOAD,
     U64_MAX,
     Event,
@@ -64,6 +66,7 @@ __all__ = [
     "LogReader",
     "LogStats",
     "LogWriter",
+    "StreamLogReader",
     "VerifyReport",
     "describe",
     "read_header",
@@ -153,9 +156,9 @@ def _read_header(f) -> LogHeader:
     if len(first) < _HEAD.size:
         raise LogFormatError(f"log truncated at byte {len(first)} inside the header")
     _, version, length = _HEAD.unpack(first)
-    if version != FORMAT_VERSION:
+    if not MIN_FORMAT_VERSION <= version <= FORMAT_VERSION:
         raise LogFormatError(f"unsupported log format version {version} "
-                             f"(this vmm reads version {FORMAT_VERSION})")
+                             f"(this vmm reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})")
     if length > MAX_HEADER_BYTES:
         raise LogFormatError(f"corrupt log header (length {length} exceeds the "
                              f"{_mib(MAX_HEADER_BYTES)} cap)")
@@ -215,7 +218,7 @@ def _corrupt(c: ChunkInfo | int, offset: int | None, why: str) -> LogFormatError
     return LogFormatError(f"corrupt chunk {idx} at byte {off} ({why})")
 
 
-def _decode_chunk(c: ChunkInfo, payload: bytes) -> tuple[list[Event], int]:
+def _decode_chunk(c: ChunkInfo, payload: bytes, version: int = FORMAT_VERSION) -> tuple[list[Event], int]:
     """The events of a chunk whose CRC matched, and its uncompressed size."""
     d = zlib.decompressobj()
     try:
@@ -233,6 +236,11 @@ def _decode_chunk(c: ChunkInfo, payload: bytes) -> tuple[list[Event], int]:
         while off < len(raw):
             kind, off = _read_varint(raw, off)
             delta, off = _read_varint(raw, off)
+            vcpu = 0
+            if version >= 2:
+                vcpu, off = _read_varint(raw, off)
+                if vcpu >= 1 << 16:
+                    raise _Garbage(f"vCPU id {vcpu} out of range")
             size, off = _read_varint(raw, off)
             if kind not in _KINDS:
                 raise _Garbage(f"unknown event kind {kind}")
@@ -241,7 +249,7 @@ def _decode_chunk(c: ChunkInfo, payload: bytes) -> tuple[list[Event], int]:
                 raise _Garbage("icount overflows 64 bits")
             if off + size > len(raw):
                 raise _Garbage(f"event payload of {size} bytes runs past the end of the chunk")
-            events.append(Event(_KINDS[kind], icount, raw[off:off + size]))
+            events.append(Event(_KINDS[kind], icount, raw[off:off + size], vcpu))
             off += size
         if events and events[0].icount != c.first_icount:
             raise _Garbage(f"first event at icount {events[0].icount}, "
@@ -343,7 +351,7 @@ class LogReader:
             self.last_icount: int | None = None
             if scan.chunks:
                 last = scan.chunks[-1]
-                events, _ = _decode_chunk(last, self._payload(f, last))
+                events, _ = _decode_chunk(last, self._payload(f, last), self.header.version)
                 self.last_icount = events[-1].icount
         self.truncated: bool = scan.truncated
         self.end_offset: int = scan.end_offset  # where the whole chunks end
@@ -368,7 +376,7 @@ class LogReader:
         prev = None
         with open(self.path, "rb") as f:
             for c in self.chunks[start_chunk:]:
-                events, raw_size = _decode_chunk(c, self._payload(f, c))
+                events, raw_size = _decode_chunk(c, self._payload(f, c), self.header.version)
                 if prev is not None and events[0].icount < prev:
                     raise _corrupt(c, None, f"first icount {events[0].icount} is before the "
                                             f"previous chunk's last {prev}")
@@ -409,6 +417,76 @@ class LogReader:
         return self._stats
 
 
+class StreamLogReader:
+    """Reads a log from a stream (a socket, a pipe) as it arrives: ``.header``
+    at once, then the events chunk by chunk, each checked as the file reader
+    checks it.  Iteration blocks until the next chunk is there and ends at the
+    end of the stream; a stream that ends inside a chunk leaves ``truncated``
+    set.  ``received`` holds every event read so far."""
+
+    def __init__(self, stream: BinaryIO):
+        self._f = stream
+        self.path = getattr(stream, "name", "<stream>")
+        self.header = _read_header(stream)
+        self.truncated = False
+        self.truncation_note: str | None = None
+        self.last_icount: int | None = None
+        self.chunks_read = 0
+        self._prev_first = 0
+        self._done = False
+
+    def _next_chunk(self) -> list[Event] | None:
+        head = _read_full(self._f, _CHUNK.size)
+        if not head:
+            return None
+        if len(head) < _CHUNK.size:
+            return self._truncated()
+        length, crc, first, count = _CHUNK.unpack(head)
+        idx = self.chunks_read
+        if length > MAX_CHUNK_BYTES:
+            raise _corrupt(idx, None, f"payload length {length} exceeds the {_mib(MAX_CHUNK_BYTES)} cap")
+        payload = _read_full(self._f, length)
+        if len(payload) < length:
+            return self._truncated()
+        if _chunk_crc(first, count, payload) != crc:
+            raise _corrupt(idx, None, "checksum mismatch")
+        if count == 0 or first < self._prev_first:
+            raise _corrupt(idx, None, "no events" if count == 0 else "chunks out of icount order")
+        c = ChunkInfo(idx, -1, length, crc, first, count)
+        events, _ = _decode_chunk(c, payload, self.header.version)
+        if self.last_icount is not None and events[0].icount < self.last_icount:
+            raise _corrupt(idx, None, "first event before the previous chunk's last")
+        self._prev_first = first
+        self.chunks_read += 1
+        self.last_icount = events[-1].icount
+        return events
+
+    def _truncated(self) -> None:
+        self.truncated = True
+        self.truncation_note = (f"log stream ended inside chunk {self.chunks_read}: replaying what came "
+                                f"before it (up to icount {self.last_icount})")
+        return None
+
+    def __iter__(self) -> Iterator[Event]:
+        while not self._done:
+            events = self._next_chunk()
+            if events is None:
+                self._done = True
+                return
+            yield from events
+
+
+def _read_full(f: BinaryIO, n: int) -> bytes:
+    """Up to n bytes, fewer only at the end of the stream."""
+    out = bytearray()
+    while len(out) < n:
+        b = f.read(n - len(out))
+        if not b:
+            break
+        out += b
+    return bytes(out)
+
+
 # -- writer --------------------------------------------------------------------
 
 class LogWriter:
@@ -417,17 +495,22 @@ class LogWriter:
     ``chunk_events`` events or ``chunk_bytes`` encoded bytes, on ``flush()``
     and on ``close()``.  Event icounts must never decrease."""
 
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any], initial_digest: str,
+    def __init__(self, path: str | os.PathLike | BinaryIO, config: dict[str, Any], initial_digest: str,
                  chunk_events: int = 256, chunk_bytes: int = 64 << 10):
         if not 1 <= chunk_events <= MAX_CHUNK_BYTES // _MIN_EVENT:
             raise ValueError(f"chunk_events out of range: {chunk_events}")
         if not 1 <= chunk_bytes <= MAX_WRITER_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [1, {MAX_WRITER_CHUNK_BYTES}]: {chunk_bytes}")
         header = encode_header(config, initial_digest)
-        self.path = os.fspath(path)
         self.chunk_events = chunk_events
         self.chunk_bytes = chunk_bytes
-        self._f = open(self.path, "wb")  # noqa: SIM115 - held until close()
+        if hasattr(path, "write"):
+            # a stream (a socket's file, a pipe): the same bytes a file would get
+            self.path = getattr(path, "name", "<stream>")
+            self._f = path
+        else:
+            self.path = os.fspath(path)
+            self._f = open(self.path, "wb")  # noqa: SIM115 - held until close()
         self._f.write(header)
         self._f.flush()
         self._buf = bytearray()
@@ -459,7 +542,7 @@ class LogWriter:
             delta = event.icount
         else:
             delta = event.icount - self._prev
-        self._buf += _varint(event.kind) + _varint(delta) + _varint(len(event.payload))
+        self._buf += _varint(event.kind) + _varint(delta) + _varint(event.vcpu) + _varint(len(event.payload))
         self._buf += event.payload
         self._count += 1
         self._prev = self.last_icount = event.icount
@@ -545,7 +628,7 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         end_seen = False
         try:
             for c in scan.chunks:
-                events, raw_size = _decode_chunk(c, LogReader._payload(f, c))
+                events, raw_size = _decode_chunk(c, LogReader._payload(f, c), rep.header.version)
                 if prev is not None and events[0].icount < prev:
                     raise _corrupt(c, None, f"first icount {events[0].icount} is before the "
                                             f"previous chunk's last {prev}")

@@ -2,10 +2,13 @@
 
 A run of a PcMachine is a deterministic function of its configuration, its
 images and the inputs that cross the boundary.  Everything that crosses it
-passes through the ``EventLog``: the RTC start epoch (in the header), console
-input (stamped with the exact icount at which the VMM took it), and the image
-contents (named by SHA-256).  Recording writes these; replaying gives them
-back at the same icounts.  Devices and the VMM never see the difference.
+passes through the machine's ``Boundary`` (vmm/boundary.py): the RTC start
+epoch (in the header), console input (stamped with the exact icount at which
+the VMM took it), and the image contents (named by SHA-256).  A ``Session``
+is one code path for both directions: recording, its boundary writes the
+inputs to the log and its digest timer writes digests; replaying, its
+boundary answers from the log and the same digest timer checks them.
+Devices and the VMM never see the difference.
 
 To prove a replay exact, the recorder also writes digests: registers (in full,
 for a diff) at a fixed virtual-time interval, per-page RAM hashes less often,
@@ -25,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from replay import events as ev
+from replay.boundary import INPUT_KINDS, InputMismatch, RecordingBoundary, ReplayBoundary
 from replay.events import Event, EventKind
-from replay.logfile import LogReader, LogWriter
+from replay.logfile import LogReader, LogWriter, StreamLogReader
 from vmm.digest import page_hashes
 from vmm.firmware.boot import boot
 from vmm.machine import RunResult, StopReason
@@ -66,8 +70,12 @@ class Divergence(Exception):
 
 
 def machine_config(mem_size: int, epoch: int, image_name: str, image: bytes, boot_kind: str,
-                   cmdline: str, load_addr: int, input_kind: str) -> dict:
+                   cmdline: str, load_addr: int, input_kind: str, vcpus: int = 1, quantum: int | None = None,
+                   mmu: str = "shadow") -> dict:
     return {
+        "vcpus": vcpus,
+        "quantum": quantum,
+        "mmu": mmu,
         "vmm_version": VMM_VERSION,
         "mem_size": mem_size,
         "rtc_epoch": epoch,
@@ -112,7 +120,7 @@ def _find_image(cfg: dict) -> str:
 
 def build_machine(cfg: dict, image: bytes, serial) -> PcMachine:
     m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial,
-                           mmu=cfg.get("mmu", "shadow")))
+                           mmu=cfg.get("mmu", "shadow"), vcpus=cfg.get("vcpus", 1), quantum=cfg.get("quantum")))
     info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
                 cmdline=cfg["cmdline"])
     if info.kind in ("disk", "floppy"):
@@ -121,17 +129,32 @@ def build_machine(cfg: dict, image: bytes, serial) -> PcMachine:
 
 
 def state_digest(m: PcMachine, hashes=None) -> str:
-    """SHA-256 over the registers and the RAM page hashes (computed here unless given)."""
+    """SHA-256 over the registers of every vCPU and the RAM page hashes (computed here unless given)."""
     if hashes is None:
         hashes = page_hashes(m.memory.ram)
     h = hashlib.sha256()
-    h.update(ev.encode_regs(m.vcpu.snapshot_regs()))
+    for v in m.vcpus:
+        h.update(ev.encode_regs(v.snapshot_regs()))
     h.update(hashlib.sha256(hashes.tobytes()).hexdigest().encode())
     return h.hexdigest()
 
 
+def snapshot_events(m: PcMachine, with_memory: bool, hashes=None) -> list[Event]:
+    """The digests of the machine now: each vCPU's registers, RAM page hashes (with_memory),
+    and every output stream's length and SHA-256."""
+    ic = m.icount
+    out = [Event(EventKind.REG_DIGEST, ic, ev.encode_regs(v.snapshot_regs()), v.id) for v in m.vcpus]
+    if with_memory:
+        if hashes is None:
+            hashes = page_hashes(m.memory.ram)
+        out.append(Event(EventKind.MEM_DIGEST, ic, ev.encode_page_hashes(hashes)))
+    for name, stream in m.outputs.items():
+        out.append(Event(EventKind.OUTPUT_DIGEST, ic, ev.encode_output_digest(name, stream.count, stream.digest())))
+    return out
+
+
 class _Digests:
-    """The periodic digest timer shared by recorder and replayer."""
+    """The periodic digest timer: the same timer in a recording and in its replay."""
 
     def __init__(self, m: PcMachine, ticks: int, mem_every: int, emit: Callable[[list[Event]], None]):
         self.m = m
@@ -139,56 +162,55 @@ class _Digests:
         self.mem_every = mem_every
         self.emit = emit
         self.n = 0
-        m.clock.schedule_in(ticks, self._fire, "digest")
+        m.clock.schedule_in(ticks, self.fire, "digest")
 
     def snapshot(self, with_memory: bool, hashes=None) -> list[Event]:
-        m = self.m
-        ic = m.vcpu.icount
-        out = [Event(EventKind.REG_DIGEST, ic, ev.encode_regs(m.vcpu.snapshot_regs()))]
-        if with_memory:
-            if hashes is None:
-                hashes = page_hashes(m.memory.ram)
-            out.append(Event(EventKind.MEM_DIGEST, ic, ev.encode_page_hashes(hashes)))
-        for name, stream in m.outputs.items():
-            out.append(Event(EventKind.OUTPUT_DIGEST, ic, ev.encode_output_digest(name, stream.count, stream.digest())))
-        return out
+        return snapshot_events(self.m, with_memory, hashes)
 
-    def _fire(self, now: int) -> None:
+    def fire(self, now: int) -> None:
         self.n += 1
         self.emit(self.snapshot(self.n % self.mem_every == 0))
-        self.m.clock.schedule_in(self.ticks, self._fire, "digest")
+        self.m.clock.schedule_in(self.ticks, self.fire, "digest")
 
 
-def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 << 20, epoch: int = DEFAULT_EPOCH,
+def _end_limit(end: Event | None) -> int | None:
+    """How far a replay may run: to the recorded end, and one instruction past it
+    when the run ended by itself there (a triple fault's faulting instruction,
+    a halt, a CPU error and a guest exit all stop the machine at that count
+    without a limit; only an instruction limit or the host stopped it)."""
+    if end is None:
+        return None
+    reason, _status, _msg = ev.decode_end(end.payload)
+    if reason in (StopReason.LIMIT.value, StopReason.HOST.value, StopReason.BREAKPOINT.value):
+        return end.icount
+    return end.icount + 1
+
+
+def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20, epoch: int = DEFAULT_EPOCH,
            boot_kind: str = "auto", cmdline: str | None = None, load_addr: int = 0x100000,
            live_input: Callable[[], bytes] | None = None, input_kind: str = "none",
            max_instructions: int | None = None, serial=None, pace_idle: bool = False,
            setup: Callable[[PcMachine], None] | None = None,
-           chunk_events: int | None = None, mmu: str = "shadow") -> tuple[RunResult, PcMachine]:
-    """Run a guest while writing its event log to ``out_path``."""
+           chunk_events: int | None = None, mmu: str = "shadow", vcpus: int = 1,
+           quantum: int | None = None) -> tuple[RunResult, PcMachine]:
+    """Run a guest while writing its event log to ``out_path`` (a path or a binary stream)."""
     from host.serial import NullBackend
 
     cfg = machine_config(mem_size, epoch, image_name, image, boot_kind, cmdline if cmdline is not None else image_name,
-                         load_addr, input_kind)
-    cfg["mmu"] = mmu
+                         load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu)
     m = build_machine(cfg, image, serial or NullBackend())
     initial_hashes = page_hashes(m.memory.ram)
     writer = LogWriter(out_path, cfg, state_digest(m, initial_hashes),
                        **({"chunk_events": chunk_events} if chunk_events else {}))
     writer.append(Event(EventKind.DISK_IMAGE, 0, ev.encode_disk_image(image_name, cfg["image"]["sha256"])))
 
-    if input_kind != "none" and live_input is not None:
-        def source() -> bytes:
-            data = live_input()
-            if data:
-                writer.append(Event(EventKind.CONSOLE_INPUT, m.vcpu.icount, bytes(data)))
-            return data
-        m.start_input_polling(source, pace_idle=pace_idle)
-
     def emit(events: list[Event]) -> None:
         for e in events:
             writer.append(e)
 
+    m.set_boundary(RecordingBoundary(writer.append))
+    if input_kind != "none":
+        m.start_input_polling(live_input, pace_idle=pace_idle)
     digests = _Digests(m, DIGEST_TICKS, MEM_DIGEST_EVERY, emit)
     emit(digests.snapshot(True, initial_hashes))  # the initial state in full: a changed image shows page by page
     if setup is not None:
@@ -196,22 +218,33 @@ def record(image_name: str, image: bytes, out_path: str, *, mem_size: int = 32 <
     try:
         res = m.run(max_instructions)
         emit(digests.snapshot(True))
-        writer.append(Event(EventKind.END, m.vcpu.icount, ev.encode_end(res.reason.value, res.status, res.message)))
+        writer.append(Event(EventKind.END, m.icount, ev.encode_end(res.reason.value, res.status, res.message),
+                            res.vcpu))
     finally:
         writer.close()
     return res, m
 
 
 class Replayer:
-    """Replay a log, checking every digest; ``run()`` returns the RunResult or raises Divergence."""
+    """Replay a log, checking every digest; ``run()`` returns the RunResult or raises Divergence.
 
-    def __init__(self, log_path: str, image: bytes | None = None, serial=None, verify: bool = True):
+    ``log`` is a path, or a binary stream (a socket's file) whose events are
+    read as the replay needs them.
+    """
+
+    def __init__(self, log, image: bytes | None = None, serial=None, verify: bool = True):
         from host.serial import NullBackend
 
-        self.reader = LogReader(log_path)
+        if hasattr(log, "read"):
+            self.reader = StreamLogReader(log)
+            self._stream = True
+        else:
+            self.reader = LogReader(log)
+            self._stream = False
         self.header = self.reader.header
         cfg = self.header.config
         self.cfg = cfg
+        _check_config(cfg)
         if image is None:
             path = _find_image(cfg)
             try:
@@ -223,9 +256,10 @@ class Replayer:
         self.image_changed = sha != cfg["image"]["sha256"]
         self.m = build_machine(cfg, image, serial or NullBackend())
         self.verify = verify
-        # logs are small (hundreds of bytes per million instructions): keep the
-        # events in a list so time travel can move the position back
-        self.events: list[Event] = list(self.reader)
+        # the events read so far (time travel moves the position back)
+        self.events: list[Event] = []
+        self._source = iter(self.reader)
+        self._exhausted = False
         self._pos = 0
         self._next: Event | None = None
         self.last_event: Event | None = None
@@ -235,8 +269,9 @@ class Replayer:
         if self._next is not None and self._next.kind == EventKind.DISK_IMAGE:
             self._take()
         m = self.m
+        m.set_boundary(ReplayBoundary(lambda: self._next, self._take))
         if cfg.get("input", "none") != "none":
-            m.start_input_polling(self._input_source)
+            m.start_input_polling()
         self._digests = _Digests(m, cfg["digest_ticks"], cfg["mem_digest_every"], self._check)
         if verify:
             hashes = page_hashes(m.memory.ram)
@@ -257,8 +292,17 @@ class Replayer:
             self._take()
 
     # -- the event stream --------------------------------------------------------
+    def _fetch_to(self, i: int) -> bool:
+        """Read events from the log until index i exists (False at the log's end)."""
+        while len(self.events) <= i and not self._exhausted:
+            try:
+                self.events.append(next(self._source))
+            except StopIteration:
+                self._exhausted = True
+        return i < len(self.events)
+
     def _advance(self) -> None:
-        self._next = self.events[self._pos] if self._pos < len(self.events) else None
+        self._next = self.events[self._pos] if self._fetch_to(self._pos) else None
 
     def _take(self) -> Event:
         e = self._next
@@ -268,6 +312,10 @@ class Replayer:
         self._pos += 1
         self._advance()
         return e
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.reader.truncated)
 
     # -- checkpoint support: the replay position is part of the machine's story --
     def save_position(self) -> dict:
@@ -280,33 +328,37 @@ class Replayer:
         self.last_event = self.events[self._pos - 1] if self._pos else None
         self._advance()
 
+    def timer_restorers(self) -> dict:
+        return {"digest": self._digests.fire}
+
+    @property
+    def end_event(self) -> Event | None:
+        """The recording's END event (for a stream: only once it has been read)."""
+        if not self._stream:
+            self._fetch_to(1 << 62)
+        for e in reversed(self.events):
+            if e.kind == EventKind.END:
+                return e
+        return None
+
     @property
     def end_icount(self) -> int | None:
         """The icount at which the recording ends (its END event), if it has one."""
-        for e in reversed(self.events):
-            if e.kind == EventKind.END:
-                return e.icount
-        return None
+        e = self.end_event
+        return None if e is None else e.icount
 
     def _describe(self, e: Event | None) -> str:
         if e is None:
             return "(none: the start of the recording)"
-        return f"{e.kind.name} at icount {e.icount} ({len(e.payload)} bytes)"
+        who = f" vCPU {e.vcpu}" if len(self.m.vcpus) > 1 else ""
+        return f"{e.kind.name}{who} at icount {e.icount} ({len(e.payload)} bytes)"
 
     def _diverge(self, what: str, **kw) -> Divergence:
         m = self.m
-        return Divergence(m.vcpu.icount, m.vcpu.rip, what, self._describe(self.last_event), **kw)
-
-    def _input_source(self) -> bytes:
-        e = self._next
-        ic = self.m.vcpu.icount
-        if e is None or e.kind != EventKind.CONSOLE_INPUT:
-            return b""
-        if e.icount == ic:
-            return self._take().payload
-        if e.icount < ic:
-            raise self._diverge(f"console input recorded at icount {e.icount} was never asked for")
-        return b""
+        v = m.current
+        if len(m.vcpus) > 1:
+            what = f"vCPU {v.id} at its icount {v.icount}: {what}"
+        return Divergence(m.icount, v.rip, what, self._describe(self.last_event), **kw)
 
     def _check(self, snapshot: list[Event]) -> None:
         for mine in snapshot:
@@ -315,18 +367,18 @@ class Replayer:
                 if self.reader.truncated:
                     return  # replaying a truncated log: no more evidence to check against
                 raise self._diverge(f"the recording has no more events but replay reached a {mine.kind.name}")
-            if e.kind == EventKind.CONSOLE_INPUT and e.icount <= mine.icount:
-                raise self._diverge(f"console input recorded at icount {e.icount} was never asked for")
-            if e.kind != mine.kind or e.icount != mine.icount:
-                raise self._diverge(f"expected {e.kind.name} at icount {e.icount}, replay produced "
-                                    f"{mine.kind.name} at icount {mine.icount}")
+            if e.kind in INPUT_KINDS and e.icount <= mine.icount:
+                raise self._diverge(f"{e.kind.name} recorded at icount {e.icount} was never asked for")
+            if e.kind != mine.kind or e.icount != mine.icount or e.vcpu != mine.vcpu:
+                raise self._diverge(f"expected {self._describe(e)}, replay produced {self._describe(mine)}")
             self._take()
             if not self.verify or e.payload == mine.payload:
                 continue
             if e.kind == EventKind.REG_DIGEST:
                 want, got = ev.decode_regs(e.payload), ev.decode_regs(mine.payload)
                 diff = {k: (want[k], got.get(k, 0)) for k in want if want[k] != got.get(k, 0)}
-                raise self._diverge("registers differ", reg_diff=diff, pages=self._page_diff_now())
+                what = "registers differ" + (f" (vCPU {e.vcpu})" if len(self.m.vcpus) > 1 else "")
+                raise self._diverge(what, reg_diff=diff)
             if e.kind == EventKind.MEM_DIGEST:
                 want, got = ev.decode_page_hashes(e.payload), ev.decode_page_hashes(mine.payload)
                 pages = [i for i in range(min(len(want), len(got))) if want[i] != got[i]]
@@ -336,26 +388,29 @@ class Replayer:
                 _, mcount, _ = ev.decode_output_digest(mine.payload)
                 raise self._diverge(f"output stream {name} differs (recorded {count} bytes, replay {mcount})")
 
-    def _page_diff_now(self) -> list[int]:
-        return []  # page hashes are compared at memory digests; registers diverged first
-
     def run(self, until: int | None = None) -> RunResult:
         """Replay to the end (or to exactly ``until`` instructions).
 
         A truncated log (a killed recorder) holds no evidence past its last
-        whole chunk, and no input either: the replay stops there.
+        whole chunk, and no input either: the replay stops there.  A recording
+        that ended by itself (a triple fault, a halt, a CPU error, a guest
+        exit) replays to that same end.
         """
         m = self.m
         limit = until
-        if self.reader.truncated:
+        if self.reader.truncated or (self._stream and self._exhausted and self.end_event is None):
             last = self.reader.last_icount or 0
             limit = last if limit is None else min(limit, last)
-        end = self.end_icount
-        if end is not None:
-            # never past the recording's end (a run recorded with an instruction limit stops there)
-            limit = end if limit is None else min(limit, end)
-        res = m.run(limit)
-        if res.reason is StopReason.LIMIT and (end is None or m.vcpu.icount < end or self.reader.truncated):
+        end = self.end_event
+        end_limit = _end_limit(end)
+        if end_limit is not None:
+            limit = end_limit if limit is None else min(limit, end_limit)
+        try:
+            res = m.run(limit)
+        except InputMismatch as e:
+            raise self._diverge(str(e)) from None
+        if res.reason is StopReason.LIMIT and (end is None or m.icount < end.icount or self.reader.truncated
+                                                or (until is not None and until < (end_limit or 0))):
             return res
         # the run ended: the recording must end the same way
         self._check(self._digests.snapshot(True))
@@ -368,10 +423,43 @@ class Replayer:
             raise self._diverge(f"replay ended ({res.reason.value}) but the recording continues with {e.kind.name} "
                                 f"at icount {e.icount}")
         end = self._take()
-        reason, status, _msg = ev.decode_end(end.payload)
-        end_ic = end.icount
-        if end_ic != m.vcpu.icount or reason != res.reason.value or status != res.status:
-            raise self._diverge(f"the run ended differently: recorded {reason} (status {status}) at icount {end_ic}, "
-                                f"replay {res.reason.value} (status {res.status}) at icount {m.vcpu.icount}")
+        reason, status, msg = ev.decode_end(end.payload)
+        replayed = res.reason.value
+        if reason in (StopReason.HOST.value, StopReason.BREAKPOINT.value) and res.reason is StopReason.LIMIT:
+            # the host stopped the recording there; the replay stops at the same count
+            res = RunResult(StopReason(reason), res.icount, status, msg, res.exit, res.counts, res.vcpu)
+            replayed = reason
+        if end.icount != m.icount or reason != replayed or status != res.status:
+            raise self._diverge(f"the run ended differently: recorded {reason} (status {status}) at icount "
+                                f"{end.icount}, replay {res.reason.value} (status {res.status}) at icount {m.icount}")
         return res
 
+
+def _check_config(cfg: dict) -> None:
+    """The header's config, checked before a machine is built from it (one-line errors)."""
+    from replay.events import LogFormatError
+
+    def need(key: str, types, ok=lambda v: True) -> None:
+        v = cfg.get(key)
+        if not isinstance(v, types) or isinstance(v, bool) and types is not bool or not ok(v):
+            raise LogFormatError(f"the log header's config has a bad {key!r}: {v!r}")
+
+    need("mem_size", int, lambda v: 2 << 20 <= v <= 3 << 30 and v % 4096 == 0)
+    need("rtc_epoch", int)
+    need("boot", str, lambda v: v in ("auto", "disk", "floppy", "multiboot", "flat"))
+    need("cmdline", str)
+    need("load_addr", int, lambda v: 0 <= v < 1 << 32)
+    need("digest_ticks", int, lambda v: 1000 <= v <= 1 << 40)
+    need("mem_digest_every", int, lambda v: 1 <= v <= 1 << 20)
+    if cfg.get("mmu", "shadow") not in ("shadow", "nested"):
+        raise LogFormatError(f"the log header's config names an unknown MMU mode {cfg.get('mmu')!r}")
+    vc = cfg.get("vcpus", 1)
+    if not isinstance(vc, int) or isinstance(vc, bool) or not 1 <= vc <= 64:
+        raise LogFormatError(f"the log header's config has a bad vCPU count {vc!r}")
+    q = cfg.get("quantum")
+    if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q < 1):
+        raise LogFormatError(f"the log header's config has a bad quantum {q!r}")
+    img = cfg.get("image")
+    if not isinstance(img, dict) or not isinstance(img.get("name"), str) or not isinstance(img.get("path"), str) \
+            or not isinstance(img.get("sha256"), str):
+        raise LogFormatError("the log header's config does not describe the image")

@@ -69,7 +69,7 @@ class TimeTravel:
         self.m = self.rp.m
         # None: adapt to the recording's length (see adaptive_interval)
         self.interval = interval if interval is not None else adaptive_interval(self.rp.end_icount)
-        self.cps = Checkpoints(self.m, self.rp.save_position, self.rp.load_position)
+        self.cps = Checkpoints(self.m, self.rp.save_position, self.rp.load_position, self.rp.timer_restorers)
         self.cps.take()
         self.end_icount = self.rp.end_icount
         self.breakpoints: set[int] = set()          # linear addresses (SW and HW alike)
@@ -80,23 +80,23 @@ class TimeTravel:
     # -- position ----------------------------------------------------------------
     @property
     def icount(self) -> int:
-        return self.m.vcpu.icount
+        return self.m.icount
 
     def _run_plain(self, target: int) -> RunResult:
         """Forward to ``target`` (or the end), checkpointing on the way."""
         m = self.m
-        while m.vcpu.icount < target:
+        while m.icount < target:
             last = self.cps.list[-1].icount
-            nxt = min(target, last + self.interval) if last + self.interval > m.vcpu.icount else target
+            nxt = min(target, last + self.interval) if last + self.interval > m.icount else target
             res = m.run(nxt)
             if res.reason is StopReason.BREAKPOINT:
                 return res
             if res.reason is not StopReason.LIMIT:
                 self.finished = res
                 return res
-            if m.vcpu.icount >= last + self.interval:
+            if m.icount >= last + self.interval:
                 self.cps.take()
-        return RunResult(StopReason.LIMIT, m.vcpu.icount)
+        return RunResult(StopReason.LIMIT, m.icount)
 
     def seek(self, target: int) -> int:
         """Put the machine at exactly ``target`` retired instructions (or the end)."""
@@ -128,7 +128,7 @@ class TimeTravel:
             if kind == WRITE and access == vcpu.ACCESS_WRITE and self._unchanged(address, size, value):
                 return  # gdb's `watch` reports a write only when it changes the value
             # record the instruction now executing; the stop point is just after it
-            self._watch_hits.append(Hit(vcpu.current_icount() + 1, kind, address))
+            self._watch_hits.append(Hit(self.m.clock.now() - self.m.clock.idle + 1, kind, address))
 
         self.watchpoints[(kind, addr, length)] = vcpu.add_watch_hook(kinds, addr, addr + length - 1, hook)
 

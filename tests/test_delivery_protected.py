@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-from unicorn.x86_const import UC_X86_REG_GDTR
 
 from devices.legacy.pic import Pic8259Pair
 from tools import guestkit
@@ -136,7 +135,7 @@ class G(Guest):
         self.gdt[sel & ~7] = desc
         _base, limit = self.cpu.gdtr
         if (sel & ~7) + 7 > limit:
-            self.cpu.uc.reg_write(UC_X86_REG_GDTR, (0, GDT, (sel & ~7) + 7, 0))
+            self.cpu.set_gdtr(GDT, (sel & ~7) + 7)
 
     def run(self, max_instructions: int = 200_000):
         # a run loop that keeps exiting without retiring anything would never

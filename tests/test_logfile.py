@@ -425,7 +425,7 @@ def _enc(kind: int, delta: int, payload: bytes) -> bytes:
             out.append(v & 0x7F | 0x80)
             v >>= 7
         return bytes(out + bytes([v]))
-    return varint(kind) + varint(delta) + varint(len(payload)) + payload
+    return varint(kind) + varint(delta) + varint(0) + varint(len(payload)) + payload  # version 2: vCPU 0
 
 
 HEADER = encode_header(CONFIG, DIGEST)
@@ -505,7 +505,7 @@ def test_header_errors(tmp_path):
 
     assert err(b"XMMRLOG\0" + good[8:]) == "not a vmm replay log (bad magic)"
     assert err(good[:8] + struct.pack("<H", 7) + good[10:]) == \
-        f"unsupported log format version 7 (this vmm reads version {ev.FORMAT_VERSION})"
+        f"unsupported log format version 7 (this vmm reads versions {ev.MIN_FORMAT_VERSION} to {ev.FORMAT_VERSION})"
     flipped = bytearray(good)
     flipped[20] ^= 1
     assert err(bytes(flipped)) == "corrupt log header (checksum mismatch)"
@@ -556,7 +556,7 @@ def test_describe(tmp_path):
     p = tmp_path / "s.log"
     write_log(p, one_of_each(5), chunk_events=4)
     text = describe(p)
-    for needle in ("format version   1", f"initial digest   {DIGEST}", "mem_size", "33554432",
+    for needle in (f"format version   {ev.FORMAT_VERSION}", f"initial digest   {DIGEST}", "mem_size", "33554432",
                    "chunks           3", "events           10", "icounts          5 .. 2005",
                    "REG_DIGEST       1", "end              icount 2005, reason 'exit', exit status 3"):
         assert needle in text, needle

@@ -28,7 +28,6 @@ Unicorn comparison, each named where it is skipped:
 """
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest
@@ -204,30 +203,24 @@ def machine(mmu: str) -> Machine:
 
 def probe(m: Machine, sc) -> tuple:
     """Set the CPU up as the scenario says and make it fill its TLB for the access."""
-    from unicorn import x86_const as X
-
     cpu = m.vcpu
-    uc = cpu.uc
     m.memory.ram[:] = 0
     fill(m.memory, sc["writes"])
-    uc.reg_write(X.UC_X86_REG_CR0, PE | 0x10)          # paging off first: leaves long mode
-    uc.reg_write(X.UC_X86_REG_MSR, (0xC000_0080, (sc["efer"] & ~LMA)))
-    uc.reg_write(X.UC_X86_REG_CR4, sc["cr4"])
-    uc.reg_write(X.UC_X86_REG_CR3, sc["cr3"])
-    uc.reg_write(X.UC_X86_REG_CR0, sc["cr0"] | 0x10)
+    cpu.set_reg("cr0", PE | 0x10)          # paging off first: leaves long mode
+    cpu.set_msr(0xC000_0080, sc["efer"] & ~LMA)
+    cpu.set_reg("cr4", sc["cr4"])
+    cpu.set_reg("cr3", sc["cr3"])
+    cpu.set_reg("cr0", sc["cr0"] | 0x10)
     assert bool(cpu.efer & LMA) == (sc["mode"] == "long")
     cpu.a20_mask = sc["a20"]
     cpu.set_cpl(3 if sc["user"] else 0)
     cpu.set_cr2(0)
     cpu.set_u32(ENV_ERROR_CODE, 0)
+    m.engine.load(cpu)
     cpu.flush_tlb()
-    import unicorn.unicorn_py3.unicorn as ucmod
-
-    out = ctypes.c_uint64(0)
-    prot = {"r": 1, "w": 2, "x": 4}[sc["access"]]
-    err = ucmod.uclib.uc_vmem_translate(uc._uch, ctypes.c_uint64(sc["lin"]), prot, ctypes.byref(out))
-    if err == 0:
-        return ("ok", out.value)
+    ok, pa = m.engine.unicorn_translate(sc["lin"], sc["access"])
+    if ok:
+        return ("ok", pa)
     return ("pf", cpu.cr2, cpu._u32(ENV_ERROR_CODE))
 
 

@@ -101,10 +101,10 @@ class Guest:
         self.gdt = g
         for sel, d in g.items():
             self.put(GDT + sel, struct.pack("<Q", d))
-        self.m.vcpu.uc.reg_write(__import__("unicorn").x86_const.UC_X86_REG_GDTR, (0, GDT, 0x7F, 0))
+        self.m.vcpu.set_gdtr(GDT, 0x7F)
 
     def set_idt(self, limit: int) -> None:
-        self.m.vcpu.uc.reg_write(__import__("unicorn").x86_const.UC_X86_REG_IDTR, (0, IDT, limit, 0))
+        self.m.vcpu.set_idtr(IDT, limit)
 
     def load(self, seg: int, sel: int) -> None:
         d = self.gdt[sel & ~3]

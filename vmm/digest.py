@@ -56,22 +56,33 @@ def regs_digest(regs: dict[str, int]) -> str:
 
 
 class OutputStream:
-    """A guest output stream, remembered as (count, running SHA-256) plus a short tail."""
+    """A guest output stream: its bytes, their count and running SHA-256.
 
-    TAIL = 4096
+    The bytes are kept so that the stream's state is plain data (a hash
+    object's midstate is not): saving stores them, loading hashes them again.
+    """
 
     def __init__(self, name: str):
         self.name = name
         self.count = 0
         self._h = hashlib.sha256()
-        self.tail = bytearray()
+        self.data = bytearray()
 
     def append(self, data: bytes) -> None:
         self.count += len(data)
         self._h.update(data)
-        self.tail += data
-        if len(self.tail) > 2 * self.TAIL:
-            del self.tail[: len(self.tail) - self.TAIL]
+        self.data += data
 
     def digest(self) -> str:
         return self._h.hexdigest()
+
+    def save_state(self) -> dict:
+        return {"kind": "output-stream", "version": 1, "name": self.name, "data": bytes(self.data)}
+
+    def load_state(self, st: dict) -> None:
+        data = st["data"]
+        if not isinstance(data, bytes):
+            raise ValueError("output stream data must be bytes")
+        self.data = bytearray(data)
+        self.count = len(data)
+        self._h = hashlib.sha256(data)

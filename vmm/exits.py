@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 class ExitReason(enum.Enum):
     DEADLINE = "deadline"          # the requested instruction count was reached exactly
-    IO = "io"                      # a device asked to stop right after an I/O instruction
+    IO = "io"                      # a device asked to stop right after an I/O or MMIO instruction
+    MMIO = "mmio"                  # (inside the vCPU) an MMIO access asked to stop; its instruction runs again
     HLT = "hlt"                    # HLT retired; the vCPU waits for an interrupt
     EXCEPTION = "exception"        # a fault, trap or INT n the VMM must deliver
     INTERRUPT_WINDOW = "irq-window"  # IF became 1 while an interrupt was waiting

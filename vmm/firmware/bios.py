@@ -51,6 +51,46 @@ class Bios:
         self.calls: dict[int, int] = {}
         self.screen = bytearray()
 
+    # -- saved state ----------------------------------------------------------------
+    def save_state(self) -> dict:
+        return {"kind": "hle-bios", "version": 1, "screen": bytes(self.screen),
+                "calls": {str(k): v for k, v in sorted(self.calls.items())},
+                "wait_until": getattr(self, "_wait_until", 0),
+                "disks": {str(d): {"sha256": img.sha256(), "overlay": {str(s): data for s, data in
+                                                                        sorted(img.overlay.items())}}
+                          for d, img in sorted(self.disks.items())}}
+
+    def load_state(self, st: dict) -> None:
+        from devices.base import DeviceStateError
+
+        if not isinstance(st, dict) or st.get("kind") != "hle-bios" or st.get("version") != 1:
+            raise DeviceStateError("firmware: not an HLE BIOS state of version 1")
+        try:
+            self.screen = bytearray(st["screen"])
+            self.calls = {int(k): int(v) for k, v in st["calls"].items()}
+            self._wait_until = int(st["wait_until"])
+            disks = st["disks"]
+            if sorted(int(d) for d in disks) != sorted(self.disks):
+                raise DeviceStateError("firmware: the saved disks are not this machine's")
+            for d, img in self.disks.items():
+                sd = disks[str(d)]
+                if sd["sha256"] != img.sha256():
+                    raise DeviceStateError(f"firmware: disk {d:#x} is not the image the state was saved with")
+                ov = {int(s): bytes(v) for s, v in sd["overlay"].items()}
+                if any(not 0 <= s < img.sectors or len(v) != 512 for s, v in ov.items()):
+                    raise DeviceStateError(f"firmware: disk {d:#x} overlay has a bad sector")
+                img.overlay = ov
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DeviceStateError(f"firmware: malformed state ({e})") from None
+
+    def timer_restorers(self) -> dict:
+        return {"bios-wait": self._wake}
+
+    def attach(self) -> None:
+        """Take over the trap range without writing memory (restoring a saved machine)."""
+        self.m.vcpu.set_trap_range(ROM_BASE + TRAP_OFF, 0x100)
+        self.m.firmware = self
+
     # -- installation ---------------------------------------------------------------
     def install(self) -> None:
         m = self.m
@@ -557,7 +597,7 @@ class Bios:
             self._fail()
 
     def _wake(self, now: int) -> None:
-        self.m.halted = False  # the wait loop's HLT ends at the deadline even with no interrupt
+        self.m.wake(0)  # the wait loop's HLT ends at the deadline even with no interrupt
 
     def int_f0(self) -> None:
         """The INT 15h AH=86h wait loop's check: done, or halt again."""

@@ -20,6 +20,10 @@ Representation (readable from C, used by the shadow MMU's TLB fill):
   the run, as an access outside RAM always has).  A VALID entry without the
   right permission is a violation.
 * ``dirty``: numpy uint8 per GPA page.
+* ``MMIO``=32: the page belongs to the MMIO bus (a device claims it); the
+  entry is VALID|MMIO|R|W with the GPA's own frame number, where the vCPU
+  maps a Unicorn MMIO region.  The guest's accesses reach the device; the
+  page walk and DMA treat it as no memory (all ones, refused).
 * host frames: Unicorn physical pages.  Frames [0, ram_frames) are the
   guest RAM buffer (``GuestMemory``), identity-mapped at boot; an optional
   pool of spare frames (``add_pool``) starts at ``POOL_FIRST``.
@@ -45,6 +49,7 @@ R, W, X = 1, 2, 4
 RWX = R | W | X
 LOG = 8
 VALID = 16
+MMIO = 32     # routed to the MMIO bus: the frame number is the GPA's own (a Unicorn MMIO region)
 FLAG_MASK = 0xFFF
 
 POOL_FIRST = 1 << 26          # host frame number of the first pool frame (256 GiB in Unicorn's space)
@@ -208,6 +213,13 @@ class Ept:
             bits = (bits & ~W) | LOG
         self._set(gpn, npages, frames | np.uint64(VALID | bits))
 
+    def set_mmio(self, gpa: int, on: bool) -> None:
+        """Route the page at ``gpa`` to the MMIO bus (or make it a hole again)."""
+        gpn = self._gpn(gpa)
+        if gpn < self.ram_frames:
+            raise EptError(f"GPA {gpa:#x} is RAM; MMIO there is not routed")
+        self._set(gpn, 1, (gpn << 12) | VALID | MMIO | R | W if on else 0)
+
     def unmap(self, gpa: int, npages: int = 1, trap: bool = True) -> None:
         """Take pages away from the guest.  ``trap``: every access is a violation
         the handlers see (lazy allocation, emulated MMIO); else a hole."""
@@ -241,6 +253,67 @@ class Ept:
         if not e & VALID:
             return ""
         return "".join(c for c, b in (("r", R), ("w", W), ("x", X)) if e & b or (b == W and e & LOG))
+
+    # -- saved state --------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The entries that differ from the boot table (MMIO pages excepted: the devices'
+        claims put those back), the dirty log, and the pool frames in use."""
+        boot = self.boot_entries()
+        diff = np.flatnonzero((self.entries != boot) & ((self.entries & np.uint64(MMIO)) == 0))
+        pool: dict = {}
+        if self.pool is not None:
+            free = set(self._free)
+            used = [f for f in range(POOL_FIRST, POOL_FIRST + self.pool_frames) if f not in free]
+            pool = {"frames": self.pool_frames, "free": list(self._free),
+                    "used": used, "data": b"".join(self.frame(f).tobytes() for f in used)}
+        return {"kind": "ept", "version": 1, "gpns": diff.astype("<u8").tobytes(),
+                "entries": self.entries[diff].astype("<u8").tobytes(), "logging": self.logging,
+                "dirty": np.flatnonzero(self.dirty).astype("<u8").tobytes(), "pool": pool}
+
+    def load_state(self, st: dict) -> None:
+        from devices.base import DeviceStateError
+
+        if not isinstance(st, dict) or st.get("kind") != "ept" or st.get("version") != 1:
+            raise DeviceStateError("ept: not an EPT state of version 1")
+        try:
+            gpns = np.frombuffer(st["gpns"], dtype="<u8").astype(np.int64)
+            vals = np.frombuffer(st["entries"], dtype="<u8").astype(np.uint64)
+            dirty = np.frombuffer(st["dirty"], dtype="<u8").astype(np.int64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeviceStateError(f"ept: malformed state ({e})") from None
+        if gpns.size != vals.size or (gpns.size and gpns.max() >= self.npages) or \
+                (dirty.size and dirty.max() >= self.npages):
+            raise DeviceStateError("ept: entries outside the table")
+        pool = st.get("pool") or {}
+        if pool:
+            if self.pool is None:
+                self.add_pool(int(pool["frames"]))
+            if int(pool["frames"]) != self.pool_frames:
+                raise DeviceStateError("ept: the saved frame pool has another size")
+            used = [int(f) for f in pool["used"]]
+            data = pool["data"]
+            if len(data) != len(used) * PAGE:
+                raise DeviceStateError("ept: pool frame data does not match the frame list")
+            for i, f in enumerate(used):
+                self.frame(f)[:] = np.frombuffer(data[i * PAGE:(i + 1) * PAGE], dtype=np.uint8)
+            self._free = [int(f) for f in pool["free"]]
+        mmio = (self.entries & np.uint64(MMIO)) != 0
+        new = self.boot_entries()
+        new[mmio] = self.entries[mmio]
+        new[gpns] = vals
+        changed = np.flatnonzero(new != self.entries)
+        if changed.size:
+            self._set_many(changed, new[changed])
+        self.logging = bool(st.get("logging", False))
+        self.dirty[:] = 0
+        self.dirty[dirty] = 1
+
+    def _set_many(self, gpns: np.ndarray, values: np.ndarray) -> None:
+        self.touched = True
+        old = self.entries[gpns].copy()
+        self.entries[gpns] = values
+        if self.on_change is not None:
+            self.on_change(gpns, old)
 
     # -- violations -------------------------------------------------------------------
     def handle_violation(self, v: Violation) -> bool:
@@ -319,8 +392,8 @@ class Ept:
         for _ in range(4):
             gpn = gpa // PAGE
             e = int(self.entries[gpn]) if 0 <= gpn < self.npages else 0
-            if not e & VALID:
-                return None, 0
+            if not e & VALID or e & MMIO:
+                return None, 0   # nothing there, or a device's page: the VMM's own accesses see no memory
             need = _ACCESS_BITS[access]
             if e & need or (need == W and e & LOG):
                 if need == W and e & LOG:
@@ -351,6 +424,7 @@ class Ept:
             fr, off = self._host_range(gpa, "w")
             if fr is not None:
                 e = int(self.entries[gpa // PAGE])
+                # (e is RAM or a pool frame here: holes and MMIO came back as None)
                 hfn = e >> 12
                 if hfn == gpa // PAGE:
                     self.memory.write(gpa, data[pos:pos + chunk])   # notifies code and dirty log

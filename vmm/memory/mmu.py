@@ -28,22 +28,28 @@ def _a20(mask: int) -> int:
     return mask - (1 << 32) if mask & 0x8000_0000 else mask
 
 
+def mmu_view(ept: Ept):
+    """The C view of an EPT and its host frames (a ``vmm_mmu``), as the walk and the
+    shadow MMU read it.  Keep the returned object alive as long as C uses it."""
+    m = ffi.new("vmm_mmu *")
+    m.ept = ffi.cast("uint64_t *", ept.entries.ctypes.data)
+    m.ept_pages = ept.npages
+    m.dirty = ffi.cast("uint8_t *", ept.dirty.ctypes.data)
+    m.ram = ffi.cast("uint8_t *", ept.memory.address())
+    m.ram_frames = ept.ram_frames
+    if ept.pool is not None:
+        m.pool = ffi.cast("uint8_t *", ept.pool.ctypes.data)
+        m.pool_first = ept.pool_first
+        m.pool_frames = ept.pool_frames
+    return m
+
+
 class CWalk:
     """The C page walk over ``ept`` (GPA -> host frames), as a Python call."""
 
     def __init__(self, ept: Ept):
         self.ept = ept
-        m = ffi.new("vmm_mmu *")
-        m.ept = ffi.cast("uint64_t *", ept.entries.ctypes.data)
-        m.ept_pages = ept.npages
-        m.dirty = ffi.cast("uint8_t *", ept.dirty.ctypes.data)
-        m.ram = ffi.cast("uint8_t *", ept.memory.address())
-        m.ram_frames = ept.ram_frames
-        if ept.pool is not None:
-            m.pool = ffi.cast("uint8_t *", ept.pool.ctypes.data)
-            m.pool_first = ept.pool_first
-            m.pool_frames = ept.pool_frames
-        self._m = m
+        self._m = mmu_view(ept)
         self._r = ffi.new("vmm_walk_result *")
 
     def translate(self, lin: int, access: str, user: bool, cr0: int, cr3: int, cr4: int, efer: int,

@@ -87,6 +87,33 @@ class GuestMemory:
             (v & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"), dtype=np.uint8
         )
 
+    # -- saved state -------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Every page that is not all zeros (guest RAM is mostly untouched)."""
+        used = np.flatnonzero(self.ram.view(np.uint64).reshape(-1, PAGE // 8).any(axis=1)).astype("<u4")
+        data = self.ram.reshape(-1, PAGE)[used].tobytes()
+        return {"kind": "ram", "version": 1, "size": self.size, "pages": used.tobytes(), "data": data}
+
+    def load_state(self, st: dict) -> None:
+        from devices.base import DeviceStateError
+
+        if not isinstance(st, dict) or st.get("kind") != "ram" or st.get("version") != 1:
+            raise DeviceStateError("ram: not a RAM state of version 1")
+        if st.get("size") != self.size:
+            raise DeviceStateError(f"ram: saved RAM is {st.get('size')} bytes, this machine has {self.size}")
+        pages, data = st.get("pages"), st.get("data")
+        if not isinstance(pages, bytes) or not isinstance(data, bytes) or len(pages) % 4 \
+                or len(data) != len(pages) // 4 * PAGE:
+            raise DeviceStateError("ram: page list and page data do not agree")
+        idx = np.frombuffer(pages, dtype="<u4").astype(np.int64)
+        if idx.size and (idx.max() >= self.size // PAGE):
+            raise DeviceStateError("ram: a saved page lies beyond the end of RAM")
+        self.ram[:] = 0
+        if idx.size:
+            self.ram.reshape(-1, PAGE)[idx] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE)
+        if self.on_host_write is not None:
+            self.on_host_write(0, self.size)
+
     def address(self) -> int:
         """Host address of the buffer, for mapping into the CPU core."""
         return self.ram.ctypes.data

@@ -20,6 +20,7 @@ from devices.legacy.pit import Pit8254, SystemControlB
 from devices.legacy.rtc import Rtc146818
 from host.serial import NullBackend, SerialBackend
 from devices.legacy.uart import Uart16550
+from vmm.boundary import CONSOLE, Boundary
 from vmm.digest import OutputStream
 from vmm.machine import Machine
 
@@ -36,12 +37,15 @@ class PcConfig:
     com2: SerialBackend | None = None
     input_to: str = "serial"  # where console input goes: "serial" (COM1) or "keyboard" (8042)
     mmu: str = "shadow"       # "shadow" (C TLB fill: guest tables + EPT) or "nested" (Unicorn walks)
+    vcpus: int = 1
+    quantum: int | None = None  # instructions per vCPU turn (None: the machine's default)
 
 
 class PcMachine(Machine):
     def __init__(self, config: PcConfig | None = None):
         config = config or PcConfig()
-        super().__init__(config.mem_size, mmu=config.mmu)
+        kw = {} if config.quantum is None else {"quantum": config.quantum}
+        super().__init__(config.mem_size, mmu=config.mmu, vcpus=config.vcpus, **kw)
         self.config = config
         clock = self.clock
         pic = Pic8259Pair()
@@ -74,39 +78,51 @@ class PcMachine(Machine):
         self.on_console_output: Callable[[bytes], None] | None = None
         self._input_pending = bytearray()
         self._input_timer = None
-        self.input_source: Callable[[], bytes] | None = None
+        self.boundary = Boundary()
+        self.boundary.bind(self)
+        self.polling = False
         self.pace_idle = False
 
-    # -- the input source: everything typed comes through here, on virtual time --
-    def start_input_polling(self, source: Callable[[], bytes], pace_idle: bool = False) -> None:
-        """Ask ``source()`` for console input every SOURCE_POLL_TICKS of virtual time.
+    # -- input: everything typed comes through the boundary, on virtual time --
+    def set_boundary(self, boundary: Boundary) -> None:
+        """Use another boundary (a recording's or a replay's); keeps the attached sources."""
+        for ch, src in self.boundary.sources.items():
+            boundary.attach(ch, src)
+        self.boundary = boundary
+        boundary.bind(self)
 
-        Only *what* the source returns can differ between runs; *when* it is
+    def start_input_polling(self, source: Callable[[], bytes] | None = None, pace_idle: bool = False) -> None:
+        """Ask the boundary for console input every SOURCE_POLL_TICKS of virtual time.
+
+        Only *what* the boundary answers can differ between runs; *when* it is
         asked is a function of virtual time, which is what makes recording
-        input (replay/) enough to reproduce a run.  ``pace_idle`` sleeps the
+        input (replay/) enough to reproduce a run.  ``source`` is the host
+        source to attach to the console channel.  ``pace_idle`` sleeps the
         host briefly while the guest is halted, so an idle live guest does not
         spin; it changes nothing the guest can observe.
         """
-        self.input_source = source
+        if source is not None:
+            self.boundary.attach(CONSOLE, source)
         self.pace_idle = pace_idle
-        self.clock.schedule_in(SOURCE_POLL_TICKS, self._poll_source, "input-source")
+        if not self.polling:
+            self.polling = True
+            self.clock.schedule_in(SOURCE_POLL_TICKS, self._poll_source, "input-source")
 
     def _poll_source(self, now: int) -> None:
-        src = self.input_source
-        if src is None:
+        if not self.polling:
             return
-        data = src()
+        data = self.boundary.input(CONSOLE)
         if data:
             self.console_input(data)
         if self.pace_idle and self.halted:
             import time
 
             time.sleep(0.002)
-        if self.input_source is not None:
+        if self.polling:
             self.clock.schedule_in(SOURCE_POLL_TICKS, self._poll_source, "input-source")
 
     def stop_input_polling(self) -> None:
-        self.input_source = None
+        self.polling = False
 
     # -- A20 -------------------------------------------------------------------------
     def _a20_from_kbd(self, on: bool) -> None:
@@ -122,9 +138,11 @@ class PcMachine(Machine):
         return self._a20_kbd or self._a20_fast
 
     def _apply_a20(self) -> None:
+        # the A20 gate is the board's: every CPU sees address bit 20 masked the same way
         mask = -1 if self.a20_enabled else ~(1 << 20)
-        if self.vcpu.a20_mask != mask:
-            self.vcpu.a20_mask = mask
+        for v in self.vcpus:
+            if v.a20_mask != mask:
+                v.a20_mask = mask
 
     # -- output ---------------------------------------------------------------------
     def _serial_tx(self, byte: int) -> None:
@@ -161,3 +179,38 @@ class PcMachine(Machine):
                 self.com1.receive(chunk)
         if self._input_pending:
             self._input_timer = self.clock.schedule_in(INPUT_POLL_TICKS, self._deliver_input, "console-input")
+
+    # -- saved state ---------------------------------------------------------------------
+    def timer_restorers(self) -> dict[str, Callable[[int], None]]:
+        return {"input-source": self._poll_source, "console-input": self._deliver_input}
+
+    def save_state(self, ram: bool = True) -> dict:
+        parts = super().save_state(ram)
+        parts["platform"] = {
+            "kind": "pc", "version": 1, "a20_kbd": self._a20_kbd, "a20_fast": self._a20_fast,
+            "input_pending": bytes(self._input_pending), "polling": self.polling,
+            "outputs": {k: o.save_state() for k, o in self.outputs.items()},
+        }
+        return parts
+
+    def load_state(self, parts: dict, extra_restorers: dict | None = None) -> list[str]:
+        from devices.base import DeviceStateError
+
+        st = parts.get("platform")
+        if not isinstance(st, dict) or st.get("kind") != "pc" or st.get("version") != 1:
+            raise DeviceStateError("the saved state has no PC platform part of version 1")
+        lost = super().load_state(parts, extra_restorers)
+        try:
+            self._a20_kbd = bool(st["a20_kbd"])
+            self._a20_fast = bool(st["a20_fast"])
+            self._input_pending = bytearray(st["input_pending"])
+            self.polling = bool(st["polling"])
+            for k, o in self.outputs.items():
+                o.load_state(st["outputs"][k])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeviceStateError(f"pc: malformed platform state ({e})") from None
+        self.serial_out[:] = self.outputs["com1"].data
+        self.debugcon_out[:] = self.outputs["debugcon"].data
+        self._input_timer = self.clock.find("console-input")
+        self._apply_a20()
+        return lost

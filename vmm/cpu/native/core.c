@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unicorn/unicorn.h>
 
 #define TBC_BITS 16
@@ -42,6 +43,7 @@
 #define VMM_STOP_UD       0x20u
 #define VMM_STOP_INSN     0x40u
 #define VMM_STOP_IRQWIN   0x80u
+#define VMM_STOP_MMIO     0x100u  /* an MMIO access asked for a stop: EIP is back at its instruction */
 
 #define VMM_IO_STOP       0x1
 #define VMM_SLOW_IRQ      0x1
@@ -76,6 +78,22 @@ typedef struct {
     uint32_t pad;
 } vmm_tbc_entry;
 
+#define VMM_MMIO_LOG 16
+
+typedef struct {
+    uint64_t gpa;
+    uint64_t value;
+    uint64_t host_pc;     /* where in translated code the access was made (CPUState::mem_io_pc) */
+    uint32_t size;
+    uint32_t is_write;
+} vmm_mmio_rec;
+
+typedef struct vmm_mmio_region {
+    struct vmm_core *core;
+    uint64_t base;
+    uint64_t size;
+} vmm_mmio_region;
+
 typedef struct vmm_core {
     void *uc;
     void *cpu;
@@ -104,6 +122,22 @@ typedef struct vmm_core {
     void *mmu;            /* vmm_mmu: the EPT and host frames (mmu.c) */
     void *shadow;         /* vmm_shadow in --mmu shadow, NULL in nested mode */
     uc_hook mem_hook;
+    /* MMIO: the accesses made since the current block started (for an exact
+       stop), and the ones to hand back when the stopped instruction runs again */
+    uint64_t mmio_count;
+    uint32_t mmio_log_len;
+    uint32_t mmio_replay_len;
+    uint32_t mmio_replay_pos;
+    uint32_t mmio_aborts;
+    uint64_t mmio_pc_off;        /* offset of CPUState::mem_io_pc, 0 if unknown */
+    bool (*restore_state)(void *cpu, uintptr_t host_pc, bool will_exit);
+    void (*tb_invalidate_range)(void *uc, uint64_t start, uint64_t end);
+    uint64_t (*ram_addr_from_host)(void *uc, void *ptr);
+    uint64_t (*tb_invalidations)(void *tcg_ctx);
+    void *tcg_ctx;
+    uint64_t code_invalidations;
+    vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
+    vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
 } vmm_core;
 
@@ -114,6 +148,7 @@ static void vmm_mmu_run_end(vmm_core *c);
 static int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
                      uint32_t value, uint32_t *result);
 static int vmm_py_event(void *handle, int kind);
+static int vmm_py_mmio(void *handle, int is_write, uint64_t gpa, int size, uint64_t value, uint64_t *result);
 
 static vmm_core *vmm_core_new(void)
 {
@@ -190,6 +225,7 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     }
     c->icount = next;
     c->cur = e;
+    c->mmio_log_len = 0;
 }
 
 /* Length of a non-string IN/OUT at the current EIP, or 0 for string forms
@@ -329,6 +365,166 @@ static void sysenter_hook(uc_engine *uc, void *ud)
     exit_now(c);
 }
 
+/* ---------------------------------------------------------------- MMIO */
+/* Guest accesses to guest-physical pages the MMIO bus claims reach these two
+   callbacks (Unicorn mmio regions; in shadow mode the EPT maps those GPAs to
+   the same Unicorn physical addresses).  The Python bus does the access.
+
+   An exact stop.  When the access asks to stop (it raised an interrupt, or
+   ended the run), the vCPU must stop right after the instruction, whatever
+   the block shape, as port I/O does.  Unicorn checks for a stop request after
+   every memory operation and then leaves with cpu_loop_exit_restore: EIP goes
+   back to the start of the instruction, which has not retired.  So the
+   accesses this instruction made are kept (`mmio_replay`), the vCPU stops at
+   the instruction, and the VMM runs that one instruction again: its MMIO
+   accesses are answered from `mmio_replay` (same values, no second side
+   effect) until they are used up.  Which logged accesses belong to the
+   instruction is found from where in translated code each was made
+   (CPUState::mem_io_pc), mapped back to a guest EIP by cpu_restore_state. */
+static void mmio_log(vmm_core *c, uint64_t gpa, uint32_t size, uint32_t is_write, uint64_t value)
+{
+    vmm_mmio_rec *r;
+    if (c->mmio_log_len == VMM_MMIO_LOG) {
+        memmove(c->mmio_log, c->mmio_log + 1, sizeof(vmm_mmio_rec) * (VMM_MMIO_LOG - 1));
+        c->mmio_log_len--;
+    }
+    r = &c->mmio_log[c->mmio_log_len++];
+    r->gpa = gpa;
+    r->size = size;
+    r->is_write = is_write;
+    r->value = value;
+    r->host_pc = c->mmio_pc_off ? *(uint64_t *)((uint8_t *)c->cpu + c->mmio_pc_off) : 0;
+}
+
+static uint64_t env_eip(vmm_core *c) { return *(uint64_t *)(c->env + ENV_EIP); }
+
+static void mmio_abort(vmm_core *c)
+{
+    uint32_t last = c->mmio_log_len - 1, first = last, i;
+    uint64_t eip;
+    if (c->mmio_pc_off && c->restore_state && c->mmio_log[last].host_pc &&
+        c->restore_state(c->cpu, c->mmio_log[last].host_pc, false)) {
+        eip = env_eip(c);
+        while (first > 0 && c->mmio_log[first - 1].host_pc &&
+               c->restore_state(c->cpu, c->mmio_log[first - 1].host_pc, false) && env_eip(c) == eip)
+            first--;
+        c->restore_state(c->cpu, c->mmio_log[last].host_pc, false);
+    }
+    c->mmio_replay_len = last - first + 1;
+    for (i = 0; i < c->mmio_replay_len; i++)
+        c->mmio_replay[i] = c->mmio_log[first + i];
+    c->mmio_replay_pos = 0;
+    c->mmio_aborts++;
+    c->stop_flags |= VMM_STOP_MMIO;
+    uc_emu_stop(c->uc);
+}
+
+/* 1: the access was answered from the replay list (value in *v for reads) */
+static int mmio_replayed(vmm_core *c, uint64_t gpa, uint32_t size, uint32_t is_write, uint64_t *v)
+{
+    vmm_mmio_rec *r;
+    if (c->mmio_replay_pos >= c->mmio_replay_len)
+        return 0;
+    r = &c->mmio_replay[c->mmio_replay_pos];
+    if (r->gpa != gpa || r->size != size || r->is_write != is_write) {
+        c->mmio_replay_len = 0;   /* the instruction went another way: everything from here is live */
+        return 0;
+    }
+    c->mmio_replay_pos++;
+    *v = r->value;
+    mmio_log(c, gpa, size, is_write, r->value);
+    return 1;
+}
+
+static uint64_t mmio_read_cb(uc_engine *uc, uint64_t offset, unsigned size, void *ud)
+{
+    vmm_mmio_region *reg = ud;
+    vmm_core *c = reg->core;
+    uint64_t gpa = reg->base + offset, v = 0;
+    if (mmio_replayed(c, gpa, size, 0, &v))
+        return v;
+    c->mmio_count++;
+    if (vmm_py_mmio(c->handle, 0, gpa, (int)size, 0, &v)) {
+        mmio_log(c, gpa, size, 0, v);
+        mmio_abort(c);
+        return v;
+    }
+    mmio_log(c, gpa, size, 0, v);
+    return v;
+}
+
+static void mmio_write_cb(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *ud)
+{
+    vmm_mmio_region *reg = ud;
+    vmm_core *c = reg->core;
+    uint64_t gpa = reg->base + offset, v = 0, dummy = 0;
+    if (mmio_replayed(c, gpa, size, 1, &v))
+        return;
+    c->mmio_count++;
+    if (vmm_py_mmio(c->handle, 1, gpa, (int)size, value, &dummy)) {
+        mmio_log(c, gpa, size, 1, value);
+        mmio_abort(c);
+        return;
+    }
+    mmio_log(c, gpa, size, 1, value);
+}
+
+static vmm_mmio_region *vmm_mmio_map(vmm_core *c, uint64_t base, uint64_t size)
+{
+    vmm_mmio_region *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->core = c;
+    r->base = base;
+    r->size = size;
+    if (uc_mmio_map(c->uc, base, size, mmio_read_cb, r, mmio_write_cb, r) != UC_ERR_OK) {
+        free(r);
+        return NULL;
+    }
+    return r;
+}
+
+static int vmm_mmio_unmap(vmm_core *c, vmm_mmio_region *r)
+{
+    int e = (int)uc_mem_unmap(c->uc, r->base, r->size);
+    if (e == UC_ERR_OK)
+        free(r);
+    return e;
+}
+
+static void vmm_mmio_replay_clear(vmm_core *c)
+{
+    c->mmio_replay_len = c->mmio_replay_pos = 0;
+}
+
+/* ---------------------------------------------------------------- code invalidation */
+/* The VMM (delivery, the BIOS, DMA) wrote n bytes of guest RAM at host address
+   `host`.  Unicorn never notices host writes (UNICORN.md 6), so translated
+   code overlapping those bytes is invalidated here, and only that: QEMU's
+   tb_invalidate_phys_range checks each block of the page against the byte
+   range.  If any block went, the block-count cache may now hold counts of
+   code that changed under an unchanged (address, size, mode) key: it is
+   dropped too.  Returns the number of blocks invalidated. */
+static uint64_t vmm_core_host_write(vmm_core *c, uint8_t *host, uint64_t n)
+{
+    uint64_t before, after, ram;
+    if (!c->tb_invalidate_range || !c->ram_addr_from_host || !c->tb_invalidations || n == 0) {
+        memset(c->tbc, 0, sizeof(c->tbc));
+        return 0;
+    }
+    ram = c->ram_addr_from_host(c->uc, host);
+    if (ram == ~0ull)
+        return 0;
+    before = c->tcg_ctx ? c->tb_invalidations(c->tcg_ctx) : 0;
+    c->tb_invalidate_range(c->uc, ram, ram + n);
+    after = c->tcg_ctx ? c->tb_invalidations(c->tcg_ctx) : 1;
+    if (after != before) {
+        memset(c->tbc, 0, sizeof(c->tbc));
+        c->code_invalidations++;
+    }
+    return after - before;
+}
+
 /* Locate CPUState and CPUX86State behind the public handle.  uc_struct holds
    `reg_read` and, 38 pointers later, `cpu` (include/uc_priv.h of 2.1.4); the
    X86CPU object holds env after CPUState.  Both are validated: env must hold
@@ -362,6 +558,16 @@ static int vmm_core_attach(vmm_core *c, void *uc, uint64_t reg_read_fn, uint64_t
     if (!c->env) return -3;
     c->uc = uc;
     c->cpu = cpu;
+    /* CPUState::env_ptr points at env; mem_io_pc follows it after
+       icount_decr_ptr, tb_jmp_cache[1 << 12], node, breakpoints, watchpoints,
+       watchpoint_hit and opaque (include/hw/core/cpu.h of 2.1.4); the VMM
+       checks the offset against a real MMIO access at start-up. */
+    for (i = 0; i < 0x1000; i += 8) {
+        if (*(uint64_t *)(cpu + i) == (uint64_t)(uintptr_t)c->env) {
+            c->mmio_pc_off = (uint64_t)i + 8 + 8 + 8 * 4096 + 16 + 16 + 16 + 8 + 8;
+            break;
+        }
+    }
     c->loop_exit = (void (*)(void *))(uintptr_t)loop_exit_fn;
     return 0;
 }
@@ -400,4 +606,54 @@ static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
         vmm_mmu_run_end(c);
         return e;
     }
+}
+
+/* Unicorn functions the core calls that its public API does not offer
+   (exported QEMU symbols; the VMM passes their addresses). */
+/* Is [p, p+n) readable memory of this process?  (mincore fails with ENOMEM
+   on unmapped pages.) */
+static int readable(const void *p, size_t n)
+{
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095, end = (uintptr_t)p + n;
+    unsigned char vec[64];
+    if (!p || ((uintptr_t)p & 7) || n == 0 || end < (uintptr_t)p)
+        return 0;
+    while (a < end) {
+        size_t len = end - a > 64 * 4096 ? 64 * 4096 : end - a;
+        if (mincore((void *)a, len, vec) != 0)
+            return 0;
+        a += (len + 4095) & ~(size_t)4095;
+    }
+    return 1;
+}
+
+/* uc_struct::tcg_ctx, found by what it holds: a TCGContext has the code
+   buffer's address followed by its size, which the VMM chose. */
+static void *find_tcg_ctx(vmm_core *c, uint64_t tcg_buffer_size)
+{
+    uint64_t *w = (uint64_t *)c->uc;
+    size_t i, k;
+    if (!tcg_buffer_size || !readable(w, 0x2000 * 8))
+        return NULL;
+    for (i = 0; i < 0x2000; i++) {
+        uint64_t *p = (uint64_t *)(uintptr_t)w[i];
+        if (!readable(p, 0x8000 * 8))
+            continue;
+        for (k = 0; k + 1 < 0x8000; k++) {
+            if (p[k + 1] == tcg_buffer_size && p[k] && readable((void *)(uintptr_t)p[k], 4096))
+                return p;
+        }
+    }
+    return NULL;
+}
+
+static void vmm_core_set_unicorn_fns(vmm_core *c, uint64_t restore_state, uint64_t tb_invalidate_range,
+                                     uint64_t ram_addr_from_host, uint64_t tb_invalidations,
+                                     uint64_t tcg_buffer_size)
+{
+    c->restore_state = (bool (*)(void *, uintptr_t, bool))(uintptr_t)restore_state;
+    c->tb_invalidate_range = (void (*)(void *, uint64_t, uint64_t))(uintptr_t)tb_invalidate_range;
+    c->ram_addr_from_host = (uint64_t (*)(void *, void *))(uintptr_t)ram_addr_from_host;
+    c->tb_invalidations = (uint64_t (*)(void *))(uintptr_t)tb_invalidations;
+    c->tcg_ctx = find_tcg_ctx(c, tcg_buffer_size);
 }
