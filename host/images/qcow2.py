@@ -734,7 +734,7 @@ class Qcow2Image(BlockImage):
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
         inner = offset & self._cmask
-        if inner + length <= self.cluster_size:
+        if 0 < length and inner + length <= self.cluster_size:
             # The common request, inside one standard cluster: one pread.
             e = self._l2_entry(offset >> self.cluster_bits)
             if e & OFFSET_MASK and not e & (OFLAG_COMPRESSED | OFLAG_ZERO):
