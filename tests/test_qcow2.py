@@ -379,15 +379,17 @@ def test_images_converted_by_qemu_read_back(cluster_size, options):
 
 
 @needs_qemu
-@pytest.mark.parametrize("cluster_size", [4096, 65536])
+@pytest.mark.parametrize("cluster_size", [512, 4096, 65536])
 @pytest.mark.parametrize("compat", ["0.10", "1.1"])
-def test_overlay_written_by_qemu_io(cluster_size, compat):
+@pytest.mark.parametrize("backing", [True, False], ids=["overlay", "plain"])
+def test_images_written_by_qemu_io(cluster_size, compat, backing):
     with tempfile.TemporaryDirectory() as d:
         base = os.path.join(d, "base.raw")
         _known_raw(base, 2 * 1024 * 1024)
         path = os.path.join(d, "ov.qcow2")
-        qemu(QEMU_IMG, "create", "-f", "qcow2", "-b", base, "-F", "raw",
-             "-o", f"cluster_size={cluster_size},compat={compat}", path)
+        link = ["-b", base, "-F", "raw"] if backing else []
+        qemu(QEMU_IMG, "create", "-f", "qcow2", *link, "-o", f"cluster_size={cluster_size},compat={compat}",
+             path, str(2 * 1024 * 1024))
         qemu(QEMU_IO, "-c", "write -P 0x5a 100k 70k", "-c", "write -z 256k 128k",
              "-c", "discard 512k 128k", "-c", "write -P 0x11 1900k 148k", path)
         expected = qemu_raw(path)
