@@ -74,6 +74,25 @@ def kill_ops(seed: int, count: int, cluster: int) -> list[tuple]:
     return ops
 
 
+def run_kill_ops(path: str, seed: int, count: int, cluster: int, small_cache: bool, note) -> None:
+    """Open the image and run the ops for ``seed``, calling ``note`` with
+    ``F i`` once the flush that is op ``i`` has returned and ``O i`` after
+    any other op."""
+    im = open_image(path, True, limits=Limits(cache_bytes=1) if small_cache else Limits())
+    note("READY")
+    for i, op in enumerate(kill_ops(seed, count, cluster)):
+        if op[0] == "write":
+            im.write(op[1], pattern(op[3], op[2]))
+        elif op[0] == "discard":
+            im.discard(op[1], op[2])
+        else:
+            im.flush()
+            note(f"F {i}")
+            continue
+        note(f"O {i}")
+    im.close()
+
+
 def _child(path: str, seed: int, count: int, cluster: int, kill_at: int, small_cache: int) -> None:
     """Run in a child process: the ops for ``seed``, printing ``F i`` once the
     flush that is op ``i`` has returned; with ``kill_at`` > 0, SIGKILL itself
@@ -93,19 +112,7 @@ def _child(path: str, seed: int, count: int, cluster: int, kill_at: int, small_c
         os.pwrite = counted(os.pwrite)
         os.fsync = counted(os.fsync)
         os.ftruncate = counted(os.ftruncate)
-    im = open_image(path, True, limits=Limits(cache_bytes=1) if small_cache else Limits())
-    print("READY", flush=True)
-    for i, op in enumerate(kill_ops(seed, count, cluster)):
-        if op[0] == "write":
-            im.write(op[1], pattern(op[3], op[2]))
-        elif op[0] == "discard":
-            im.discard(op[1], op[2])
-        else:
-            im.flush()
-            print(f"F {i}", flush=True)
-            continue
-        print(f"O {i}", flush=True)
-    im.close()
+    run_kill_ops(path, seed, count, cluster, small_cache, lambda mark: print(mark, flush=True))
     print("DONE", flush=True)
 
 
@@ -922,20 +929,8 @@ def test_power_loss_between_fsyncs_keeps_image_consistent(seed, cluster, small_c
         create(path, KILL_SIZE, cluster_size=cluster)
         with open(path, "rb") as f:
             initial = f.read()
-        ops = kill_ops(seed, count, cluster)
         with _IoLog() as log:
-            im = open_image(path, True, limits=Limits(cache_bytes=1) if small_cache else Limits())
-            for i, op in enumerate(ops):
-                if op[0] == "write":
-                    im.write(op[1], pattern(op[3], op[2]))
-                elif op[0] == "discard":
-                    im.discard(op[1], op[2])
-                else:
-                    im.flush()
-                    log.records.append(("F", i))
-                    continue
-                log.records.append(("O", i))
-            im.close()
+            run_kill_ops(path, seed, count, cluster, small_cache, lambda mark: log.records.append((mark,)))
         cut = int(where * len(log.records))
         if at_fsync:
             # Just before an fsync: where the most writes are in flight.
@@ -944,6 +939,6 @@ def test_power_loss_between_fsyncs_keeps_image_consistent(seed, cluster, small_c
         crashed = os.path.join(d, "crashed.qcow2")
         with open(crashed, "wb") as f:
             f.write(_file_after_power_loss(initial, log.records, cut, random.Random(keep_seed)))
-        lines = [f"{r[0]} {r[1]}" for r in log.records[:cut] if r[0] in ("F", "O")]
+        lines = [r[0] for r in log.records[:cut] if r[0][:2] in ("F ", "O ")]
         _verify_after_kill(crashed, seed, count, cluster, lines)
 
