@@ -935,7 +935,7 @@ def test_power_loss_between_fsyncs_keeps_image_consistent(seed, cluster, small_c
         if at_fsync:
             # Just before an fsync: where the most writes are in flight.
             syncs = [i for i, r in enumerate(log.records) if r[0] == "s"]
-            cut = syncs[int(where * len(syncs))] if syncs else cut
+            cut = syncs[min(int(where * len(syncs)), len(syncs) - 1)] if syncs else cut
         crashed = os.path.join(d, "crashed.qcow2")
         with open(crashed, "wb") as f:
             f.write(_file_after_power_loss(initial, log.records, cut, random.Random(keep_seed)))
