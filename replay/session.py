@@ -32,7 +32,8 @@ from replay.boundary import INPUT_KINDS, InputMismatch, RecordingBoundary, Repla
 from replay.events import Event, EventKind
 from replay.logfile import LogReader, LogWriter, StreamLogReader
 from vmm.digest import page_hashes
-from vmm.firmware.boot import boot
+from host.serial import NullBackend
+from vmm.firmware.boot import attach_firmware, boot
 from vmm.machine import RunResult, StopReason
 from vmm.platform.pc import DEFAULT_EPOCH, PcConfig, PcMachine
 
@@ -71,8 +72,9 @@ class Divergence(Exception):
 
 def machine_config(mem_size: int, epoch: int, image_name: str, image: bytes, boot_kind: str,
                    cmdline: str, load_addr: int, input_kind: str, vcpus: int = 1, quantum: int | None = None,
-                   mmu: str = "shadow") -> dict:
+                   mmu: str = "shadow", entries: list[tuple[int, int]] | None = None) -> dict:
     return {
+        "entries": [list(e) for e in entries or []],
         "vcpus": vcpus,
         "quantum": quantum,
         "mmu": mmu,
@@ -118,14 +120,98 @@ def _find_image(cfg: dict) -> str:
     return path
 
 
-def build_machine(cfg: dict, image: bytes, serial) -> PcMachine:
+def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) -> PcMachine:
+    """The machine a config describes: booted from ``image``, or, given the ``parts``
+    of a saved state, restored to it (the firmware attached, nothing booted)."""
     m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial,
                            mmu=cfg.get("mmu", "shadow"), vcpus=cfg.get("vcpus", 1), quantum=cfg.get("quantum")))
-    info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
-                cmdline=cfg["cmdline"])
-    if info.kind in ("disk", "floppy"):
+    if parts is None:
+        info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
+                    cmdline=cfg["cmdline"])
+        kind = info.kind
+        cfg["booted"] = kind
+        _start_harness_vcpus(m, cfg)
+    else:
+        kind = cfg.get("booted")
+        if kind not in ("disk", "floppy", "multiboot", "flat", "linux"):
+            raise ReplayError(f"the saved machine does not say how it was booted ({kind!r})")
+        attach_firmware(m, image, kind, cfg["image"]["name"])
+        m.load_state(parts)
+    if kind in ("disk", "floppy"):
         m.config.input_to = "keyboard"
     return m
+
+
+def run_saving(m: PcMachine, cfg: dict, limit: int | None, save_at: list[tuple[int, str]] | None,
+               report: Callable[[str], None] | None = None) -> RunResult:
+    """Run to the end (or ``limit``), stopping at each (icount, path) of ``save_at``
+    to write a snapshot there; the run goes on exactly as it would have."""
+    say = report or (lambda msg: None)
+    for at, path in sorted(save_at or []):
+        if limit is not None and at > limit:
+            break
+        if at < m.icount:
+            say(f"--save-at {at}: the run starts at icount {m.icount}; {path} not written")
+            continue
+        res = m.run(at)
+        if res.reason is not StopReason.LIMIT:
+            say(f"the guest stopped before icount {at}; {path} not written")
+            return res
+        size = save_snapshot(m, cfg, path)
+        say(f"snapshot at icount {at} -> {path} ({size:,} bytes)")
+    return m.run(limit)
+
+
+def _start_harness_vcpus(m: PcMachine, cfg: dict) -> None:
+    """A test harness's convention, before the APIC brings up CPUs the way an OS does:
+    ``cfg["entries"]`` lists [vcpu, address] pairs; each such vCPU starts at that
+    address in the state the BSP was booted in (flat protected mode for --boot flat)."""
+    entries = cfg.get("entries") or []
+    for vid, addr in entries:
+        if not (isinstance(vid, int) and 0 < vid < len(m.vcpus) and isinstance(addr, int) and 0 <= addr < 1 << 32):
+            raise ReplayError(f"bad vCPU entry {vid!r}: {addr!r}")
+        v = m.vcpus[vid]
+        st = m.vcpu.save_state()
+        st.update(id=vid, icount=0, irq_pending=False, rip=addr)
+        v.load_state(st)
+        m.start(vid)
+
+
+def save_snapshot(m: PcMachine, cfg: dict, path) -> int:
+    """Write ``m`` as a snapshot file whose header holds ``cfg`` (the machine's recipe)."""
+    from vmm.state import write_snapshot
+
+    return write_snapshot(path, cfg, m.icount, m.save_state())
+
+
+def load_snapshot(path, serial=None, image: bytes | None = None) -> tuple[PcMachine, dict]:
+    """(machine, config) restored from a snapshot file; SnapshotError or ReplayError
+    (one line each) for anything wrong with it or its image."""
+    from devices.base import DeviceStateError
+    from vmm.state import SnapshotError, read_snapshot
+
+    header, parts = read_snapshot(path)
+    cfg = header["config"]
+    try:
+        _check_config(cfg)
+    except ev.LogFormatError as e:
+        raise SnapshotError(str(e).replace("log header", "snapshot header")) from None
+    if image is None:
+        p = _find_image(cfg)
+        try:
+            with open(p, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise ReplayError(f"cannot read the snapshot's image {p}: {e.strerror} (pass --image PATH)") from None
+    if hashlib.sha256(image).hexdigest() != cfg["image"]["sha256"]:
+        raise ReplayError(f"the image {cfg['image']['name']} is not the one the snapshot was taken with (sha256)")
+    try:
+        m = build_machine(cfg, image, serial or NullBackend(), parts)
+    except DeviceStateError as e:
+        raise SnapshotError(f"the saved state does not load: {e}") from None
+    if m.icount != header["icount"]:
+        raise SnapshotError(f"the snapshot says icount {header['icount']}, its state holds {m.icount}")
+    return m, cfg
 
 
 def state_digest(m: PcMachine, hashes=None) -> str:
@@ -192,13 +278,24 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            max_instructions: int | None = None, serial=None, pace_idle: bool = False,
            setup: Callable[[PcMachine], None] | None = None,
            chunk_events: int | None = None, mmu: str = "shadow", vcpus: int = 1,
-           quantum: int | None = None) -> tuple[RunResult, PcMachine]:
-    """Run a guest while writing its event log to ``out_path`` (a path or a binary stream)."""
-    from host.serial import NullBackend
+           quantum: int | None = None, restore: str | None = None,
+           save_at: list[tuple[int, str]] | None = None,
+           report: Callable[[str], None] | None = None,
+           entries: list[tuple[int, int]] | None = None) -> tuple[RunResult, PcMachine]:
+    """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
 
-    cfg = machine_config(mem_size, epoch, image_name, image, boot_kind, cmdline if cmdline is not None else image_name,
-                         load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu)
-    m = build_machine(cfg, image, serial or NullBackend())
+    ``restore`` starts the recording from a snapshot file instead of a boot
+    (the snapshot's own recipe then describes the machine, and the log names
+    the snapshot by path and SHA-256, so a replay starts from it too).
+    """
+    if restore is not None:
+        m, cfg = load_snapshot(restore, serial, image)
+        cfg = dict(cfg, input=input_kind, snapshot=_snapshot_ref(restore))
+    else:
+        cfg = machine_config(mem_size, epoch, image_name, image, boot_kind,
+                             cmdline if cmdline is not None else image_name,
+                             load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu, entries=entries)
+        m = build_machine(cfg, image, serial or NullBackend())
     initial_hashes = page_hashes(m.memory.ram)
     writer = LogWriter(out_path, cfg, state_digest(m, initial_hashes),
                        **({"chunk_events": chunk_events} if chunk_events else {}))
@@ -216,7 +313,7 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
     if setup is not None:
         setup(m)
     try:
-        res = m.run(max_instructions)
+        res = run_saving(m, cfg, max_instructions, save_at, report)
         emit(digests.snapshot(True))
         writer.append(Event(EventKind.END, m.icount, ev.encode_end(res.reason.value, res.status, res.message),
                             res.vcpu))
@@ -233,8 +330,6 @@ class Replayer:
     """
 
     def __init__(self, log, image: bytes | None = None, serial=None, verify: bool = True):
-        from host.serial import NullBackend
-
         if hasattr(log, "read"):
             self.reader = StreamLogReader(log)
             self._stream = True
@@ -254,7 +349,10 @@ class Replayer:
                 raise ReplayError(f"cannot read the recorded image {path}: {e.strerror} (pass --image PATH)") from None
         sha = hashlib.sha256(image).hexdigest()
         self.image_changed = sha != cfg["image"]["sha256"]
-        self.m = build_machine(cfg, image, serial or NullBackend())
+        if cfg.get("snapshot"):
+            self.m = _machine_from_snapshot_ref(cfg["snapshot"], serial, image)
+        else:
+            self.m = build_machine(cfg, image, serial or NullBackend())
         self.verify = verify
         # the events read so far (time travel moves the position back)
         self.events: list[Event] = []
@@ -433,6 +531,32 @@ class Replayer:
             raise self._diverge(f"the run ended differently: recorded {reason} (status {status}) at icount "
                                 f"{end.icount}, replay {res.reason.value} (status {res.status}) at icount {m.icount}")
         return res
+
+
+def _snapshot_ref(path: str) -> dict:
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return {"path": os.path.abspath(path), "sha256": sha}
+
+
+def _machine_from_snapshot_ref(ref: dict, serial, image: bytes) -> PcMachine:
+    """The machine a recording started from: the snapshot it names, checked by hash."""
+    from vmm.state import SnapshotError
+
+    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("sha256"), str):
+        raise ev.LogFormatError("the log header names its starting snapshot badly")
+    try:
+        with open(ref["path"], "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise ReplayError(f"cannot read the snapshot the recording started from, {ref['path']}: {e.strerror}") from None
+    if sha != ref["sha256"]:
+        raise ReplayError(f"the snapshot {ref['path']} changed since the recording started from it (sha256)")
+    try:
+        m, _cfg = load_snapshot(ref["path"], serial, image)
+    except SnapshotError as e:
+        raise ReplayError(f"the snapshot the recording started from cannot be used: {e}") from None
+    return m
 
 
 def _check_config(cfg: dict) -> None:

@@ -31,13 +31,15 @@ EXIT_SHUTDOWN = 3
 EXIT_ERROR = 4
 EXIT_DIVERGED = 5
 EXIT_BAD_LOG = 6
+EXIT_BAD_SNAPSHOT = 7
 
 EPILOG = """\
 exit status of `vmm run`:
   the guest's status when it writes v to the debug-exit port 0x501
   (with --exit-code qemu: (v << 1) | 1, as QEMU's isa-debug-exit);
   0 when the guest halts for good or --max-instructions is reached;
-  2 usage error or unusable image; 3 triple fault; 4 CPU core error.
+  2 usage error or unusable image; 3 triple fault; 4 CPU core error;
+  7 an unusable snapshot file (--restore: corrupt, truncated, wrong version).
 exit status of `vmm replay`: as `vmm run` for the replayed guest, or
   5 when the replay diverges from the recording (a report says where),
   6 when the log is unreadable (corrupt, truncated header, wrong version).
@@ -58,6 +60,10 @@ class UsageError(Exception):
     pass
 
 
+class SnapshotUnusable(Exception):
+    """A snapshot file that cannot be restored (exit status EXIT_BAD_SNAPSHOT)."""
+
+
 def parse_size(text: str) -> int:
     """'64M', '512K', '1G', '65536K', or a bare number of MiB (as QEMU's -m)."""
     m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:I?B)?\s*", text.upper())
@@ -72,6 +78,20 @@ def parse_count(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return v
+
+
+def parse_smp(text: str) -> int:
+    v = parse_int(text)
+    if not 1 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"--smp takes 1 to 64 vCPUs, not {text!r}")
+    return v
+
+
+def parse_save_at(text: str) -> tuple[int, str]:
+    at, sep, path = text.partition(":")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"--save-at wants ICOUNT:FILE, not {text!r}")
+    return parse_count(at), path
 
 
 def parse_int(text: str) -> int:
@@ -108,6 +128,13 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--mmu", choices=["shadow", "nested"], default="shadow",
                    help="shadow: the VMM fills the CPU's TLB from the guest's page tables and the EPT "
                         "(default); nested: the CPU core walks the guest's tables itself")
+    r.add_argument("--smp", type=parse_smp, default=1, metavar="N",
+                   help="number of vCPUs, 1 to 64 (default 1); application processors wait for INIT/SIPI")
+    r.add_argument("--restore", default=None, metavar="FILE",
+                   help="continue the machine saved in a snapshot file (instead of booting IMAGE)")
+    r.add_argument("--save-at", type=parse_save_at, action="append", default=None, metavar="ICOUNT:FILE",
+                   help="write a snapshot when the vCPUs together have retired ICOUNT instructions, then "
+                        "go on (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,23 +315,46 @@ def _exit_status(res, args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    from vmm.firmware.boot import BootError, boot
-    from vmm.platform.pc import DEFAULT_EPOCH, PcConfig, PcMachine
+def _machine(args, backend):
+    """(machine, config): booted from the image the arguments name, or restored from --restore."""
+    from replay.session import ReplayError, build_machine, load_snapshot, machine_config
+    from vmm.firmware.boot import BootError
+    from vmm.platform.pc import DEFAULT_EPOCH
+    from vmm.state import SnapshotError
 
-    _path, data = _load_image(args)
-    backend, stdio = _serial_backend(args.serial)
-    config = PcConfig(mem_size=args.mem, start_epoch=DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch,
-                      serial=backend, mmu=args.mmu)
-    try:
-        m = PcMachine(config)
+    if args.restore is not None:
         try:
-            info = boot(m, data, args.boot, name=args.image, load_addr=args.load_addr,
-                        cmdline=args.cmdline if args.cmdline is not None else args.image)
-        except BootError as e:
+            return load_snapshot(args.restore, backend)
+        except SnapshotError as e:
+            raise SnapshotUnusable(f"{args.restore}: {e}") from None
+        except ReplayError as e:
             raise UsageError(str(e)) from None
-        if info.kind in ("disk", "floppy"):
-            m.config.input_to = "keyboard"
+    path, data = _load_image(args)
+    cfg = machine_config(args.mem, DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch, path, data,
+                         args.boot, args.cmdline if args.cmdline is not None else args.image, args.load_addr,
+                         "none", vcpus=args.smp, mmu=args.mmu)
+    cfg["image"]["name"] = args.image     # as the user named it, in messages
+    try:
+        return build_machine(cfg, data, backend), cfg
+    except BootError as e:
+        raise UsageError(str(e)) from None
+
+
+def _run_saving(m, cfg, args):
+    """Run to the end, stopping at each --save-at ICOUNT to write a snapshot there."""
+    from replay.session import run_saving
+
+    try:
+        return run_saving(m, cfg, args.max_instructions, args.save_at,
+                          lambda msg: print(f"vmm: {msg}", file=sys.stderr))
+    except OSError as e:
+        raise UsageError(f"cannot write a snapshot: {e.strerror} ({e.filename})") from None
+
+
+def cmd_run(args) -> int:
+    backend, stdio = _serial_backend(args.serial)
+    try:
+        m, cfg = _machine(args, backend)
         _console(m, args)
         kind, source = _live_input(args, stdio)
         if source is not None:
@@ -314,7 +364,7 @@ def cmd_run(args) -> int:
         if args.gdb is not None:
             return _run_gdb(m, args)
         t0 = time.perf_counter()
-        res = m.run(args.max_instructions)
+        res = _run_saving(m, cfg, args)
         dt = time.perf_counter() - t0
     finally:
         if stdio is not None:
@@ -339,11 +389,15 @@ def _quit_aware(m, source, stdio):
 
 
 def cmd_record(args) -> int:
-    from replay.session import record
+    from replay.session import ReplayError, record
     from vmm.firmware.boot import BootError
     from vmm.platform.pc import DEFAULT_EPOCH
+    from vmm.state import SnapshotError
 
-    path, data = _load_image(args)
+    if args.restore is not None:
+        path, data = args.restore, None
+    else:
+        path, data = _load_image(args)
     backend, stdio = _serial_backend(args.serial)
     ref: dict = {}
     try:
@@ -370,8 +424,14 @@ def cmd_record(args) -> int:
                             boot_kind=args.boot, cmdline=args.cmdline if args.cmdline is not None else args.image,
                             load_addr=args.load_addr, live_input=source, input_kind=kind,
                             max_instructions=args.max_instructions, serial=backend,
-                            pace_idle=kind == "terminal", setup=setup, mmu=args.mmu)
+                            pace_idle=kind == "terminal", setup=setup, mmu=args.mmu, vcpus=args.smp,
+                            restore=args.restore, save_at=args.save_at,
+                            report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
+            raise UsageError(str(e)) from None
+        except SnapshotError as e:
+            raise SnapshotUnusable(f"{args.restore}: {e}") from None
+        except ReplayError as e:
             raise UsageError(str(e)) from None
         except OSError as e:
             raise UsageError(f"cannot write the log {args.output}: {e.strerror}") from None
@@ -570,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"vmm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except SnapshotUnusable as e:
+        print(f"vmm: error: {e}", file=sys.stderr)
+        return EXIT_BAD_SNAPSHOT
     except KeyboardInterrupt:
         print("vmm: interrupted", file=sys.stderr)
         return 130

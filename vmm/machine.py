@@ -108,7 +108,7 @@ class Machine:
         self._running: Vcpu | None = None
         self._others = 0           # instructions retired by the vCPUs not running now
         self._turn = 0             # whose turn it is
-        self._turn_end = U64       # the running vCPU's icount at which its turn ends
+        self._turn_end = U64 if vcpus == 1 else quantum   # the running vCPU's icount at which its turn ends
         self._preempt = False
         self.trace: Callable[[VmExit], None] | None = None
         self.on_init: Callable[[Vcpu], None] | None = None   # the platform resets per-CPU devices (LAPIC)

@@ -61,16 +61,30 @@ def detect(data: bytes) -> str:
     )
 
 
+def boot_disks(data: bytes, kind: str, name: str) -> dict[int, DiskImage]:
+    """The BIOS drives a boot kind gives the firmware (the image itself, for disks and floppies)."""
+    if kind in ("disk", "floppy"):
+        return {0x00 if kind == "floppy" else 0x80: DiskImage(data, name)}
+    return {}
+
+
+def attach_firmware(machine, data: bytes, kind: str, name: str) -> Bios:
+    """The firmware of a machine that is restored rather than booted: the BIOS object
+    with its drives, taking over its trap range, writing nothing to memory."""
+    bios = Bios(machine, boot_disks(data, kind, name))
+    bios.attach()
+    machine.bios = bios
+    return bios
+
+
 def boot(machine, data: bytes, kind: str = "auto", name: str = "image", load_addr: int = 0x100000,
          cmdline: str = "", modules: list[tuple[str, bytes]] | None = None) -> BootInfo:
     if kind == "auto":
         kind = detect(data)
-    disks: dict[int, DiskImage] = {}
     if kind in ("disk", "floppy"):
         if len(data) < 512 or data[510:512] != b"\x55\xaa":
             raise BootError(f"{name}: no boot signature (55 AA) at offset 510, so it is not a bootable disk")
-        disks[0x00 if kind == "floppy" else 0x80] = DiskImage(data, name)
-    bios = Bios(machine, disks)
+    bios = Bios(machine, boot_disks(data, kind, name))
     bios.install()
     machine.bios = bios
     if kind in ("disk", "floppy"):
