@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from devices.base import DmaError
-from vmm.memory.ept import PAGE, R, VALID, W, Ept, EptViolation
+from vmm.memory.ept import LOG, PAGE, VALID, Ept, EptViolation, R, Violation, W
 
 MAX_TRANSFER = 64 << 20
 
@@ -42,6 +44,8 @@ class DmaView:
         self.bytes_written = 0
 
     def _check(self, gpa: int, n: int, access: int) -> None:
+        """Raise DmaError unless the whole transfer may happen; ``access`` 0 read, 1 write,
+        2 the question ``check`` asks about a write (no violation handler runs)."""
         if gpa < 0 or n < 0 or n > MAX_TRANSFER:
             raise DmaError(gpa, n, "of an impossible length")
         if n == 0:
@@ -61,14 +65,29 @@ class DmaView:
             ram |= (frames >= POOL_FIRST) & (frames < POOL_FIRST + self.ept.pool_frames)
         if not ram.all():
             raise DmaError(gpa, n, "into a region that is not RAM")
-        need = R if access == 0 else W
-        if access == 0 and not ((span & need) != 0).all():
+        if access == 0 and not ((span & R) != 0).all():
             raise DmaError(gpa, n, "from memory the EPT does not let the guest read")
+        if access != 0:
+            self._check_writable(gpa, n, first, span, resolve=access == 1)
+
+    def _check_writable(self, gpa: int, n: int, first: int, span, resolve: bool) -> None:
+        """Every page of a write must take it (W, or LOG: the dirty log lets the first write
+        through).  A page that does not is offered to the EPT's violation handlers first, as a
+        CPU store would be (copy-on-write fixes it), so that a page nobody fixes is found
+        before a single byte moves, not after the pages before it were written.  Without
+        ``resolve`` (``check``) such a page counts as refused: no handler runs."""
+        ept = self.ept
+        for gpn in np.flatnonzero((span & (W | LOG)) == 0).tolist():
+            gpn += first
+            at = max(gpa, gpn * PAGE)
+            fixed = resolve and ept.handle_violation(Violation(at, "w"))
+            if not (fixed and int(ept.entries[gpn]) & (W | LOG)):
+                raise DmaError(gpa, n, f"refused by the EPT (no write access to GPA {at:#x})")
 
     def check(self, gpa: int, n: int, write: bool = False) -> bool:
         """True if a transfer of ``n`` bytes at ``gpa`` would be allowed."""
         try:
-            self._check(gpa, n, 1 if write else 0)
+            self._check(gpa, n, 2 if write else 0)
         except DmaError:
             return False
         return True
