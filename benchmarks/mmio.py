@@ -32,11 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import unicorn
-from smp import TcgStats, best, interleaved
+from smp import TcgStats, interleaved
 from unicorn import x86_const as X
 
 from devices.legacy.debugports import DebugExit
 from tools.guestkit import Guest, asm
+from vmm.cpu.engine import TCG_BUFFER, ffi
 from vmm.machine import Machine
 
 BASE = 0xFEB0_0000       # above RAM: a claim inside RAM is not routed (RAM wins)
@@ -103,7 +104,6 @@ def build(kind: str, n: int, mmu: str = "shadow", exact: bool = False) -> tuple[
 def vmm_rate(kind: str, n: int, mmu: str = "shadow", exact: bool = False) -> tuple[float, dict]:
     g, _ = build(kind, n, mmu, exact)
     e = g.m.engine
-    from vmm.cpu.engine import TCG_BUFFER
     tcg = TcgStats(e.uc, TCG_BUFFER)
     inv0, code0 = tcg.invalidations(), tcg.code_bytes()
     t = time.perf_counter()
@@ -138,31 +138,33 @@ def raw_rate(kind: str, n: int) -> tuple[float, dict]:
     return dt, {"rate": n / dt}
 
 
-def layers(repeat: int, n: int = 200_000) -> list[tuple[str, float]]:
+def layers(repeat: int, n: int = 100_000) -> list[tuple[str, float]]:
     """Microseconds per write of each Python layer of the VMM's MMIO dispatch, timed
     alone (outermost first; each includes the ones below it; the cost of the
-    timing loop itself is subtracted; best of ``repeat``)."""
-    from vmm.cpu.engine import ffi
-
+    timing loop itself is subtracted; best of ``repeat`` rounds, the layers
+    taking turns)."""
     g, dev = build("store", 1)
     m, e = g.m, g.m.engine
     res = ffi.new("uint64_t *")
+    fns = {
+        "empty": lambda: None,
+        "Engine._on_mmio (what the C callback calls, via cffi)": lambda: e._on_mmio(1, BASE, 4, 0, res),
+        "Machine._mmio (adds the vCPU id)": lambda: m._mmio(1, BASE, 4, 0),
+        "MmioBus.write (find the claim, check width, call)": lambda: m.mmio.write(BASE, 4, 0, 0),
+        "the device's mmio_write": lambda: dev.mmio_write(0, 4, 0),
+    }
 
-    def clock(fn) -> float:
+    def timer(fn):
         def once():
             t = time.perf_counter()
             for _ in range(n):
                 fn()
             return time.perf_counter() - t, None
-        return best(once, repeat)[0] / n * 1e6
+        return once
 
-    empty = clock(lambda: None)
-    return [(name, clock(fn) - empty) for name, fn in (
-        ("Engine._on_mmio (what the C callback calls, via cffi)", lambda: e._on_mmio(1, BASE, 4, 0, res)),
-        ("Machine._mmio (adds the vCPU id)", lambda: m._mmio(1, BASE, 4, 0)),
-        ("MmioBus.write (find the claim, check width, call)", lambda: m.mmio.write(BASE, 4, 0, 0)),
-        ("the device's mmio_write", lambda: dev.mmio_write(0, 4, 0)),
-    )]
+    got = interleaved({k: timer(fn) for k, fn in fns.items()}, repeat)
+    us = {k: v[0] / n * 1e6 for k, v in got.items()}
+    return [(k, us[k] - us["empty"]) for k in fns if k != "empty"]
 
 
 def page_cached(m: Machine):
@@ -253,29 +255,27 @@ def main() -> None:
           f"{ex['nested'][0]:12,.0f} "
           f"{'':>12} {'':>8}")
     inv, cb = info["tb_invalidations"], info["code_bytes"]
-    print(f"(exact stop: {info['entries'] / n_exact:.1f} engine entries, {info['exact_stops'] / n_exact:.1f} "
-          f"re-executed instructions, "
-          f"{'n/a' if inv is None else f'{inv / n_exact:.1f}'} blocks invalidated and "
-          f"{'n/a' if cb is None else f'{cb / n_exact:,.0f}'} bytes of host code translated per write; "
-          f"{1e6 / ex['shadow'][0]:.1f} us per write against {1e6 / rates['store'][0]:.2f} us without the "
-          "stop)")
+    inv_w = "n/a" if inv is None else f"{inv / n_exact:.1f}"
+    cb_w = "n/a" if cb is None else f"{cb / n_exact:,.0f}"
+    print(f"(exact stop: {info['entries'] / n_exact:.1f} engine entries, "
+          f"{info['exact_stops'] / n_exact:.1f} re-executed instructions, {inv_w} blocks invalidated and "
+          f"{cb_w} bytes of host code translated per write; {1e6 / ex['shadow'][0]:.1f} us per write "
+          f"against {1e6 / rates['store'][0]:.2f} us without the stop)")
     print("(raw Unicorn: the Python binding's mmio_map callbacks / IN-OUT hooks doing nothing; "
-          "vmm: C callbacks, "
-          "cffi, Engine, Machine, MmioBus or IoBus, the device)")
+          "vmm: C callbacks, cffi, Engine, Machine, MmioBus or IoBus, the device)")
 
     print("\nwhere one MMIO write's time goes (each layer timed alone, includes those below it):")
-    lay = layers(rep)
+    lay = layers(max(rep, 5))
     full = 1e6 / rates["store"][0]
     print(f"  {full:6.3f} us  the whole exit, guest loop to device and back")
     for name, us in lay:
         print(f"  {us:6.3f} us  {name}")
     print(f"  (so {full - lay[0][1]:.2f} us in Unicorn's MMIO dispatch, the C callback, the cffi call "
-          f"and the loop's "
-          f"3 instructions; {lay[0][1] - lay[3][1]:.2f} us in the three Python layers above the device)")
+          f"and the loop's 3 instructions; {lay[0][1] - lay[3][1]:.2f} us in the three Python layers "
+          "above the device)")
     wl, ws = r["load", "whatif"], r["store", "whatif"]
     print("what-if, a page-cached handler calling the device directly (prototype in this file, "
-          f"not in vmm/): "
-          f"{wl:,.0f} loads/s, {ws:,.0f} stores/s ({ws / rates['store'][0]:.2f}x)")
+          f"not in vmm/): {wl:,.0f} loads/s, {ws:,.0f} stores/s ({ws / rates['store'][0]:.2f}x)")
 
     if a.profile:
         print("\ncProfile, plain MMIO stores:")
@@ -286,12 +286,10 @@ def main() -> None:
     low = min(rates["load"][0], rates["store"][0])
     print(f"\nVERDICT: MMIO exits {'meet' if low >= AIM else 'fall short of'} the {AIM:,}/s aim: "
           f"{rates['load'][0]:,.0f} loads/s and {rates['store'][0]:,.0f} stores/s (shadow), "
-          f"{rates['load'][1]:,.0f} / {rates['store'][1]:,.0f} (nested); port I/O {rates['out'][0]:,.0f} "
-          "OUT/s; raw "
-          ""
-          f"Unicorn's Python callback floor {rates['store'][2]:,.0f}/s.  An MMIO write that stops the vCPU "
-          f"exactly costs {1e6 / ex['shadow'][0]:.0f} us ({ex['shadow'][0]:,.0f}/s).")
-
+          f"{rates['load'][1]:,.0f} / {rates['store'][1]:,.0f} (nested); port I/O "
+          f"{rates['out'][0]:,.0f} OUT/s; raw Unicorn's Python callback floor {rates['store'][2]:,.0f}/s.  "
+          f"An MMIO write that stops the vCPU exactly costs {1e6 / ex['shadow'][0]:.0f} us "
+          f"({ex['shadow'][0]:,.0f}/s).")
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,7 @@ from unicorn import x86_const as X
 
 from devices.legacy.debugports import DebugExit
 from tools.guestkit import Guest, asm
+from vmm.cpu.engine import TCG_BUFFER
 from vmm.machine import Machine
 
 # the guest loop of every part: 5 instructions, a load and a store to the vCPU's own data
@@ -179,7 +180,7 @@ def vmm_compute(vcpus: int, quantum: int, iters: int, mid_block: bool = True,
     if vcpus > 1:
         g.start_ap(1, CODE, {RSI: DATA[1], RCX: iters})
     m = g.m
-    tcg = TcgStats(m.engine.uc, _vmm_tcg_buffer())
+    tcg = TcgStats(m.engine.uc, TCG_BUFFER)
     inv0, code0 = tcg.invalidations(), tcg.code_bytes()
     t = time.perf_counter()
     r = m.run()
@@ -193,11 +194,6 @@ def vmm_compute(vcpus: int, quantum: int, iters: int, mid_block: bool = True,
     if not keep:
         m.close()
     return dt, info
-
-
-def _vmm_tcg_buffer() -> int:
-    from vmm.cpu import engine
-    return engine.TCG_BUFFER
 
 
 def switch_breakdown(m: Machine, n: int = 2000) -> dict[str, float]:
@@ -376,6 +372,7 @@ def raw_switch_cost(n: int = 20000) -> float:
 
 # -- 3. translation duplication --------------------------------------------------------------
 FOOT = 0x40000
+PASSES = ("a_first", "b_first", "a_again", "b_again")
 
 
 def footprint_code(blocks: int) -> bytes:
@@ -418,7 +415,7 @@ def duplication(blocks: int, repeat: int) -> dict[str, dict]:
     out = {}
     for shape in (1, 2):
         _, res = best(lambda shape=shape: run_shape(shape), repeat)
-        out[shape] = {"a_first": res[0], "b_first": res[1], "a_again": res[2], "b_again": res[3]}
+        out[shape] = dict(zip(PASSES, res, strict=True))
     return out
 
 
@@ -508,27 +505,18 @@ def report_vmm(iters: int, rep: int) -> dict:
         print(f"{2:>5} {q:>10,} {'mid-block' if mid else 'at a block':>10} {mips2:8.1f} {mips2 / mips1:6.2f} "
               f"{sw:>9,} {sw / t2:>11,.0f} {per:10.1f} {inv_sw:>12} {cb_sw:>10}")
     print("(us/switch: time beyond the same work on 1 vCPU, per switch; from ~100 switches "
-          "(quantum 1,000,000) "
-          "it is within timing noise)")
+          "(quantum 1,000,000) it is within timing noise)")
     q0 = QUANTA[0]
     bd = switch_breakdown(vmm_compute(2, q0, 10 * q0, keep=True)[1]["machine"])
     mid_cost, aligned_cost = rows[q0, True][3], rows[q0, False][3]
     print(f"one turn change at quantum {q0:,}: {mid_cost:.1f} us when the turn ends mid-block, "
           f"{aligned_cost:.1f} us at a block boundary.  Of the latter, the context switch itself "
-          "(Engine.load: "
-          ""
-          f"context save + restore, TLB flush; timed alone) is {bd['load']:.1f} us; the rest is the run "
-          "loop, an "
-          ""
-          f"engine entry and TLB refills.  The exact quantum stop adds {mid_cost - aligned_cost:.1f} us: "
-          "decoding "
-          ""
-          f"to the k-th instruction (nth_insn_address, capstone) {bd['decode']:.1f} us and Unicorn ctl calls "
-          f"(remove_cache + set_exits x2) {bd['ctl']:.1f} us timed alone, then a second engine entry and "
-          "retranslating the blocks split at the stop (TB columns: blocks invalidated and host code "
-          "generated "
-          ""
-          f"per switch).")
+          f"(Engine.load: context save + restore, TLB flush; timed alone) is {bd['load']:.1f} us; the rest "
+          f"is the run loop, an engine entry and TLB refills.  The exact quantum stop adds "
+          f"{mid_cost - aligned_cost:.1f} us: decoding to the k-th instruction (nth_insn_address, capstone) "
+          f"{bd['decode']:.1f} us and Unicorn ctl calls (remove_cache + set_exits x2) {bd['ctl']:.1f} us "
+          "timed alone, then a second engine entry and retranslating the blocks split at the stop "
+          "(TB columns: blocks invalidated and host code generated per switch).")
     return {"rows": rows, "mips1": mips1, "bd": bd, "mid_cost": mid_cost, "aligned_cost": aligned_cost}
 
 
@@ -546,14 +534,12 @@ def report_shapes(total: int, rep: int) -> dict:
     sw_raw = min(raw_switch_cost() for _ in range(rep))
     s = shapes[QUANTA[0]]
     per_q = (s["shape1_s"] - s["shape2_s"]) / s["quanta"] * 1e6
-    print("shape 1 switch (context_update + context_restore + TLB flush, Python binding) alone: "
-          f"{sw_raw:.1f} us; "
-          f"shape 1 - shape 2 per quantum at {QUANTA[0]:,}: {per_q:.1f} us (with the TLB refills after the "
-          "flush)")
+    print(f"shape 1 switch (context_update + context_restore + TLB flush, Python binding) alone: "
+          f"{sw_raw:.1f} us; shape 1 - shape 2 per quantum at {QUANTA[0]:,}: {per_q:.1f} us "
+          "(with the TLB refills after the flush)")
     print("(shape 1: one engine, a context per vCPU; shape 2: an engine per vCPU over the same RAM "
-          "(mem_map_ptr), "
-          "run in turn; 'on 2 threads': shape 2 with no schedule at all, each engine on its own host thread, "
-          "which only gains when the other host core is idle)")
+          "(mem_map_ptr), run in turn; 'on 2 threads': shape 2 with no schedule at all, each engine on its "
+          "own host thread, which only gains when the other host core is idle)")
     return {"shapes": shapes, "switch": sw_raw, "per_quantum": per_q}
 
 
@@ -563,9 +549,8 @@ def report_duplication(blocks: int, rep: int) -> dict:
     print(f"{'':10} {'A first pass':>22} {'B first pass':>22} {'A again':>22} {'B again':>22}")
     for shape in (1, 2):
         d = dup[shape]
-        cells = [f"{d[k][0] * 1e3:6.2f} ms {_n(None if d[k][1] is None else d[k][1] / 1024, '{:,.0f}'):>5} "
-                 "KiB"
-                 for k in ("a_first", "b_first", "a_again", "b_again")]
+        kib = [_n(None if d[k][1] is None else d[k][1] / 1024, "{:,.0f}") for k in PASSES]
+        cells = [f"{d[k][0] * 1e3:6.2f} ms {n:>5} KiB" for k, n in zip(PASSES, kib, strict=True)]
         print(f"{'shape ' + str(shape):10} " + " ".join(f"{c:>22}" for c in cells))
     print("(KiB: host code Unicorn generated during the pass (its TCG code pointer); a pass that translates "
           "nothing generates none)")
@@ -588,46 +573,31 @@ def report_coherence() -> dict:
 def verdict(blocks: int, vm: dict, sh: dict, dup: dict, co: dict) -> str:
     qd = 100_000
     s = sh["shapes"][qd]
+    # the per-quantum cost measured where it is largest against the time of one quantum
+    quantum_us = qd / s["shape2"]
+    est = sh["per_quantum"] / (sh["per_quantum"] + quantum_us)
     loss = 1 - s["shape1"] / s["shape2"]
-    cost = f"costs {loss:.1%} of shape 2's MIPS" if loss > 0.005 else "costs nothing measurable"
+    cost = (f"costs {max(loss, 0):.1%} of shape 2's MIPS ({s['shape1']:.0f} against {s['shape2']:.0f}; "
+            f"{sh['per_quantum']:.1f} us more per quantum, measured at quantum {QUANTA[0]:,}, "
+            f"predicts {est:.1%})")
     d1, d2 = dup[1]["b_first"], dup[2]["b_first"]
     kib = [_n(None if d[1] is None else d[1] // 1024) for d in (d1, d2)]
     stale = "ran stale code" if co["shape2"] != 2 else "ran the new code (unexpected)"
     rows = vm["rows"]
-    return ("VERDICT: shape 1 (one engine switched between vCPU contexts, as vmm/cpu/engine.py does) "
-            f"wins.  At "
-            f"quantum {qd:,} it {cost} ({s['shape1']:.0f} against {s['shape2']:.0f}; a switch is "
-            f"{sh['switch']:.1f} us); vCPU B's first pass over {blocks:,} blocks takes {d1[0] * 1e3:.2f} ms "
-            "and "
-            ""
-            f"translates {kib[0]} KiB of host code in shape 1 against {d2[0] * 1e3:.2f} ms and {kib[1]} KiB "
-            "in "
-            ""
-            f"shape 2 (every vCPU translates the kernel again, and the copies crowd the host caches: second "
-            f"passes {dup[1]['a_again'][0] * 1e3:.2f} against {dup[2]['a_again'][0] * 1e3:.2f} ms); and "
-            "shape 2 "
-            ""
+    return ("VERDICT: shape 1 (one engine switched between vCPU contexts, as vmm/cpu/engine.py does) wins.  "
+            f"At quantum {qd:,} it {cost}, a switch itself being {sh['switch']:.1f} us; vCPU B's first pass "
+            f"over {blocks:,} blocks takes {d1[0] * 1e3:.2f} ms and translates {kib[0]} KiB of host code in "
+            f"shape 1 against {d2[0] * 1e3:.2f} ms and {kib[1]} KiB in shape 2 (every vCPU translates the "
+            f"kernel again, and the copies crowd the host caches: second passes "
+            f"{dup[1]['a_again'][0] * 1e3:.2f} against {dup[2]['a_again'][0] * 1e3:.2f} ms); and shape 2 "
             f"{stale} after another vCPU's store, so it would need every guest store to code invalidated in "
-            "every "
-            ""
-            "other engine (a write-protect exit per store to a code page), which shape 1 gets from QEMU's "
-            "own "
-            ""
-            f"detection.  Two engines on two host threads reach {s['threads']:.0f} MIPS here, but then the "
-            "host "
-            ""
-            "decides the interleaving, which record/replay cannot log.  In the VMM the switch is not what "
-            "costs: "
-            ""
-            f"a turn change is {vm['aligned_cost']:.0f} us at a block boundary and {vm['mid_cost']:.0f} us "
-            "with "
-            ""
-            f"the exact quantum stop mid-block, so 2 vCPUs reach {rows[qd, True][1]:.2f} of 1 vCPU at "
-            "quantum "
-            ""
-            f"{qd:,} ({rows[qd, False][1]:.2f} when turns end at block boundaries) and "
-            f"{rows[QUANTA[-1], True][1]:.2f} at {QUANTA[-1]:,}; the aim is 0.9.")
-
+            "every other engine (a write-protect exit per store to a code page), which shape 1 gets from "
+            f"QEMU's own detection.  Two engines on two host threads reach {s['threads']:.0f} MIPS here, but "
+            "then the host decides the interleaving, which record/replay cannot log.  In the VMM the switch "
+            f"is not what costs: a turn change is {vm['aligned_cost']:.0f} us at a block boundary and "
+            f"{vm['mid_cost']:.0f} us with the exact quantum stop mid-block, so 2 vCPUs reach "
+            f"{rows[qd, True][1]:.2f} of 1 vCPU at quantum {qd:,} ({rows[qd, False][1]:.2f} when turns end "
+            f"at block boundaries) and {rows[QUANTA[-1], True][1]:.2f} at {QUANTA[-1]:,}; the aim is 0.9.")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
