@@ -1,7 +1,7 @@
 """The replay log file: a header readable on its own, then framed, checksummed,
 zlib-compressed chunks of events (DESIGN.md "Record, replay, reverse").
 
-On-disk layout (all integers little-endian)::
+On-disk layout, format version 3 (all integers little-endian)::
 
     header
       8 bytes   magic b"VMMRLOG\\x00"
@@ -9,28 +9,60 @@ On-disk layout (all integers little-endian)::
       u32       J, length of the JSON text
       J bytes   UTF-8 JSON object {"config": {...}, "initial_digest": "<hex>"}
                 (compact, keys sorted, so equal configs give equal headers)
-      u32       CRC32 of every header byte before it (magic to JSON)
+      u32       CRC32 of every header byte before it (magic to JSON): H
     chunk, repeated until the end of the file
       u32       P, length of the compressed payload
-      u32       CRC32 of the rest of the chunk: the two fields below and the payload
+      u32       sequence number: 0 for the first chunk, then 1, 2, ...
       u64       icount of the chunk's first event
-      u32       number of events in the chunk (at least 1)
-      P bytes   zlib (level 6) of the events, each encoded as
-                  varint kind, varint icount delta, varint vCPU id (version 2 only),
+      u32       N, number of events in the chunk
+      u32       CRC32 of the payload
+      u32       CRC32 of the 24 bytes above, seeded with H (the chunk head's own check)
+      P bytes   zlib of the events, each encoded as
+                  varint kind, varint icount delta, varint vCPU id,
                   varint payload length, payload
                 where a varint is unsigned LEB128 (at most 10 bytes) and the
                 delta is from the previous event of the same chunk; the first
                 event's "delta" is from 0, i.e. its absolute icount, which
-                must equal the chunk header's first icount (a cross-check:
+                must equal the chunk head's first icount (a cross-check:
                 each chunk decodes on its own, so a reader can seek by icount).
 
-Icounts never decrease, within a chunk and across chunks.  The writer flushes
-each chunk to the OS as a single write, so a recorder killed at any moment
-leaves a log whose whole chunks all read back; a log that ends inside a chunk
-is "truncated" and replays up to its last whole chunk.  The version is checked
-before anything else after the magic (Firecracker issue 4676: a version buried
-in the body makes old files unreadable), and every length is capped before it
-is allocated.
+Icounts never decrease, within a chunk and across chunks.  The END event is
+the log's last event: a log is *complete* when its last chunk ends with END
+and nothing follows it.  A reader tells three cases apart:
+
+- **damage** (LogFormatError): a chunk head whose CRC fails (so a flipped
+  length byte is damage, never a truncation), a sequence number out of turn
+  (a chunk dropped, repeated or moved), a payload whose CRC fails, contents
+  that do not decode (structured payloads included), events after the END,
+  bytes after the END, or a chunk that declares more events than its size
+  allows (see the caps below);
+- **truncation** (``truncated``): the file ends inside a chunk whose head is
+  whole and checks, or inside a chunk head.  The writer writes each chunk
+  with one write, so a recorder killed at any moment leaves this, and the
+  whole chunks before it replay;
+- **incomplete** (``complete`` False): no damage, but the log does not end
+  with its END: truncated, or the recorder stopped (or the tail was lost)
+  between two chunks.  ``incomplete_note`` says so; a replay of such a log
+  ends early and must say so.
+
+Versions 1 and 2 (still read) frame a chunk as u32 P, u32 CRC32 of (the two
+fields below and the payload), u64 first icount, u32 N, then the payload;
+version 1 events have no vCPU id (all vCPU 0).  Without a head CRC, a length
+that runs past the end of the file is taken for damage when the bytes after
+the head hold a whole zlib stream whose CRC matches (the payload is all there:
+only the length is wrong), and for truncation otherwise.  Without sequence
+numbers, a dropped or repeated chunk is seen only through icount order, the
+END and the replay's digests.
+
+Limits are checked before work: the header JSON is at most 1 MiB; a chunk's
+payload at most 64 MiB compressed and inflated; a chunk holds 1 to
+MAX_CHUNK_EVENTS events and at most MAX_EVENTS_PER_BYTE events per byte of
+its compressed payload (the writer stores a chunk uncompressed rather than
+break this, so the count of events a log may declare is bounded by its size,
+checked from the chunk heads before anything is inflated); an event payload
+is at most MAX_EVENT_PAYLOAD.  The version is checked before anything else
+after the magic (Firecracker issue 4676: a version buried in the body makes
+old files unreadable).
 """
 from __future__ import annotations
 
@@ -43,14 +75,14 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Self
 
 from replay.events import (
-    DECODERS,
     FORMAT_VERSION,
-    MIN_FORMAT_VERSION,
     MAX_EVENT_PAYLOAD,
+    MIN_FORMAT_VERSION,
     U64_MAX,
     Event,
     EventKind,
     LogFormatError,
+    check_payload,
     decode_end,
     summarize,
 )
@@ -59,6 +91,8 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_CHUNK_BYTES",
+    "MAX_CHUNK_EVENTS",
+    "MAX_EVENTS_PER_BYTE",
     "MAX_HEADER_BYTES",
     "ChunkInfo",
     "LogFormatError",
@@ -77,12 +111,15 @@ MAGIC = b"VMMRLOG\x00"
 MAX_HEADER_BYTES = 1 << 20      # the JSON text of the header
 MAX_CHUNK_BYTES = 64 << 20      # a chunk payload, compressed and uncompressed
 MAX_WRITER_CHUNK_BYTES = 32 << 20  # the largest chunk_bytes a writer accepts
+MAX_CHUNK_EVENTS = 1 << 16      # events in one chunk
+MAX_EVENTS_PER_BYTE = 8         # events per byte of a chunk's compressed payload
 
 _HEAD = struct.Struct("<8sHI")     # magic, version, JSON length
 _CRC = struct.Struct("<I")
-_CHUNK = struct.Struct("<IIQI")    # payload length, CRC32, first icount, event count
-_CHUNK_COVERED = struct.Struct("<QI")  # the header fields the CRC covers, before the payload
-_MIN_EVENT = 3                     # kind, delta and length varints of one byte each
+_CHUNK = struct.Struct("<IIQIII")  # length, sequence, first icount, count, payload CRC, head CRC
+_CHUNK_FIELDS = struct.Struct("<IIQII")  # what the head CRC covers
+_CHUNK_V2 = struct.Struct("<IIQI")     # versions 1 and 2: length, CRC32, first icount, count
+_CHUNK_V2_COVERED = struct.Struct("<QI")  # the head fields their CRC covers, before the payload
 _KINDS = {int(k): k for k in EventKind}
 
 
@@ -127,7 +164,8 @@ class LogHeader:
     version: int
     config: dict[str, Any]
     initial_digest: str
-    size: int  # bytes, from the magic to the header CRC inclusive
+    size: int     # bytes, from the magic to the header CRC inclusive
+    crc: int = 0  # the header CRC (version 3 chunk heads are checked against it)
 
 
 def _is_hex(s: str) -> bool:
@@ -177,7 +215,7 @@ def _read_header(f) -> LogHeader:
     if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) \
             or not isinstance(obj.get("initial_digest"), str) or not _is_hex(obj["initial_digest"]):
         raise LogFormatError("corrupt log header (expected a JSON object with config and initial_digest)")
-    return LogHeader(version, obj["config"], obj["initial_digest"], _HEAD.size + length + _CRC.size)
+    return LogHeader(version, obj["config"], obj["initial_digest"], _HEAD.size + length + _CRC.size, crc)
 
 
 def read_header(path: str | os.PathLike) -> LogHeader:
@@ -191,31 +229,99 @@ def read_header(path: str | os.PathLike) -> LogHeader:
 @dataclass(frozen=True)
 class ChunkInfo:
     index: int
-    offset: int        # file offset of the chunk header
+    offset: int        # file offset of the chunk head
     length: int        # compressed payload bytes
-    crc: int
+    crc: int           # version 3: the payload's CRC32; versions 1-2: the chunk's
     first_icount: int
     event_count: int
+    head_size: int = _CHUNK.size
 
     @property
     def end(self) -> int:
-        return self.offset + _CHUNK.size + self.length
+        return self.offset + self.head_size + self.length
 
 
-def _chunk_crc(first_icount: int, count: int, payload: bytes) -> int:
+def _head_size(version: int) -> int:
+    return _CHUNK.size if version >= 3 else _CHUNK_V2.size
+
+
+def _v2_crc(first_icount: int, count: int, payload: bytes) -> int:
     # the icount and count are covered too: a damaged one must not shift or cut a chunk unnoticed
-    return zlib.crc32(payload, zlib.crc32(_CHUNK_COVERED.pack(first_icount, count)))
+    return zlib.crc32(payload, zlib.crc32(_CHUNK_V2_COVERED.pack(first_icount, count)))
 
 
-def _encode_chunk(first_icount: int, count: int, raw: bytes) -> bytes:
+def _payload_ok(c: ChunkInfo, payload: bytes) -> bool:
+    if c.head_size == _CHUNK.size:
+        return zlib.crc32(payload) == c.crc
+    return _v2_crc(c.first_icount, c.event_count, payload) == c.crc
+
+
+def _encode_chunk(seq: int, first_icount: int, count: int, raw: bytes, header_crc: int) -> bytes:
     payload = zlib.compress(raw, 6)
-    return _CHUNK.pack(len(payload), _chunk_crc(first_icount, count, payload), first_icount, count) + payload
+    if count > MAX_EVENTS_PER_BYTE * len(payload):
+        payload = zlib.compress(raw, 0)  # stored: at least 4 bytes an event, inside the density cap
+    fields = _CHUNK_FIELDS.pack(len(payload), seq, first_icount, count, zlib.crc32(payload))
+    return fields + _CRC.pack(zlib.crc32(fields, header_crc)) + payload
 
 
 def _corrupt(c: ChunkInfo | int, offset: int | None, why: str) -> LogFormatError:
     idx = c.index if isinstance(c, ChunkInfo) else c
     off = c.offset if isinstance(c, ChunkInfo) else offset
     return LogFormatError(f"corrupt chunk {idx} at byte {off} ({why})")
+
+
+def _parse_head(head: bytes, header: LogHeader, idx: int, off: int,
+                prev_first: int) -> tuple[int, int, int, int]:
+    """(length, crc, first icount, count) of a whole chunk head, every field that
+    can be checked before its payload is read checked (LogFormatError if not)."""
+    if header.version >= 3:
+        length, seq, first, count, crc, head_crc = _CHUNK.unpack(head)
+        if zlib.crc32(head[:_CHUNK_FIELDS.size], header.crc) != head_crc:
+            raise _corrupt(idx, off, "chunk head checksum mismatch")
+        if seq != idx:
+            raise _corrupt(idx, off, f"sequence number {seq} where {idx} belongs: "
+                                     f"a chunk is missing, repeated or out of place")
+    else:
+        length, crc, first, count = _CHUNK_V2.unpack(head)
+    if length > MAX_CHUNK_BYTES:
+        raise _corrupt(idx, off, f"payload length {length} exceeds the {_mib(MAX_CHUNK_BYTES)} cap")
+    if header.version >= 3:
+        _check_counts(idx, off, length, first, count, prev_first)
+    return length, crc, first, count
+
+
+def _check_counts(idx: int, off: int, length: int, first: int, count: int, prev_first: int) -> None:
+    if count == 0:
+        raise _corrupt(idx, off, "no events")
+    if count > MAX_CHUNK_EVENTS:
+        raise _corrupt(idx, off, f"declares {count} events, more than the {MAX_CHUNK_EVENTS} a chunk may hold")
+    if count > MAX_EVENTS_PER_BYTE * length:
+        raise _corrupt(idx, off, f"declares {count} events in a {length}-byte payload, more than "
+                                 f"{MAX_EVENTS_PER_BYTE} events a byte")
+    if first < prev_first:
+        raise _corrupt(idx, off, f"first icount {first} is before the previous chunk's first {prev_first}")
+
+
+def _legacy_payload_is_whole(data: bytes, first: int, count: int, crc: int) -> bool:
+    """For a version 1-2 chunk whose length runs past the end of the file: do the
+    bytes after its head begin with a whole zlib stream whose CRC matches?  Then
+    the payload is all there and only the length field is wrong (damage); a
+    truncated payload never holds a whole stream."""
+    d = zlib.decompressobj()
+    inflated = 0
+    buf = data
+    try:
+        while buf and not d.eof:
+            inflated += len(d.decompress(buf, 1 << 20))
+            if inflated > MAX_CHUNK_BYTES:
+                return False
+            buf = d.unconsumed_tail
+    except zlib.error:
+        return False
+    if not d.eof:
+        return False
+    used = len(data) - len(d.unused_data)
+    return _v2_crc(first, count, data[:used]) == crc
 
 
 def _decode_chunk(c: ChunkInfo, payload: bytes, version: int = FORMAT_VERSION) -> tuple[list[Event], int]:
@@ -232,8 +338,11 @@ def _decode_chunk(c: ChunkInfo, payload: bytes, version: int = FORMAT_VERSION) -
     events: list[Event] = []
     off = 0
     icount = 0
+    ended = False
     try:
         while off < len(raw):
+            if len(events) >= c.event_count:
+                raise _Garbage(f"more events than the {c.event_count} the chunk head says")
             kind, off = _read_varint(raw, off)
             delta, off = _read_varint(raw, off)
             vcpu = 0
@@ -247,9 +356,19 @@ def _decode_chunk(c: ChunkInfo, payload: bytes, version: int = FORMAT_VERSION) -
             icount += delta
             if icount > U64_MAX:
                 raise _Garbage("icount overflows 64 bits")
+            if size > MAX_EVENT_PAYLOAD:
+                raise _Garbage(f"event payload of {size} bytes exceeds the {_mib(MAX_EVENT_PAYLOAD)} limit")
             if off + size > len(raw):
                 raise _Garbage(f"event payload of {size} bytes runs past the end of the chunk")
-            events.append(Event(_KINDS[kind], icount, raw[off:off + size], vcpu))
+            if ended:
+                raise _Garbage(f"{_KINDS[kind].name} event at icount {icount} after the END")
+            e = Event(_KINDS[kind], icount, raw[off:off + size], vcpu)
+            try:
+                check_payload(e.kind, e.payload)
+            except LogFormatError as err:
+                raise _Garbage(f"event {len(events)} at icount {icount}: {err}") from None
+            events.append(e)
+            ended = e.kind is EventKind.END
             off += size
         if events and events[0].icount != c.first_icount:
             raise _Garbage(f"first event at icount {events[0].icount}, "
@@ -261,6 +380,23 @@ def _decode_chunk(c: ChunkInfo, payload: bytes, version: int = FORMAT_VERSION) -
     return events, len(raw)
 
 
+class _Sequence:
+    """What must hold across chunks, for every reader: icount order, and nothing after the END."""
+
+    def __init__(self) -> None:
+        self.last_icount: int | None = None
+        self.ended = False
+
+    def check(self, c: ChunkInfo, events: list[Event]) -> None:
+        if self.ended:
+            raise _corrupt(c, None, f"{events[0].kind.name} event at icount {events[0].icount} after the END")
+        if self.last_icount is not None and events[0].icount < self.last_icount:
+            raise _corrupt(c, None, f"first icount {events[0].icount} is before the "
+                                    f"previous chunk's last {self.last_icount}")
+        self.last_icount = events[-1].icount
+        self.ended = events[-1].kind is EventKind.END
+
+
 @dataclass
 class _Scan:
     chunks: list[ChunkInfo]
@@ -270,40 +406,43 @@ class _Scan:
     error: LogFormatError | None  # a corrupt chunk: the chunks before it are good
 
 
-def _scan(f, start: int, size: int) -> _Scan:
-    """Walk the chunk headers, checking caps, order and every payload CRC."""
+def _scan(f, header: LogHeader, size: int) -> _Scan:
+    """Walk the chunk heads, checking caps, order, sequence and every payload CRC."""
     chunks: list[ChunkInfo] = []
-    off = start
+    off = header.size
     prev_first = 0
+    hs = _head_size(header.version)
     while off < size:
         idx = len(chunks)
         f.seek(off)
-        head = f.read(_CHUNK.size)
-        if len(head) < _CHUNK.size:
+        head = f.read(hs)
+        if len(head) < hs:
             return _Scan(chunks, off, size, True, None)
-        length, crc, first, count = _CHUNK.unpack(head)
-        if length > MAX_CHUNK_BYTES:  # checked before anything is read or allocated
-            return _Scan(chunks, off, size, False, _corrupt(
-                idx, off, f"payload length {length} exceeds the {_mib(MAX_CHUNK_BYTES)} cap"))
-        if off + _CHUNK.size + length > size:
+        try:
+            length, crc, first, count = _parse_head(head, header, idx, off, prev_first)
+        except LogFormatError as e:
+            return _Scan(chunks, off, size, False, e)
+        if off + hs + length > size:
+            if header.version < 3 and _legacy_payload_is_whole(f.read(min(size - off - hs, MAX_CHUNK_BYTES)),
+                                                               first, count, crc):
+                return _Scan(chunks, off, size, False, _corrupt(
+                    idx, off, f"payload length {length} runs past the end of the file, but the payload "
+                              f"before it is whole: a damaged length"))
             return _Scan(chunks, off, size, True, None)
         payload = f.read(length)
         if len(payload) < length:  # the file shrank under us
             return _Scan(chunks, off, size, True, None)
-        err = None
-        if _chunk_crc(first, count, payload) != crc:
-            err = "checksum mismatch"
-        elif count == 0:
-            err = "no events"
-        elif count > MAX_CHUNK_BYTES // _MIN_EVENT:
-            err = f"event count {count} cannot fit in a chunk"
-        elif first < prev_first:
-            err = f"first icount {first} is before the previous chunk's first {prev_first}"
-        if err:
-            return _Scan(chunks, off, size, False, _corrupt(idx, off, err))
-        chunks.append(ChunkInfo(idx, off, length, crc, first, count))
+        c = ChunkInfo(idx, off, length, crc, first, count, hs)
+        if not _payload_ok(c, payload):
+            return _Scan(chunks, off, size, False, _corrupt(idx, off, "checksum mismatch"))
+        if header.version < 3:
+            try:
+                _check_counts(idx, off, length, first, count, prev_first)
+            except LogFormatError as e:
+                return _Scan(chunks, off, size, False, e)
+        chunks.append(c)
         prev_first = first
-        off += _CHUNK.size + length
+        off += hs + length
     return _Scan(chunks, off, size, False, None)
 
 
@@ -312,6 +451,12 @@ def _truncation_note(scan: _Scan, last_icount: int | None) -> str:
     upto = f"up to icount {last_icount}" if last_icount is not None else "no events"
     return (f"log truncated at byte {scan.file_size} inside chunk {k}: "
             f"replaying the first {k} chunks ({upto})")
+
+
+def _no_end_note(last_icount: int | None) -> str:
+    upto = f"its events end at icount {last_icount}" if last_icount is not None else "it holds no events"
+    return (f"the log has no END event ({upto}): the recording did not finish, "
+            f"or the log lost its last chunks")
 
 
 # -- stats ---------------------------------------------------------------------
@@ -327,37 +472,51 @@ class LogStats:
     file_bytes: int = 0          # the whole file, including any truncated tail
     first_icount: int | None = None
     last_icount: int | None = None
-    end: Event | None = None     # the last END event, if any
+    end: Event | None = None     # the END event, if any
 
 
 # -- reader --------------------------------------------------------------------
 
 class LogReader:
     """Reads a log: ``.header``, iteration over its events in order, and where
-    it ends.  Opening checks the header and the framing and CRC of every chunk
-    (raising LogFormatError); a log that ends inside a chunk is not an error:
-    ``.truncated`` is set and ``.truncation_note`` says what will be replayed.
-    The file is reopened for each iteration; nothing stays open."""
+    it ends.  Opening checks the header, the framing and CRC of every chunk and
+    the contents of the last one (raising LogFormatError); the other chunks'
+    contents are checked as iteration reaches them (LogFormatError then).
+
+    A log that ends inside a chunk is not an error: ``.truncated`` is set and
+    ``.truncation_note`` says what will be replayed.  ``.complete`` is True
+    when the log ends with its END event; otherwise ``.incomplete_note`` is
+    one line saying why (a truncation, or no END), for a replay that ends
+    early to report.  The file is reopened for each iteration; nothing stays
+    open."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         with open(self.path, "rb") as f:
             self.header = _read_header(f)
             size = os.fstat(f.fileno()).st_size
-            scan = _scan(f, self.header.size, size)
+            scan = _scan(f, self.header, size)
             if scan.error:
                 raise scan.error
             self.chunks: tuple[ChunkInfo, ...] = tuple(scan.chunks)
             self.last_icount: int | None = None
+            ended = False
             if scan.chunks:
                 last = scan.chunks[-1]
                 events, _ = _decode_chunk(last, self._payload(f, last), self.header.version)
                 self.last_icount = events[-1].icount
+                ended = events[-1].kind is EventKind.END
+            if ended and scan.truncated:
+                raise _corrupt(len(scan.chunks), scan.end_offset,
+                               f"{size - scan.end_offset} stray bytes after the END")
         self.truncated: bool = scan.truncated
+        self.complete: bool = ended and not scan.truncated
         self.end_offset: int = scan.end_offset  # where the whole chunks end
         self.file_size: int = scan.file_size
         self.truncation_note: str | None = (_truncation_note(scan, self.last_icount)
                                             if scan.truncated else None)
+        self.incomplete_note: str | None = (None if self.complete else
+                                            self.truncation_note or _no_end_note(self.last_icount))
         self._stats: LogStats | None = None
 
     @property
@@ -366,21 +525,18 @@ class LogReader:
 
     @staticmethod
     def _payload(f, c: ChunkInfo) -> bytes:
-        f.seek(c.offset + _CHUNK.size)
+        f.seek(c.offset + c.head_size)
         payload = f.read(c.length)
-        if len(payload) != c.length or _chunk_crc(c.first_icount, c.event_count, payload) != c.crc:
+        if len(payload) != c.length or not _payload_ok(c, payload):
             raise _corrupt(c, None, "changed since the log was opened")
         return payload
 
     def _chunk_events(self, start_chunk: int = 0) -> Iterator[tuple[ChunkInfo, list[Event], int]]:
-        prev = None
+        seq = _Sequence()
         with open(self.path, "rb") as f:
             for c in self.chunks[start_chunk:]:
                 events, raw_size = _decode_chunk(c, self._payload(f, c), self.header.version)
-                if prev is not None and events[0].icount < prev:
-                    raise _corrupt(c, None, f"first icount {events[0].icount} is before the "
-                                            f"previous chunk's last {prev}")
-                prev = events[-1].icount
+                seq.check(c, events)
                 yield c, events, raw_size
 
     def events(self, start_icount: int = 0) -> Iterator[Event]:
@@ -422,7 +578,9 @@ class StreamLogReader:
     at once, then the events chunk by chunk, each checked as the file reader
     checks it.  Iteration blocks until the next chunk is there and ends at the
     end of the stream; a stream that ends inside a chunk leaves ``truncated``
-    set.  ``received`` holds every event read so far."""
+    set.  ``received`` holds every event read so far.  Once the stream has
+    ended, ``complete`` says whether it ended with the END (and nothing after
+    it); ``incomplete_note`` says why not."""
 
     def __init__(self, stream: BinaryIO):
         self._f = stream
@@ -433,29 +591,45 @@ class StreamLogReader:
         self.last_icount: int | None = None
         self.chunks_read = 0
         self._prev_first = 0
+        self._seq = _Sequence()
         self._done = False
 
+    @property
+    def complete(self) -> bool:
+        return self._done and self._seq.ended and not self.truncated
+
+    @property
+    def incomplete_note(self) -> str | None:
+        if self.complete:
+            return None
+        if not self._done:
+            return "the log stream has not ended yet"
+        return self.truncation_note or _no_end_note(self.last_icount)
+
     def _next_chunk(self) -> list[Event] | None:
-        head = _read_full(self._f, _CHUNK.size)
+        hs = _head_size(self.header.version)
+        head = _read_full(self._f, hs)
+        idx = self.chunks_read
+        if head and self._seq.ended:
+            raise _corrupt(idx, None, "stray bytes after the END")
         if not head:
             return None
-        if len(head) < _CHUNK.size:
+        if len(head) < hs:
             return self._truncated()
-        length, crc, first, count = _CHUNK.unpack(head)
-        idx = self.chunks_read
-        if length > MAX_CHUNK_BYTES:
-            raise _corrupt(idx, None, f"payload length {length} exceeds the {_mib(MAX_CHUNK_BYTES)} cap")
+        length, crc, first, count = _parse_head(head, self.header, idx, None, self._prev_first)
         payload = _read_full(self._f, length)
         if len(payload) < length:
+            if self.header.version < 3 and _legacy_payload_is_whole(payload, first, count, crc):
+                raise _corrupt(idx, None, f"payload length {length} runs past the end of the stream, but the "
+                                          f"payload before it is whole: a damaged length")
             return self._truncated()
-        if _chunk_crc(first, count, payload) != crc:
+        c = ChunkInfo(idx, -1, length, crc, first, count, hs)
+        if not _payload_ok(c, payload):
             raise _corrupt(idx, None, "checksum mismatch")
-        if count == 0 or first < self._prev_first:
-            raise _corrupt(idx, None, "no events" if count == 0 else "chunks out of icount order")
-        c = ChunkInfo(idx, -1, length, crc, first, count)
+        if self.header.version < 3:
+            _check_counts(idx, None, length, first, count, self._prev_first)
         events, _ = _decode_chunk(c, payload, self.header.version)
-        if self.last_icount is not None and events[0].icount < self.last_icount:
-            raise _corrupt(idx, None, "first event before the previous chunk's last")
+        self._seq.check(c, events)
         self._prev_first = first
         self.chunks_read += 1
         self.last_icount = events[-1].icount
@@ -465,7 +639,6 @@ class StreamLogReader:
         self.truncated = True
         self.truncation_note = (f"log stream ended inside chunk {self.chunks_read}: replaying what came "
                                 f"before it (up to icount {self.last_icount})")
-        return None
 
     def __iter__(self) -> Iterator[Event]:
         while not self._done:
@@ -493,15 +666,17 @@ class LogWriter:
     """Writes a log.  The header goes to the file at once; events collect into
     a chunk that is compressed, written and flushed to the OS when it holds
     ``chunk_events`` events or ``chunk_bytes`` encoded bytes, on ``flush()``
-    and on ``close()``.  Event icounts must never decrease."""
+    and on ``close()``.  Event icounts must never decrease, and the END event
+    is the last: nothing may be appended after it."""
 
     def __init__(self, path: str | os.PathLike | BinaryIO, config: dict[str, Any], initial_digest: str,
                  chunk_events: int = 256, chunk_bytes: int = 64 << 10):
-        if not 1 <= chunk_events <= MAX_CHUNK_BYTES // _MIN_EVENT:
-            raise ValueError(f"chunk_events out of range: {chunk_events}")
+        if not 1 <= chunk_events <= MAX_CHUNK_EVENTS:
+            raise ValueError(f"chunk_events must be in [1, {MAX_CHUNK_EVENTS}]: {chunk_events}")
         if not 1 <= chunk_bytes <= MAX_WRITER_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [1, {MAX_WRITER_CHUNK_BYTES}]: {chunk_bytes}")
         header = encode_header(config, initial_digest)
+        (self._header_crc,) = _CRC.unpack_from(header, len(header) - _CRC.size)
         self.chunk_events = chunk_events
         self.chunk_bytes = chunk_bytes
         if hasattr(path, "write"):
@@ -518,6 +693,7 @@ class LogWriter:
         self._first = 0
         self._prev: int | None = None        # icount of the previous event in the chunk
         self.last_icount: int | None = None  # icount of the last event appended
+        self.ended = False                   # the END event was appended
         self.chunks_written = 0
         self.events_written = 0              # events in chunks already written
         self.bytes_written = len(header)
@@ -531,6 +707,8 @@ class LogWriter:
             raise ValueError("append to a closed log")
         if not isinstance(event, Event):
             raise TypeError(f"expected an Event, got {type(event).__name__}")
+        if self.ended:
+            raise ValueError(f"{event.kind.name} event after the END event: the END is the log's last")
         if self.last_icount is not None and event.icount < self.last_icount:
             raise ValueError(f"{event.kind.name} event at icount {event.icount} comes after one at "
                              f"{self.last_icount}: icounts must be non-decreasing")
@@ -546,6 +724,7 @@ class LogWriter:
         self._buf += event.payload
         self._count += 1
         self._prev = self.last_icount = event.icount
+        self.ended = event.kind is EventKind.END
         if self._count >= self.chunk_events or len(self._buf) >= self.chunk_bytes:
             self._write_chunk()
 
@@ -554,7 +733,7 @@ class LogWriter:
             self.append(e)
 
     def _write_chunk(self) -> None:
-        data = _encode_chunk(self._first, self._count, bytes(self._buf))
+        data = _encode_chunk(self.chunks_written, self._first, self._count, bytes(self._buf), self._header_crc)
         self._f.write(data)  # one write per chunk, then to the OS: a kill loses only this chunk
         self._f.flush()
         self.chunks_written += 1
@@ -592,26 +771,37 @@ class LogWriter:
 @dataclass
 class VerifyReport:
     ok: bool
-    problems: list[str] = field(default_factory=list)   # damage: checksums, framing, payloads
-    warnings: list[str] = field(default_factory=list)   # usable but odd, e.g. no END event
+    problems: list[str] = field(default_factory=list)   # damage, an unusable config, an incomplete log
+    warnings: list[str] = field(default_factory=list)   # usable but odd, e.g. two RTC_EPOCH events
     header: LogHeader | None = None
     stats: LogStats | None = None                       # over the readable part
     truncated: bool = False
+    complete: bool = False                              # the log ends with its END event
+    incomplete_note: str | None = None                  # why not, for a log with no damage
+
+    @property
+    def verdict(self) -> str:
+        """"ok"; "incomplete" (sound, but it ends before its END: replay would stop early); "damaged"."""
+        if self.ok:
+            return "ok"
+        return "incomplete" if self.problems == [self.incomplete_note] else "damaged"
 
     def __str__(self) -> str:
-        lines = ["ok" if self.ok else "damaged"]
+        lines = [self.verdict]
         lines += [f"problem: {p}" for p in self.problems]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
-_MAX_PROBLEMS = 20
-
-
 def verify(path: str | os.PathLike) -> VerifyReport:
-    """Check the whole file: header, framing, every chunk's CRC and contents,
-    icount order, and the structured payloads.  Never raises LogFormatError:
-    the problems are in the report (OSError, e.g. a missing file, propagates)."""
+    """Check everything a replay relies on: the header and its machine config
+    (replay.config.check_config), the framing, every chunk's checksums and
+    contents (structured payloads included), icount order, and that the log
+    ends with its END.  ``ok`` only for a log that replays in full.  Never
+    raises LogFormatError: the problems are in the report (OSError, e.g. a
+    missing file, propagates)."""
+    from replay.config import check_config
+
     rep = VerifyReport(ok=False)
     with open(path, "rb") as f:
         try:
@@ -619,51 +809,50 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         except LogFormatError as e:
             rep.problems.append(str(e))
             return rep
+        try:
+            check_config(rep.header.config)
+        except LogFormatError as e:
+            rep.problems.append(str(e))
         size = os.fstat(f.fileno()).st_size
-        scan = _scan(f, rep.header.size, size)
+        scan = _scan(f, rep.header, size)
         s = rep.stats = LogStats(header_bytes=rep.header.size, file_bytes=size)
         per = {k: 0 for k in EventKind}
-        prev: int | None = None
+        seq = _Sequence()
         rtc = 0
-        end_seen = False
+        damaged = False
         try:
             for c in scan.chunks:
                 events, raw_size = _decode_chunk(c, LogReader._payload(f, c), rep.header.version)
-                if prev is not None and events[0].icount < prev:
-                    raise _corrupt(c, None, f"first icount {events[0].icount} is before the "
-                                            f"previous chunk's last {prev}")
-                prev = events[-1].icount
+                seq.check(c, events)
                 s.chunks += 1
                 s.events += len(events)
                 s.compressed_bytes += c.length
                 s.uncompressed_bytes += raw_size
                 if s.first_icount is None:
                     s.first_icount = events[0].icount
-                s.last_icount = prev
-                for i, e in enumerate(events):
+                s.last_icount = seq.last_icount
+                for e in events:
                     per[e.kind] += 1
-                    if end_seen and len(rep.warnings) < _MAX_PROBLEMS:
-                        rep.warnings.append(f"{e.kind.name} event at icount {e.icount} after END")
                     if e.kind is EventKind.END:
-                        s.end, end_seen = e, True
+                        s.end = e
                     elif e.kind is EventKind.RTC_EPOCH:
                         rtc += 1
-                    dec = DECODERS.get(e.kind)
-                    if dec is not None and len(rep.problems) < _MAX_PROBLEMS:
-                        try:
-                            dec(e.payload)
-                        except LogFormatError as err:
-                            rep.problems.append(f"chunk {c.index} event {i} at icount {e.icount}: {err}")
         except LogFormatError as e:
             rep.problems.append(str(e))
+            damaged = True
         s.events_per_kind = {k.name: n for k, n in per.items() if n}
     if scan.error:
         rep.problems.append(str(scan.error))
-    if scan.truncated:
-        rep.truncated = True
-        rep.problems.append(_truncation_note(scan, s.last_icount))
-    if not end_seen and not rep.problems:
-        rep.warnings.append("no END event: the recorder did not finish")
+    elif not damaged and seq.ended and scan.truncated:
+        rep.problems.append(str(_corrupt(len(scan.chunks), scan.end_offset,
+                                         f"{size - scan.end_offset} stray bytes after the END")))
+    elif not damaged:
+        rep.truncated = scan.truncated
+        rep.complete = seq.ended and not scan.truncated
+        if not rep.complete:
+            rep.incomplete_note = (_truncation_note(scan, s.last_icount) if scan.truncated
+                                   else _no_end_note(s.last_icount))
+            rep.problems.append(rep.incomplete_note)
     if rtc > 1:
         rep.warnings.append(f"{rtc} RTC_EPOCH events (expected one)")
     rep.ok = not rep.problems
@@ -714,8 +903,8 @@ def describe(path: str | os.PathLike, events: bool = False, limit: int | None = 
                    f"exit status {end.exit_status}" + (f": {end.message}" if end.message else ""))
     else:
         out.append("  end              (no END event: the recorder did not finish)")
-    if r.truncation_note:
-        out.append(f"  note: {r.truncation_note}")
+    if r.incomplete_note:
+        out.append(f"  note: {r.incomplete_note}")
     if events:
         out.append("  events")
         for i, e in enumerate(r):

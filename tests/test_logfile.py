@@ -1,5 +1,6 @@
 """The replay log file format: round trips, chunking, truncation, corruption,
-foreign files, and a fuzz that nothing but LogFormatError ever escapes."""
+foreign files, and a fuzz that nothing but LogFormatError ever escapes.
+(tests/test_log_hostile.py holds issue 16's hostile logs; tests/fuzz/ the fuzzers.)"""
 from __future__ import annotations
 
 import os
@@ -29,9 +30,11 @@ from replay.logfile import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {"mem_size": 32 << 20, "boot": "multiboot", "rtc_epoch": 1767225600, "cmdline": "demo",
-          "image": {"name": "demo.elf", "sha256": "ab" * 32}, "vmm_version": "0.1.0"}
+          "load_addr": 0x100000, "digest_ticks": 1_000_000, "mem_digest_every": 50,
+          "image": {"name": "demo.elf", "path": "/nonexistent/demo.elf", "sha256": "ab" * 32},
+          "vmm_version": "0.1.0"}
 DIGEST = "0123456789abcdef" * 4
-CHUNK_HEAD = 20
+CHUNK_HEAD = 28
 
 
 def regs(seed: int = 0) -> dict[str, int]:
@@ -110,6 +113,7 @@ def test_every_kind_round_trips(tmp_path):
     assert r.header.initial_digest == DIGEST
     assert read_header(p) == r.header
     assert not r.truncated and r.truncation_note is None
+    assert r.complete and r.incomplete_note is None
     assert r.end_offset == r.file_size == os.path.getsize(p)
     assert (r.first_icount, r.last_icount) == (0, 2000)
     s = r.stats()
@@ -225,7 +229,8 @@ def test_big_log_spans_many_chunks(tmp_path):
     target = events[12_345].icount
     assert list(r.events(target)) == [e for e in events if e.icount >= target]
     assert list(r.events(events[-1].icount + 1)) == []
-    assert verify(p).ok
+    rep = verify(p)  # sound, but without an END
+    assert rep.verdict == "incomplete" and rep.stats.events == 20_000 and rep.stats.chunks == 200
 
 
 def test_chunk_bytes_limit(tmp_path):
@@ -294,9 +299,15 @@ def test_empty_log_and_log_without_end(tmp_path):
     r = LogReader(p)
     assert list(r) == [] and r.chunks == () and r.last_icount is None and not r.truncated
     assert r.header.config == {} and r.header.initial_digest == ""
+    assert not r.complete and "no END" in r.incomplete_note
     assert "no events" in describe(p)
-    rep = verify(p)
-    assert rep.ok and any("no END" in w for w in rep.warnings)
+    rep = verify(p)  # an empty config and no END: not a log a replay can use
+    assert not rep.ok and not rep.complete and rep.verdict == "damaged"
+    p2 = tmp_path / "f2.log"
+    write_log(p2, [Event(EventKind.CONSOLE_INPUT, 5, b"x")])
+    rep = verify(p2)
+    assert not rep.ok and rep.verdict == "incomplete" and rep.problems == [rep.incomplete_note]
+    assert "no END" in rep.incomplete_note and str(rep).startswith("incomplete\n")
 
 
 # -- a killed recorder -----------------------------------------------------------
@@ -309,7 +320,7 @@ def test_writer_never_closed_leaves_whole_chunks(tmp_path):
         w.append(e)
     # no close(): the 7 events of the open chunk are lost, the 5 whole chunks are there
     r = LogReader(p)
-    assert list(r) == events[:50] and not r.truncated
+    assert list(r) == events[:50] and not r.truncated and not r.complete
     w.close()
     assert list(LogReader(p)) == events
 
@@ -330,8 +341,9 @@ def test_killed_writer_process_leaves_readable_log(tmp_path):
     assert proc.returncode == 9
     r = LogReader(p)
     assert [e.payload for e in r] == [bytes([i]) for i in range(40)]
-    assert not r.truncated and r.last_icount == 390
-    assert verify(p).ok
+    assert not r.truncated and r.last_icount == 390 and not r.complete
+    rep = verify(p)
+    assert not rep.complete and not rep.truncated and "no END" in rep.incomplete_note
 
 
 # -- truncation and corruption ---------------------------------------------------
@@ -358,6 +370,7 @@ def test_truncation_at_every_byte(tmp_path, small_log):
         assert r.truncated is not boundary, cut
         assert r.end_offset == (ends[whole - 1] if whole else header_size)
         assert r.last_icount == (events[n - 1].icount if n else None)
+        assert not r.complete  # the small log has no END
         if r.truncated:
             note = r.truncation_note
             assert note == (f"log truncated at byte {cut} inside chunk {whole}: replaying the first "
@@ -370,28 +383,26 @@ def test_truncation_at_every_byte(tmp_path, small_log):
 
 
 def test_corrupt_byte_in_a_chunk_names_the_chunk(tmp_path, small_log):
-    data, events, full = small_log
+    data, _, full = small_log
     p = tmp_path / "x.log"
     for c in full.chunks:
         for off in range(c.offset, c.end):
             bad = bytearray(data)
             bad[off] ^= 0x55
             p.write_bytes(bytes(bad))
-            in_length_field = off < c.offset + 4
+            in_head = off < c.offset + CHUNK_HEAD
             try:
                 r = LogReader(p)
                 got = list(r)
             except LogFormatError as e:
                 assert_one_line(e)
                 assert f"corrupt chunk {c.index} at byte {c.offset} (" in str(e), (off, str(e))
-                if not in_length_field:
-                    assert str(e).endswith("(checksum mismatch)")
+                # the head has a checksum of its own: a flipped length is damage, never a truncation
+                assert str(e).endswith("(chunk head checksum mismatch)" if in_head else "(checksum mismatch)")
                 rep = verify(p)
                 assert not rep.ok and any(f"chunk {c.index}" in q for q in rep.problems)
                 continue
-            # only a length pointing past the end of the file reads as a truncation
-            assert in_length_field and r.truncated, off
-            assert got == events[:sum(x.event_count for x in full.chunks[:c.index])]
+            pytest.fail(f"a flipped byte at {off} went unnoticed ({r.truncated=}, {len(got)} events)")
 
 
 def test_corrupt_payload_reports_chunk_and_byte(tmp_path):
@@ -412,10 +423,19 @@ def test_corrupt_payload_reports_chunk_and_byte(tmp_path):
         describe(p)
 
 
-def _chunk(first: int, count: int, raw: bytes, compressed: bytes | None = None) -> bytes:
+HEADER = encode_header(CONFIG, DIGEST)
+HEADER_CRC = struct.unpack_from("<I", HEADER, len(HEADER) - 4)[0]
+
+
+def _head(length: int, seq: int, first: int, count: int, payload_crc: int) -> bytes:
+    """A version-3 chunk head with a valid head CRC (the format as documented)."""
+    fields = struct.pack("<IIQII", length, seq, first, count, payload_crc)
+    return fields + struct.pack("<I", zlib.crc32(fields, HEADER_CRC))
+
+
+def _chunk(first: int, count: int, raw: bytes, compressed: bytes | None = None, seq: int = 0) -> bytes:
     payload = zlib.compress(raw, 6) if compressed is None else compressed
-    crc = zlib.crc32(payload, zlib.crc32(struct.pack("<QI", first, count)))
-    return struct.pack("<IIQI", len(payload), crc, first, count) + payload
+    return _head(len(payload), seq, first, count, zlib.crc32(payload)) + payload
 
 
 def _enc(kind: int, delta: int, payload: bytes) -> bytes:
@@ -428,20 +448,22 @@ def _enc(kind: int, delta: int, payload: bytes) -> bytes:
     return varint(kind) + varint(delta) + varint(0) + varint(len(payload)) + payload  # version 2: vCPU 0
 
 
-HEADER = encode_header(CONFIG, DIGEST)
-
-
 @pytest.mark.parametrize("chunk, why", [
-    (_chunk(5, 1, _enc(1, 5, b"a"), compressed=b"not zlib"), "does not decompress"),
-    (_chunk(5, 1, _enc(1, 5, b"a"), compressed=zlib.compress(_enc(1, 5, b"a")) + b"x"), "one whole zlib"),
-    (_chunk(5, 2, _enc(1, 5, b"a")), "1 events, the chunk header says 2"),
-    (_chunk(6, 1, _enc(1, 5, b"a")), "first event at icount 5, the chunk header says 6"),
-    (_chunk(5, 1, _enc(99, 5, b"a")), "unknown event kind 99"),
-    (_chunk(5, 1, _enc(1, 5, b"abc")[:-1]), "runs past the end"),
-    (_chunk(5, 1, b"\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01\x00"), "varint"),
-    (_chunk(5, 0, b""), "no events"),
-    (struct.pack("<IIQI", 0xFFFF_FFFF, 0, 0, 1), "exceeds the 64 MiB cap"),
-    (_chunk(0, 1 << 30, _enc(1, 0, b"")), "cannot fit"),
+    (_chunk(5, 1, _enc(1, 5, b"a"), compressed=b"not zlib", seq=1), "does not decompress"),
+    (_chunk(5, 1, _enc(1, 5, b"a"), compressed=zlib.compress(_enc(1, 5, b"a")) + b"x", seq=1), "one whole zlib"),
+    (_chunk(5, 2, _enc(1, 5, b"a"), seq=1), "1 events, the chunk header says 2"),
+    (_chunk(5, 1, _enc(1, 5, b"a") * 2, seq=1), "more events than the 1 the chunk head says"),
+    (_chunk(6, 1, _enc(1, 5, b"a"), seq=1), "first event at icount 5, the chunk header says 6"),
+    (_chunk(5, 1, _enc(99, 5, b"a"), seq=1), "unknown event kind 99"),
+    (_chunk(5, 1, _enc(1, 5, b"abc")[:-1], seq=1), "runs past the end"),
+    (_chunk(5, 1, b"\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01\x00", seq=1), "varint"),
+    (_chunk(5, 0, b"", seq=1), "no events"),
+    (_head(0xFFFF_FFFF, 1, 0, 1, 0), "exceeds the 64 MiB cap"),
+    (_chunk(0, 1 << 30, _enc(1, 0, b""), seq=1), "more than the 65536 a chunk may hold"),
+    (_chunk(0, 1000, _enc(1, 0, b"") * 1000, seq=1), "events a byte"),
+    (_chunk(5, 1, _enc(1, 5, b"a"), seq=0), "sequence number 0 where 1 belongs"),
+    (_chunk(5, 1, _enc(1, 5, b"a"), seq=7), "sequence number 7 where 1 belongs"),
+    (_chunk(5, 1, _enc(1, 5, b"a"), seq=1)[:-1] + b"!", "checksum mismatch"),
 ])
 def test_crafted_chunks_with_valid_checksums(tmp_path, chunk, why):
     p = tmp_path / "z.log"
@@ -457,10 +479,11 @@ def test_crafted_chunks_with_valid_checksums(tmp_path, chunk, why):
 
 def test_chunks_going_back_in_time(tmp_path):
     p = tmp_path / "back.log"
-    p.write_bytes(HEADER + _chunk(100, 2, _enc(1, 100, b"") + _enc(1, 50, b"")) + _chunk(120, 1, _enc(1, 120, b"")))
+    p.write_bytes(HEADER + _chunk(100, 2, _enc(1, 100, b"") + _enc(1, 50, b""))
+                  + _chunk(120, 1, _enc(1, 120, b""), seq=1))
     with pytest.raises(LogFormatError, match=r"chunk 1 .*before the previous chunk's last 150"):
         list(LogReader(p))
-    p.write_bytes(HEADER + _chunk(100, 1, _enc(1, 100, b"")) + _chunk(50, 1, _enc(1, 50, b"")))
+    p.write_bytes(HEADER + _chunk(100, 1, _enc(1, 100, b"")) + _chunk(50, 1, _enc(1, 50, b""), seq=1))
     with pytest.raises(LogFormatError, match=r"chunk 1 .*before the previous"):
         LogReader(p)
 
@@ -473,13 +496,17 @@ def test_zip_bomb_is_capped(tmp_path):
         LogReader(p)
 
 
-def test_bad_structured_payload_is_a_verify_problem(tmp_path):
+def test_bad_structured_payload_is_damage(tmp_path):
     p = tmp_path / "bp.log"
-    write_log(p, [Event(EventKind.REG_DIGEST, 7, b"\1\2\3"), Event(EventKind.END, 9, ev.encode_end("exit", 0))])
-    assert len(list(LogReader(p))) == 2  # the reader hands payloads over as they are
+    write_log(p, [Event(EventKind.CONSOLE_INPUT, 5, b"x"), Event(EventKind.REG_DIGEST, 7, b"\1\2\3"),
+                  Event(EventKind.END, 9, ev.encode_end("exit", 0))])
+    want = (f"corrupt chunk 0 at byte {len(HEADER)} (event 1 at icount 7: "
+            f"bad REG_DIGEST payload (3 bytes, expected 232))")
+    with pytest.raises(LogFormatError) as ei:
+        LogReader(p)  # the last chunk is decoded on opening
+    assert str(ei.value) == want
     rep = verify(p)
-    assert not rep.ok
-    assert rep.problems == ["chunk 0 event 0 at icount 7: bad REG_DIGEST payload (3 bytes, expected 232)"]
+    assert not rep.ok and rep.problems == [want] and rep.verdict == "damaged"
     with pytest.raises(LogFormatError, match="bad REG_DIGEST payload"):
         describe(p, events=True)
 

@@ -12,7 +12,12 @@ part that is added later does not shift the others.
 The encoding (``encode``/``decode``) is a small tagged binary format of this
 project's own, so that a snapshot file holds no pickled objects (loading one
 runs no code) and every length is checked against what remains of the input
-before anything is allocated.
+before anything is allocated.  Decoding is bounded: nesting by MAX_DEPTH,
+integers by 4096 bits, the number of items (every value, list element and
+dict entry) by a budget shared by all of a file's sections (MAX_ITEMS), and
+each section's inflated size by a cap (RAM by the configured memory size,
+other parts MAX_PART_BYTES) - so a hostile file costs bounded time and
+memory, and anything wrong with it is one SnapshotError line.
 
 Snapshot file layout (all integers little-endian)::
 
@@ -47,6 +52,10 @@ MIN_READ_VERSION = 1
 MAX_HEADER = 1 << 20
 MAX_SECTION = 4 << 30          # a section's compressed size (RAM of a large guest)
 MAX_DEPTH = 64
+MAX_ITEMS = 1 << 20            # decoded items in one file (a machine saves a few thousand)
+MAX_PART_BYTES = 64 << 20      # a section other than RAM and the EPT, inflated
+MAX_SECTION_ID = 256           # bytes of a section id
+MIN_MEM, MAX_MEM = 2 << 20, 3 << 30  # the memory sizes a machine may have (as the CLI's --mem)
 
 _T_NONE, _T_FALSE, _T_TRUE, _T_INT, _T_NEGINT, _T_STR, _T_BYTES, _T_LIST, _T_DICT = range(9)
 
@@ -121,11 +130,17 @@ def _enc(obj: Any, out: bytearray, depth: int) -> None:
 
 
 class _Reader:
-    __slots__ = ("buf", "pos")
+    __slots__ = ("buf", "items", "pos")
 
-    def __init__(self, buf: bytes):
+    def __init__(self, buf: bytes, items: int):
         self.buf = buf
         self.pos = 0
+        self.items = items  # how many more items may be decoded
+
+    def spend(self, n: int) -> None:
+        if n > self.items:
+            raise StateError(f"saved state holds more than the {MAX_ITEMS} items a snapshot may hold")
+        self.items -= n
 
     def byte(self) -> int:
         if self.pos >= len(self.buf):
@@ -153,18 +168,25 @@ class _Reader:
         return b
 
 
-def decode(buf: bytes) -> Any:
-    """bytes -> plain data; StateError for anything malformed (never another exception)."""
-    r = _Reader(buf)
+def decode(buf: bytes, max_items: int = MAX_ITEMS) -> Any:
+    """bytes -> plain data; StateError for anything malformed (never another
+    exception), or holding more than ``max_items`` items."""
+    return _decode(buf, max_items)[0]
+
+
+def _decode(buf: bytes, max_items: int) -> tuple[Any, int]:
+    """(plain data, the items it holds)."""
+    r = _Reader(buf, max_items)
     obj = _dec(r, 0)
     if r.pos != len(buf):
         raise StateError(f"{len(buf) - r.pos} stray bytes after the saved state")
-    return obj
+    return obj, max_items - r.items
 
 
 def _dec(r: _Reader, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise StateError("saved state nests too deeply")
+    r.spend(1)
     t = r.byte()
     if t == _T_NONE:
         return None
@@ -188,11 +210,15 @@ def _dec(r: _Reader, depth: int) -> Any:
         n = r.uvarint(64)
         if n > len(r.buf) - r.pos:
             raise StateError(f"a list of {n} items cannot fit in what remains")
+        if n > r.items:
+            r.spend(n)
         return [_dec(r, depth + 1) for _ in range(n)]
     if t == _T_DICT:
         n = r.uvarint(64)
         if n > len(r.buf) - r.pos:
             raise StateError(f"a dict of {n} items cannot fit in what remains")
+        if n > r.items:
+            r.spend(n)
         d = {}
         for _ in range(n):
             k = r.take(r.uvarint(64))
@@ -267,27 +293,42 @@ def read_snapshot_header(f: BinaryIO) -> dict:
         raise SnapshotError("the header checksum does not match (corrupt file)")
     try:
         header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise SnapshotError("the header is not valid JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("sections"), list) \
             or not isinstance(header.get("config"), dict) or type(header.get("icount")) is not int:
         raise SnapshotError("the header lacks its config, icount or section list")
+    if not 0 <= header["icount"] < 1 << 64:
+        raise SnapshotError(f"the header's icount {str(header['icount'])[:40]} is out of range")
+    seen = set()
     for s in header["sections"]:
-        if not (isinstance(s, dict) and isinstance(s.get("id"), str) and type(s.get("size")) is int
+        if not (isinstance(s, dict) and _is_section_id(s.get("id")) and type(s.get("size")) is int
                 and type(s.get("crc32")) is int and 0 <= s["size"] <= MAX_SECTION):
             raise SnapshotError("a section entry of the header is malformed")
+        if s["id"] in seen:
+            raise SnapshotError(f"the header lists section {s['id']!r} twice")
+        seen.add(s["id"])
     header["version"] = version
     return header
+
+
+def _is_section_id(sid: Any) -> bool:
+    if not isinstance(sid, str):
+        return False
+    try:
+        return 0 < len(sid.encode("utf-8")) <= MAX_SECTION_ID
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return False
 
 
 def _raw_cap(header: dict, sid: str) -> int:
     """How large a section may decode to: RAM by the configured memory size, the rest 256 MiB."""
     if sid in ("ram", "ept"):
         mem = header["config"].get("mem_size", 0)
-        if type(mem) is not int or mem <= 0:
+        if type(mem) is not int or not MIN_MEM <= mem <= MAX_MEM:
             raise SnapshotError("the header's config has no valid mem_size")
         return 2 * mem + (16 << 20)
-    return 256 << 20
+    return MAX_PART_BYTES
 
 
 def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
@@ -300,12 +341,17 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
 
     if not _stat.S_ISREG(st.st_mode):
         raise SnapshotError(f"{os.fspath(path)} is not a regular file")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise SnapshotError(f"cannot read {os.fspath(path)}: {e.strerror}") from None
+    with f:
         header = read_snapshot_header(f)
         total = f.tell() + sum(8 + len(s["id"].encode()) + 4 + s["size"] for s in header["sections"])
         if total > st.st_size:
             raise SnapshotError(f"truncated: the header describes {total} bytes, the file has {st.st_size}")
         parts: dict[str, Any] = {}
+        items = MAX_ITEMS  # shared by all sections: many small bombs cost no more than one
         for s in header["sections"]:
             (n,) = _U32.unpack(_read_exact(f, 4, f"section {s['id']!r}"))
             sid = _read_exact(f, n, f"section {s['id']!r}").decode("utf-8", "replace")
@@ -323,7 +369,8 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
                 raw = d.decompress(payload, cap)
                 if d.unconsumed_tail or not d.eof:
                     raise SnapshotError(f"section {sid!r} expands past its {cap}-byte limit or is cut short")
-                parts[sid] = decode(raw)
+                parts[sid], used = _decode(raw, items)
+                items -= used
             except (zlib.error, StateError) as e:
                 raise SnapshotError(f"section {sid!r}: {e}") from None
         if f.read(1):
