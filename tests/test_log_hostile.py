@@ -148,7 +148,8 @@ def test_config_limits_match_the_machine():
     from vmm.firmware.boot import KINDS
     from vmm.machine import MAX_VCPUS
 
-    assert config.BOOT_KINDS == KINDS and set(config.BOOTED_KINDS) == set(KINDS) - {"auto"}
+    # every kind boot() takes is one a log may name (a kind it does not take yet fails as a BootError)
+    assert set(KINDS) <= set(config.BOOT_KINDS) and set(config.BOOTED_KINDS) == set(config.BOOT_KINDS) - {"auto"}
     assert config.MAX_VCPUS == MAX_VCPUS
     from vmm.platform import pc
     if hasattr(pc, "PLATFORMS"):
@@ -595,3 +596,32 @@ def test_plain_state_within_budget_still_decodes():
     state = {"kind": "x", "version": 1, "list": list(range(100_000)), "big": 1 << 4000, "neg": -(1 << 63),
              "blob": bytes(1 << 20), "nested": [[[[{"a": None, "b": True, "c": False}]]]]}
     assert decode(encode(state)) == state
+
+
+# -- the CLI: replay and verify agree ----------------------------------------------------------------
+
+LOG_CORPUS = sorted((ROOT / "tests" / "fuzz" / "corpus" / "log").glob("*.vmlog"))
+# replay/session.py and tools/cli.py (the lead's) still to do: read every event before the
+# replay starts or catch LogFormatError around run(); apply replay.config.check_config
+CLI_OPEN = {"issue16-bad-digest-mid-log.vmlog": "a LogFormatError raised inside Replayer.run() escapes the CLI",
+            "issue16-config-entries-garbage.vmlog": "session.py does not apply replay.config.check_config",
+            "issue16-config-bundled-unknown.vmlog": "session.py does not apply replay.config.check_config",
+            "issue16-config-cmdline-surrogate.vmlog": "session.py does not apply replay.config.check_config",
+            "issue16-config-path-nul.vmlog": "session.py does not apply replay.config.check_config",
+            "issue16-truncated.vmlog": "a replay that ends early (reader.complete False) must exit non-zero"}
+
+
+def _cli_case(p: Path):
+    reason = CLI_OPEN.get(p.name)
+    return pytest.param(p, id=p.name, marks=[pytest.mark.xfail(strict=True, reason=reason)] if reason else [])
+
+
+@pytest.mark.parametrize("path", [_cli_case(p) for p in LOG_CORPUS])
+def test_cli_replay_and_log_verify_agree(path, capsys):
+    """`vmm log verify` exits 0 exactly when `vmm replay` does, and neither ends in a traceback."""
+    from tools.cli import main
+
+    verified = main(["log", "verify", str(path)])
+    replayed = main(["replay", str(path), "--serial", "none", "--until", "1000000"])
+    capsys.readouterr()
+    assert (verified == 0) == (replayed == 0), (verified, replayed)
