@@ -149,3 +149,30 @@ class IrqLine:
     def pulse(self) -> None:
         self.set(True)
         self.set(False)
+
+
+class IrqOr:
+    """Several interrupt wires joined into one (a shared ISA IRQ line, a PCI PIRQ):
+    the output is asserted while any input is.  ``input(name)`` makes a new input
+    wire; ``sinks`` are called with the output level whenever it changes."""
+
+    __slots__ = ("_inputs", "level", "name", "sinks")
+
+    def __init__(self, name: str = "irq-or", sinks: list[Callable[[bool], None]] | None = None):
+        self.name = name
+        self.sinks = list(sinks or [])
+        self._inputs: list[IrqLine] = []
+        self.level = False
+
+    def input(self, name: str | None = None) -> IrqLine:
+        line = IrqLine(name or f"{self.name}.in{len(self._inputs)}")
+        self._inputs.append(line)
+        line.connect(lambda _level: self._update())
+        return line
+
+    def _update(self) -> None:
+        level = any(i.level for i in self._inputs)
+        if level != self.level:
+            self.level = level
+            for s in self.sinks:
+                s(level)

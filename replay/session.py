@@ -70,10 +70,21 @@ class Divergence(Exception):
         return "\n".join(lines)
 
 
+def _file_ref(name: str, data: bytes) -> dict:
+    return {"name": name, "path": os.path.abspath(name) if os.path.exists(name) else name,
+            "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
 def machine_config(mem_size: int, epoch: int, image_name: str, image: bytes, boot_kind: str,
                    cmdline: str, load_addr: int, input_kind: str, vcpus: int = 1, quantum: int | None = None,
-                   mmu: str = "shadow", entries: list[tuple[int, int]] | None = None) -> dict:
+                   mmu: str = "shadow", entries: list[tuple[int, int]] | None = None,
+                   initrd: tuple[str, bytes] | None = None, debug_exit: tuple[int, int] = (0x501, 2)) -> dict:
+    """The machine's recipe: everything a recording's or a snapshot's header needs to
+    build the same machine again (images by path and SHA-256)."""
     return {
+        "initrd": _file_ref(*initrd) if initrd else None,
+        "debug_exit": list(debug_exit),
+        "platform": "pc-2",
         "entries": [list(e) for e in entries or []],
         "vcpus": vcpus,
         "quantum": quantum,
@@ -108,6 +119,21 @@ def _bundled_name(path: str) -> str | None:
     return None
 
 
+def read_initrd(cfg: dict) -> bytes | None:
+    """The initrd a config names, checked by hash (None if it names none)."""
+    ref = cfg.get("initrd")
+    if not ref:
+        return None
+    try:
+        with open(ref["path"], "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ReplayError(f"cannot read the initrd {ref['path']}: {e.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise ReplayError(f"the initrd {ref['path']} is not the one recorded (sha256)")
+    return data
+
+
 def _find_image(cfg: dict) -> str:
     path = cfg["image"]["path"]
     if os.path.exists(path):
@@ -124,10 +150,12 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) ->
     """The machine a config describes: booted from ``image``, or, given the ``parts``
     of a saved state, restored to it (the firmware attached, nothing booted)."""
     m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial,
-                           mmu=cfg.get("mmu", "shadow"), vcpus=cfg.get("vcpus", 1), quantum=cfg.get("quantum")))
+                           mmu=cfg.get("mmu", "shadow"), vcpus=cfg.get("vcpus", 1), quantum=cfg.get("quantum"),
+                           platform=cfg.get("platform", "pc-1"),
+                           debug_exit=tuple(cfg.get("debug_exit", (0x501, 2)))))
     if parts is None:
         info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
-                    cmdline=cfg["cmdline"])
+                    cmdline=cfg["cmdline"], initrd=read_initrd(cfg))
         kind = info.kind
         cfg["booted"] = kind
         _start_harness_vcpus(m, cfg)
@@ -281,7 +309,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            quantum: int | None = None, restore: str | None = None,
            save_at: list[tuple[int, str]] | None = None,
            report: Callable[[str], None] | None = None,
-           entries: list[tuple[int, int]] | None = None) -> tuple[RunResult, PcMachine]:
+           entries: list[tuple[int, int]] | None = None, initrd: tuple[str, bytes] | None = None,
+           debug_exit: tuple[int, int] = (0x501, 2)) -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
 
     ``restore`` starts the recording from a snapshot file instead of a boot
@@ -294,7 +323,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
     else:
         cfg = machine_config(mem_size, epoch, image_name, image, boot_kind,
                              cmdline if cmdline is not None else image_name,
-                             load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu, entries=entries)
+                             load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu, entries=entries,
+                             initrd=initrd, debug_exit=debug_exit)
         m = build_machine(cfg, image, serial or NullBackend())
     initial_hashes = page_hashes(m.memory.ram)
     writer = LogWriter(out_path, cfg, state_digest(m, initial_hashes),
@@ -570,11 +600,13 @@ def _check_config(cfg: dict) -> None:
 
     need("mem_size", int, lambda v: 2 << 20 <= v <= 3 << 30 and v % 4096 == 0)
     need("rtc_epoch", int)
-    need("boot", str, lambda v: v in ("auto", "disk", "floppy", "multiboot", "flat"))
+    need("boot", str, lambda v: v in ("auto", "linux", "disk", "floppy", "multiboot", "flat"))
     need("cmdline", str)
     need("load_addr", int, lambda v: 0 <= v < 1 << 32)
     need("digest_ticks", int, lambda v: 1000 <= v <= 1 << 40)
     need("mem_digest_every", int, lambda v: 1 <= v <= 1 << 20)
+    if cfg.get("platform", "pc-1") not in ("pc-1", "pc-2"):
+        raise LogFormatError(f"the log header's config names an unknown machine type {cfg.get('platform')!r}")
     if cfg.get("mmu", "shadow") not in ("shadow", "nested"):
         raise LogFormatError(f"the log header's config names an unknown MMU mode {cfg.get('mmu')!r}")
     vc = cfg.get("vcpus", 1)

@@ -2,8 +2,9 @@
 writes the text buffer as memory, uses INT 10h and polls the retrace bit, and
 the display shows it, through a ``DmaView`` over the machine's EPT.
 
-The machine does not attach a VGA of its own yet (vmm/platform/pc.py); this
-test attaches one the way the platform is expected to.
+INT 10h moves the CRTC's cursor to the BIOS's, as a real BIOS does: the guest
+set it to row 1 column 2, and after the BIOS printed 'B' at its own cursor
+(row 0, column 0) the hardware cursor is at row 0, column 1.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from host.display import TextDisplay
 from tools.guestkit import asm
 from vmm.firmware.boot import boot
 from vmm.machine import StopReason
-from vmm.memory.dma import DmaView
 from vmm.platform.pc import PcConfig, PcMachine
 
 # CR11 = 0 (lift the CR0-7 protection); cursor at 0x0052 (row 1, column 2);
@@ -61,18 +61,18 @@ def boot_sector() -> bytes:
 
 def run() -> tuple[PcMachine, Vga, object]:
     m = PcMachine(PcConfig(mem_size=4 << 20))
-    vga = m.add_device(Vga(m.clock, DmaView(m.ept, "vga")))
+    vga = m.vga
     boot(m, boot_sector(), "disk", name="vga-test")
     return m, vga, m.run(20_000_000)
 
 
 def test_a_guest_programs_the_vga_and_the_display_shows_it():
     m, vga, res = run()
-    assert res.reason is StopReason.EXIT and res.status == 0x52
+    assert res.reason is StopReason.EXIT and res.status == 0x01
     lines = vga.text_screen()
     assert lines[0][0] == "B" and lines[1].startswith("OK")
     assert vga.cells()[1][0] == (ord("O"), 0x1E)
-    assert vga.cursor_position() == (1, 2)
+    assert vga.cursor_position() == (0, 1)
     assert vga.crtc[0x11] == 0x00
     line, _char = vga.raster_position()
     assert 412 <= line < 414          # the guest stopped inside the retrace it waited for
@@ -80,7 +80,7 @@ def test_a_guest_programs_the_vga_and_the_display_shows_it():
     d = TextDisplay(vga, out, tty=True, size=(80, 25), clock=lambda: 0.0)
     d.start()
     assert "\x1b[2;1H\x1b[0;93;44mOK" in out.getvalue()
-    assert out.getvalue().endswith("\x1b[2;3H\x1b[?25h")
+    assert out.getvalue().endswith("\x1b[1;2H\x1b[?25h")
     d.stop()
     assert out.getvalue().endswith("B\nOK\n")
 

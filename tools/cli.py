@@ -80,6 +80,15 @@ def parse_count(text: str) -> int:
     return v
 
 
+def parse_debug_exit(text: str) -> tuple[int, int]:
+    base, _, size = text.partition(",")
+    b = parse_int(base)
+    s = parse_int(size) if size else 2
+    if s not in (1, 2, 4) or not 0 <= b <= 0xFFFF - s + 1:
+        raise argparse.ArgumentTypeError(f"--debug-exit wants IOBASE[,SIZE] with SIZE 1, 2 or 4, not {text!r}")
+    return b, s
+
+
 def parse_smp(text: str) -> int:
     v = parse_int(text)
     if not 1 <= v <= 64:
@@ -113,11 +122,18 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--serial", default="stdio", metavar="stdio|none|tcp:[HOST:]PORT|FILE",
                    help="where COM1 goes: the terminal (default), nowhere, a TCP socket (127.0.0.1 by default; "
                         "input comes from the client), or a file")
-    r.add_argument("--boot", default="auto", choices=["auto", "disk", "floppy", "multiboot", "flat"],
+    r.add_argument("--boot", default="auto", choices=["auto", "linux", "disk", "floppy", "multiboot", "flat"],
                    help="boot protocol (default: detect from the image)")
     r.add_argument("--load-addr", type=parse_int, default=0x100000, metavar="ADDR",
                    help="load and entry address for --boot flat (default 0x100000)")
-    r.add_argument("--cmdline", default=None, metavar="TEXT", help="Multiboot command line (default: the image name)")
+    r.add_argument("--cmdline", "--append", dest="cmdline", default=None, metavar="TEXT",
+                   help="kernel command line: Linux (default: empty) or Multiboot (default: the image name)")
+    r.add_argument("--kernel", default=None, metavar="BZIMAGE",
+                   help="boot this Linux kernel (bzImage) directly, as QEMU's -kernel; the same as giving it as IMAGE")
+    r.add_argument("--initrd", default=None, metavar="FILE", help="initial ramdisk for a Linux kernel")
+    r.add_argument("--debug-exit", type=parse_debug_exit, default=(0x501, 2), metavar="IOBASE[,SIZE]",
+                   help="where QEMU's isa-debug-exit answers: I/O base and size 1, 2 or 4 (default 0x501,2; "
+                        "many OS test suites use 0xf4)")
     r.add_argument("--input", default=None, metavar="FILE",
                    help="feed this file to the guest's console input instead of the terminal")
     r.add_argument("--rtc-epoch", type=parse_int, default=None, metavar="SECONDS",
@@ -200,6 +216,26 @@ def resolve_image(name: str) -> str:
     if key in GUESTS:
         return str(guest_path(key))
     raise UsageError(f"image not found: {name}" + (f" (bundled guests: {', '.join(sorted(GUESTS))})" if GUESTS else ""))
+
+
+def _cmdline(args, data: bytes) -> str:
+    """The command line: as given; else empty for Linux (QEMU's -kernel without -append)
+    and the image name for Multiboot kernels, as before."""
+    if args.cmdline is not None:
+        return args.cmdline
+    from vmm.firmware.linux import detect_bzimage
+
+    return "" if args.boot == "linux" or (args.boot == "auto" and detect_bzimage(data)) else args.image
+
+
+def _initrd(args) -> tuple[str, bytes] | None:
+    if args.initrd is None:
+        return None
+    try:
+        with open(args.initrd, "rb") as f:
+            return args.initrd, f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read the initrd {args.initrd}: {e.strerror}") from None
 
 
 def _load_image(args) -> tuple[str, bytes]:
@@ -331,8 +367,9 @@ def _machine(args, backend):
             raise UsageError(str(e)) from None
     path, data = _load_image(args)
     cfg = machine_config(args.mem, DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch, path, data,
-                         args.boot, args.cmdline if args.cmdline is not None else args.image, args.load_addr,
-                         "none", vcpus=args.smp, mmu=args.mmu)
+                         args.boot, _cmdline(args, data), args.load_addr,
+                         "none", vcpus=args.smp, mmu=args.mmu, initrd=_initrd(args),
+                         debug_exit=args.debug_exit)
     cfg["image"]["name"] = args.image     # as the user named it, in messages
     try:
         return build_machine(cfg, data, backend), cfg
@@ -421,11 +458,12 @@ def cmd_record(args) -> int:
         try:
             res, m = record(path, data, args.output, mem_size=args.mem,
                             epoch=DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch,
-                            boot_kind=args.boot, cmdline=args.cmdline if args.cmdline is not None else args.image,
+                            boot_kind=args.boot, cmdline=_cmdline(args, data) if data is not None else "",
                             load_addr=args.load_addr, live_input=source, input_kind=kind,
                             max_instructions=args.max_instructions, serial=backend,
                             pace_idle=kind == "terminal", setup=setup, mmu=args.mmu, vcpus=args.smp,
-                            restore=args.restore, save_at=args.save_at,
+                            restore=args.restore, save_at=args.save_at, initrd=_initrd(args),
+                            debug_exit=args.debug_exit,
                             report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
             raise UsageError(str(e)) from None
@@ -615,6 +653,8 @@ def _attach_trace(m) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "kernel", None) is not None:
+        args.image = args.kernel
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

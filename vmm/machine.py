@@ -136,10 +136,12 @@ class Machine:
         return self._running or self.vcpus[self._turn]
 
     # -- wiring -------------------------------------------------------------------
-    def add_device(self, device: Any) -> Any:
-        """Register a device's port ranges (``io_ranges``) and keep it for reset/state."""
-        for base, length in getattr(device, "io_ranges", ()):
-            self.io.register(device, base, length)
+    def add_device(self, device: Any, io: bool = True) -> Any:
+        """Keep a device for reset and saved state, and register its port ranges
+        (``io_ranges``) unless ``io`` is False (a device reached through another)."""
+        if io:
+            for base, length in getattr(device, "io_ranges", ()):
+                self.io.register(device, base, length)
         self.devices.append(device)
         return device
 
@@ -243,20 +245,22 @@ class Machine:
         s = self.state[v.id]
         return s == WAIT_SIPI or (s == HALTED and not v.if_flag)
 
+    def _ready(self, v: Vcpu) -> bool:
+        return self.state[v.id] == RUNNING or self._wakeable(v)
+
     def _pick(self) -> Vcpu | None:
-        """The vCPU to run now, by the round-robin rule; None if all are idle."""
+        """The vCPU to run now, by the round-robin rule; None if all are idle.
+
+        A vCPU that is idle but has something to wake it (an interrupt, an
+        NMI, an INIT or a start-up IPI) is ready; its turn deals with it."""
         n = len(self.vcpus)
         cur = self.vcpus[self._turn]
-        if self.state[cur.id] != RUNNING and self._wakeable(cur):
-            self.state[cur.id] = RUNNING
-        if self.state[cur.id] == RUNNING and (cur.icount < self._turn_end or n == 1) and not self._preempt:
+        if self._ready(cur) and (cur.icount < self._turn_end or n == 1) and not self._preempt:
             return cur
         self._preempt = False
         for k in range(1, n + 1):
             v = self.vcpus[(self._turn + k) % n]
-            if self.state[v.id] != RUNNING and self._wakeable(v):
-                self.state[v.id] = RUNNING
-            if self.state[v.id] == RUNNING:
+            if self._ready(v):
                 self._turn = v.id
                 self._turn_end = U64 if n == 1 else v.icount + self.quantum
                 return v
@@ -298,8 +302,10 @@ class Machine:
         dl = self.deliveries[v.id]
         if pins.init or pins.sipi is not None:
             self._start_events(v)
-            if self.state[v.id] != RUNNING:
-                return None
+        if self.state[v.id] == HALTED and self._wakeable(v):
+            self.state[v.id] = RUNNING
+        if self.state[v.id] != RUNNING:
+            return None
         if pins.nmi and not v.nmi_blocked:
             pins.take_nmi()
             try:

@@ -617,10 +617,10 @@ def test_qtest_physical_accesses_reach_an_mmio_region():
 
     q = QTest.pc()
     regs = Regs()
-    q.m.mmio.register(regs, 0xFEC0_0000, 0x100)
-    q.writel(0xFEC0_0010, 0xCAFEF00D)
-    assert q.readw(0xFEC0_0012) == 0xCAFE
-    assert q.readq(0xFEC0_0010) == 0xCAFEF00D
+    q.m.mmio.register(regs, 0xD000_0000, 0x100)
+    q.writel(0xD000_0010, 0xCAFEF00D)
+    assert q.readw(0xD000_0012) == 0xCAFE
+    assert q.readq(0xD000_0010) == 0xCAFEF00D
     assert regs.log == [("w", 0x10, 4, 0xCAFEF00D), ("r", 0x12, 2), ("r", 0x10, 8)]
     q.writeb(0x3000, 0x77)                # not in a region: RAM
     assert q.memread(0x3000, 1) == b"\x77" and len(regs.log) == 3

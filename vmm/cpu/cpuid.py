@@ -1,12 +1,21 @@
-"""The one CPUID table every guest sees, whatever the host.
+"""The CPUID table every guest sees, whatever the host.
 
 A fixed, documented answer per leaf makes guest behaviour independent of the
 host CPU and of Unicorn's model table.  The features listed are the ones the
 vCPU really executes (Unicorn's Sandy Bridge model) minus those the VMM
 withholds: RDRAND/RDSEED (host randomness), XSAVE/AVX (not virtualised by
-the VMM's state save), the local APIC, MONITOR/MWAIT and the TSC deadline
-timer (not emulated yet).  Leaf 1 ECX bit 31 tells the guest it runs under a
-hypervisor; leaf 0x40000000 names it.
+the VMM's state save), MONITOR/MWAIT, and the TSC deadline timer (the
+IA32_TSC_DEADLINE MSR would need WRMSR to reach the VMM, which Unicorn does
+not offer).  Leaf 1 ECX bit 31 tells the guest it runs under a hypervisor;
+leaf 0x40000000 names it.
+
+Two models, by machine type (vmm/platform/pc.py): ``pc-1``, the table of the
+first recordings (no local APIC), and ``pc-2``, which adds the local APIC
+(leaf 1 EDX bit 9) with each vCPU's initial APIC ID in leaf 1 EBX[31:24],
+and the frequencies a kernel would otherwise calibrate: leaf 0x15 (TSC =
+crystal x 1/1, crystal 100 MHz: the machine's tick), leaf 0x16 (base,
+maximum and bus 100 MHz) and the hypervisor timing leaf 0x40000010 (TSC and
+APIC bus in kHz).
 """
 from __future__ import annotations
 
@@ -64,3 +73,35 @@ def cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     if 0x4000_0000 <= leaf < 0x8000_0000:
         return (0, 0, 0, 0)
     return TABLE[0xD] if leaf > 0xD else (0, 0, 0, 0)
+
+
+TSC_KHZ = 100_000          # the machine's tick (devices/clock.py TICK_HZ)
+LEAF1_EDX_APIC = 1 << 9
+MAX_BASIC_PC2 = 0x16
+MAX_HYPERVISOR_PC2 = 0x4000_0010
+
+
+def pc2_cpuid(vcpu_id: int, vcpus: int):
+    """The ``pc-2`` model's CPUID function for one vCPU."""
+    def answer(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        if leaf == 0x0:
+            return (MAX_BASIC_PC2,) + TABLE[0x0][1:]
+        if leaf == 0x1:
+            a, b, c, d = TABLE[0x1]
+            # EBX: initial APIC ID (31:24); CLFLUSH size and the brand index as before
+            return a, (b & 0x00FF_FFFF) | ((vcpu_id & 0xFF) << 24), c, d | LEAF1_EDX_APIC
+        if leaf == 0x15:
+            return (1, 1, TSC_KHZ * 1000, 0)       # TSC/crystal = 1/1, crystal 100 MHz
+        if leaf == 0x16:
+            mhz = TSC_KHZ // 1000
+            return (mhz, mhz, mhz, 0)
+        if leaf == 0x4000_0000:
+            return (MAX_HYPERVISOR_PC2,) + TABLE[0x4000_0000][1:]
+        if leaf == 0x4000_0010:
+            return (TSC_KHZ, TSC_KHZ, 0, 0)         # TSC kHz, APIC bus kHz
+        if 0xD < leaf <= MAX_BASIC_PC2:
+            return (0, 0, 0, 0)
+        if leaf > MAX_BASIC_PC2 and leaf < 0x4000_0000:
+            return answer(MAX_BASIC_PC2, subleaf)
+        return cpuid(leaf, subleaf)
+    return answer

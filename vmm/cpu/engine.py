@@ -227,6 +227,12 @@ class Engine:
                                      _uc_fn("tb_invalidate_phys_range_x86_64"),
                                      _uc_fn("qemu_ram_addr_from_host_x86_64"),
                                      _uc_fn("tcg_tb_phys_invalidate_count_x86_64"), TCG_BUFFER)
+        rc = lib.vmm_fix_cmpxchg(self._core, _uc_fn("helper_cmpxchg8b_unlocked_x86_64"),
+                                 _uc_fn("helper_cmpxchg16b_unlocked_x86_64"), _uc_fn("cpu_cc_compute_all_x86_64"),
+                                 _uc_fn("cpu_ldq_data_ra_x86_64"), _uc_fn("cpu_stq_data_ra_x86_64"),
+                                 _uc_fn("raise_exception_ra_x86_64"))
+        if rc != 0:
+            raise VcpuError(f"cannot install the CMPXCHG8B/16B flags fix in this Unicorn build (code {rc})")
         self.main = RegFile(uc, self._core)
         self._env = self.main.env
         self._handle = ffi.new_handle(self)
@@ -429,6 +435,11 @@ class Engine:
             lib.vmm_core_host_write(self._core, ffi.cast("uint8_t *", addr), n)
         else:
             self._host_wrote(host_pa, n)
+
+    def remove_code(self, lin: int, n: int) -> None:
+        """Drop translated code at linear [lin, lin+n) of the loaded vCPU."""
+        if lib.vmm_core_invalidate_linear(self._core, lin, n) != 0:
+            self.uc.ctl_remove_cache(lin, lin + n)
 
     def invalidate_code(self) -> None:
         """Drop all translated code (hooks added or removed change every block)."""
@@ -787,7 +798,7 @@ class Engine:
             return VmExit(ExitReason.DEADLINE, self.rip(), c.icount)
         start = self.cs_base() + self.rip()
         target = self.nth_insn_address(start, k)
-        self.uc.ctl_remove_cache(target - 1, target)
+        self.remove_code(target - 1, 1)   # the block through target-1 is translated again, stopping at target
         self.uc.ctl_set_exits([target])
         try:
             x = self._enter(U64, target)

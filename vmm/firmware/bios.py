@@ -280,6 +280,9 @@ class Bios:
 
     def _set_cursor(self, row: int, col: int) -> None:
         self.m.memory.write_u16(BDA + 0x50, (row << 8) | col)
+        vga = getattr(self.m, "vga", None)
+        if vga is not None:
+            vga.set_cursor(row, col)   # the CRTC's cursor, so the guest and the screen agree
 
     def _scroll(self) -> None:
         mem = self.m.memory
@@ -531,13 +534,8 @@ class Bios:
 
     # -- system services ------------------------------------------------------------------------
     def e820_map(self) -> list[tuple[int, int, int]]:
-        size = self.m.memory.size
-        return [
-            (0, EBDA_SEG << 4, 1),
-            (EBDA_SEG << 4, 0xA0000 - (EBDA_SEG << 4), 2),
-            (0xF0000, 0x10000, 2),
-            (0x100000, size - 0x100000, 1),
-        ]
+        """The machine's memory map (PcMachine.e820: RAM, the EBDA, the BIOS area)."""
+        return self.m.e820()
 
     def int_15(self) -> None:
         ax, ah = self.ax, self.ah

@@ -28,7 +28,7 @@ MB_CMDLINE_ADDR = 0x9800
 MB_MMAP_ADDR = 0x9400
 FLOPPY_SIZES = {368640, 737280, 1228800, 1474560, 2949120}
 
-KINDS = ("auto", "disk", "floppy", "multiboot", "flat")
+KINDS = ("auto", "linux", "disk", "floppy", "multiboot", "flat")
 
 
 class BootError(ValueError):
@@ -51,6 +51,10 @@ def find_multiboot(data: bytes) -> int | None:
 
 
 def detect(data: bytes) -> str:
+    from vmm.firmware.linux import detect_bzimage
+
+    if detect_bzimage(data):     # before the boot signature: a bzImage has 55 AA at 510 too
+        return "linux"
     if find_multiboot(data) is not None:
         return "multiboot"
     if len(data) >= 512 and data[510:512] == b"\x55\xaa":
@@ -78,7 +82,8 @@ def attach_firmware(machine, data: bytes, kind: str, name: str) -> Bios:
 
 
 def boot(machine, data: bytes, kind: str = "auto", name: str = "image", load_addr: int = 0x100000,
-         cmdline: str = "", modules: list[tuple[str, bytes]] | None = None) -> BootInfo:
+         cmdline: str = "", modules: list[tuple[str, bytes]] | None = None,
+         initrd: bytes | None = None) -> BootInfo:
     if kind == "auto":
         kind = detect(data)
     if kind in ("disk", "floppy"):
@@ -87,6 +92,8 @@ def boot(machine, data: bytes, kind: str = "auto", name: str = "image", load_add
     bios = Bios(machine, boot_disks(data, kind, name))
     bios.install()
     machine.bios = bios
+    if hasattr(machine, "install_firmware_tables"):
+        machine.install_firmware_tables()
     if kind in ("disk", "floppy"):
         drive = 0x00 if kind == "floppy" else 0x80
         machine.memory.write(0x7C00, data[:512])
@@ -95,6 +102,14 @@ def boot(machine, data: bytes, kind: str = "auto", name: str = "image", load_add
         cpu.set_u64(16, drive)          # DL = boot drive
         cpu.rsp = 0x7C00
         return BootInfo(kind, 0x7C00, f"boot sector from {'floppy' if drive == 0 else 'hard disk'} {drive:#x}")
+    if kind == "linux":
+        from vmm.firmware.linux import E820Entry, load_linux
+
+        e820 = [E820Entry(a, n, k) for a, n, k in bios.e820_map()]
+        rsdp = getattr(machine, "acpi_rsdp", None)
+        return load_linux(machine, data, initrd, cmdline, name=name, e820=e820, acpi_rsdp=rsdp)
+    if initrd is not None:
+        raise BootError(f"{name}: an initrd goes with a Linux kernel (bzImage) only")
     if kind == "multiboot":
         return _multiboot(machine, data, name, cmdline, modules or [])
     if kind == "flat":

@@ -657,3 +657,129 @@ static void vmm_core_set_unicorn_fns(vmm_core *c, uint64_t restore_state, uint64
     c->tb_invalidations = (uint64_t (*)(void *))(uintptr_t)tb_invalidations;
     c->tcg_ctx = find_tcg_ctx(c, tcg_buffer_size);
 }
+
+/* ---------------------------------------------------------------- CMPXCHG8B/16B */
+/* Unicorn 2.1.4 (QEMU 5) translates CMPXCHG8B/CMPXCHG16B into a helper call
+   without first storing the translator's current cc_op in env, and the helper
+   computes the flags from env->cc_op: a stale one.  If that stale cc_op is
+   CC_OP_EFLAGS, the "flags" are whatever CC_SRC held (a pointer, say), and the
+   helper stores them back as the new flags image; when the run then stops
+   before the next flag-setting instruction (a budget stop, a single step, a
+   breakpoint), those bits become EFLAGS: TF, AC, reserved bits.  A Linux SMP
+   boot hit this (#DB with TF set after `cmpxchg16b; sete al`).
+
+   The SDM says the instruction changes ZF only.  These replacements take the
+   cc_op of the instruction itself from the translation block's per-instruction
+   data (cpu_restore_state, as QEMU does for a fault), so the flags they start
+   from are the real ones, then do what the originals do.  They are installed
+   by overwriting the originals' entry with a jump (the generated code calls
+   the originals' addresses). */
+#define ENV_CC_SRC_OFF 152
+#define ENV_CC_OP_OFF  168
+#define CC_Z_FLAG      0x40u
+#define EXCP0D_GPF     13
+
+static struct {
+    bool (*restore_state)(void *cpu, uintptr_t host_pc, bool will_exit);
+    uint32_t (*compute_all)(void *env, int op);
+    uint64_t (*ldq)(void *env, uint64_t addr, uintptr_t ra);
+    void (*stq)(void *env, uint64_t addr, uint64_t v, uintptr_t ra);
+    void (*raise_ra)(void *env, int exception, uintptr_t ra);
+    intptr_t cpu_to_env;     /* env - cpu inside an X86CPU */
+    int installed;
+} vmm_cx;
+
+static uint32_t cx_flags(void *env, uintptr_t ra)
+{
+    /* put the instruction's own cc_op (and EIP) in env, as a fault would */
+    if (vmm_cx.restore_state)
+        vmm_cx.restore_state((uint8_t *)env - vmm_cx.cpu_to_env, ra, false);
+    return vmm_cx.compute_all(env, *(int32_t *)((uint8_t *)env + ENV_CC_OP_OFF));
+}
+
+static void vmm_cmpxchg8b(void *env, uint64_t a0)
+{
+    uintptr_t ra = (uintptr_t)__builtin_return_address(0);
+    uint64_t *regs = (uint64_t *)env;
+    uint32_t eflags = cx_flags(env, ra);
+    uint64_t cmpv = (uint32_t)regs[0] | (regs[2] << 32);
+    uint64_t newv = (uint32_t)regs[3] | (regs[1] << 32);
+    uint64_t oldv = vmm_cx.ldq(env, a0, ra);
+    if (oldv != cmpv)
+        newv = oldv;
+    vmm_cx.stq(env, a0, newv, ra);    /* always the store, as the processor does */
+    if (oldv == cmpv) {
+        eflags |= CC_Z_FLAG;
+    } else {
+        regs[0] = (uint32_t)oldv;
+        regs[2] = (uint32_t)(oldv >> 32);
+        eflags &= ~CC_Z_FLAG;
+    }
+    *(uint64_t *)((uint8_t *)env + ENV_CC_SRC_OFF) = eflags;
+}
+
+static void vmm_cmpxchg16b(void *env, uint64_t a0)
+{
+    uintptr_t ra = (uintptr_t)__builtin_return_address(0);
+    uint64_t *regs = (uint64_t *)env;
+    uint32_t eflags;
+    uint64_t o0, o1, n0 = regs[3], n1 = regs[1];
+    int success;
+    if (a0 & 0xF)
+        vmm_cx.raise_ra(env, EXCP0D_GPF, ra);
+    eflags = cx_flags(env, ra);
+    o0 = vmm_cx.ldq(env, a0, ra);
+    o1 = vmm_cx.ldq(env, a0 + 8, ra);
+    success = o0 == regs[0] && o1 == regs[2];
+    if (!success) {
+        n0 = o0;
+        n1 = o1;
+    }
+    vmm_cx.stq(env, a0, n0, ra);
+    vmm_cx.stq(env, a0 + 8, n1, ra);
+    if (success) {
+        eflags |= CC_Z_FLAG;
+    } else {
+        regs[0] = o0;
+        regs[2] = o1;
+        eflags &= ~CC_Z_FLAG;
+    }
+    *(uint64_t *)((uint8_t *)env + ENV_CC_SRC_OFF) = eflags;
+}
+
+/* movabs rax, target; jmp rax */
+static int patch_jump(uint64_t at, void *target)
+{
+    uint8_t code[12] = {0x48, 0xB8};
+    uintptr_t page = at & ~(uintptr_t)4095;
+    uint64_t t = (uint64_t)(uintptr_t)target;
+    memcpy(code + 2, &t, 8);
+    code[10] = 0xFF;
+    code[11] = 0xE0;
+    if (mprotect((void *)page, 8192, PROT_READ | PROT_WRITE | PROT_EXEC) != 0)
+        return -1;
+    memcpy((void *)(uintptr_t)at, code, sizeof(code));
+    mprotect((void *)page, 8192, PROT_READ | PROT_EXEC);
+    __builtin___clear_cache((char *)(uintptr_t)at, (char *)(uintptr_t)at + sizeof(code));
+    return 0;
+}
+
+/* Install the replacements (once per process; every engine shares the library). */
+static int vmm_fix_cmpxchg(vmm_core *c, uint64_t h8, uint64_t h16, uint64_t compute_all, uint64_t ldq,
+                           uint64_t stq, uint64_t raise_ra)
+{
+    if (vmm_cx.installed)
+        return 0;
+    if (!h8 || !h16 || !compute_all || !ldq || !stq || !raise_ra || !c->restore_state)
+        return -1;
+    vmm_cx.restore_state = c->restore_state;
+    vmm_cx.compute_all = (uint32_t (*)(void *, int))(uintptr_t)compute_all;
+    vmm_cx.ldq = (uint64_t (*)(void *, uint64_t, uintptr_t))(uintptr_t)ldq;
+    vmm_cx.stq = (void (*)(void *, uint64_t, uint64_t, uintptr_t))(uintptr_t)stq;
+    vmm_cx.raise_ra = (void (*)(void *, int, uintptr_t))(uintptr_t)raise_ra;
+    vmm_cx.cpu_to_env = (intptr_t)(c->env - (uint8_t *)c->cpu);
+    if (patch_jump(h8, (void *)vmm_cmpxchg8b) || patch_jump(h16, (void *)vmm_cmpxchg16b))
+        return -2;
+    vmm_cx.installed = 1;
+    return 0;
+}

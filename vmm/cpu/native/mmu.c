@@ -57,6 +57,7 @@
 #define VMM_EPT_X      0x04ull
 #define VMM_EPT_LOG    0x08ull   /* W withheld for dirty logging: the first write marks and restores it */
 #define VMM_EPT_VALID  0x10ull   /* 0: nothing there (unclaimed bus); 1: the VMM owns this GPA page */
+#define VMM_EPT_MMIO   0x20ull   /* the page belongs to the MMIO bus */
 #define VMM_EPT_RWX    0x07ull
 
 #define VMM_WALK_OK  0
@@ -504,9 +505,10 @@ static void wx_grant(vmm_shadow *s, int64_t slot, uint64_t va, int idx, uint8_t 
             frames_forget(s);
             s->revokes_all++;
         } else {
+            /* every entry that holds the grant goes, the one being refilled too:
+               refilling overwrites it in the main TLB, but an older copy of it
+               may sit in the victim TLB, where it would survive */
             uint16_t map = (uint16_t)(own & 0xFFF);
-            if ((own & ~0xFFFull) == va)
-                map &= (uint16_t)~bit;   /* that entry is the one being refilled */
             if (map) {
                 s->tlb_flush_page(s->core->cpu, own & ~0xFFFull, map);
                 s->revokes_page++;
@@ -840,4 +842,39 @@ static int vmm_code_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t n)
         n -= chunk;
     }
     return UC_ERR_OK;
+}
+
+/* Invalidate translated code overlapping [lin, lin+len) of the current
+   address space, without touching Unicorn's TLB: the linear address goes
+   through the guest's tables (no A/D updates) and the EPT, here; Unicorn's
+   own ctl_remove_cache would fill the TLB for it outside a run, which the
+   shadow MMU's W^X bookkeeping does not expect.  Shadow mode only (returns
+   -1 in nested mode, where Unicorn's walk is the right one). */
+int vmm_core_invalidate_linear(vmm_core *c, uint64_t lin, uint64_t len)
+{
+    vmm_shadow *s = c->shadow;
+    uint8_t *env = c->env;
+    vmm_walk_result w;
+    vmm_mmu *m;
+    uint64_t gpn, e;
+    uint8_t *p;
+    if (!s)
+        return -1;
+    m = s->mmu;
+    while (len > 0) {
+        uint64_t chunk = 0x1000 - (lin & 0xFFF);
+        if (chunk > len)
+            chunk = len;
+        if (vmm_walk(m, lin, 0, 0, *(uint64_t *)(env + ENV_CR), *(uint64_t *)(env + ENV_CR + 24),
+                     *(uint64_t *)(env + ENV_CR + 32), *(uint64_t *)(env + ENV_EFER),
+                     *(int32_t *)(env + ENV_A20), 0, &w) == VMM_WALK_OK) {
+            gpn = w.gpa >> 12;
+            e = gpn < m->ept_pages ? m->ept[gpn] : 0;
+            if ((e & VMM_EPT_VALID) && !(e & VMM_EPT_MMIO) && (p = frame_ptr(m, e >> 12)) != NULL)
+                vmm_core_host_write(c, p + (w.gpa & 0xFFF), chunk);
+        }
+        lin += chunk;
+        len -= chunk;
+    }
+    return 0;
 }
