@@ -270,7 +270,7 @@ def _corrupt(c: ChunkInfo | int, offset: int | None, why: str) -> LogFormatError
     return LogFormatError(f"corrupt chunk {idx} at byte {off} ({why})")
 
 
-def _parse_head(head: bytes, header: LogHeader, idx: int, off: int,
+def _parse_head(head: bytes, header: LogHeader, idx: int, off: int | None,
                 prev_first: int) -> tuple[int, int, int, int]:
     """(length, crc, first icount, count) of a whole chunk head, every field that
     can be checked before its payload is read checked (LogFormatError if not)."""
@@ -290,7 +290,7 @@ def _parse_head(head: bytes, header: LogHeader, idx: int, off: int,
     return length, crc, first, count
 
 
-def _check_counts(idx: int, off: int, length: int, first: int, count: int, prev_first: int) -> None:
+def _check_counts(idx: int, off: int | None, length: int, first: int, count: int, prev_first: int) -> None:
     if count == 0:
         raise _corrupt(idx, off, "no events")
     if count > MAX_CHUNK_EVENTS:
@@ -311,11 +311,14 @@ def _legacy_payload_is_whole(data: bytes, first: int, count: int, crc: int) -> b
     inflated = 0
     buf = data
     try:
-        while buf and not d.eof:
-            inflated += len(d.decompress(buf, 1 << 20))
+        while not d.eof:
+            out = d.decompress(buf, 1 << 20)  # in steps: only where the stream ends matters
+            inflated += len(out)
             if inflated > MAX_CHUNK_BYTES:
                 return False
             buf = d.unconsumed_tail
+            if not out and not buf:  # all input taken and nothing pending: the stream is cut
+                break
     except zlib.error:
         return False
     if not d.eof:
