@@ -176,3 +176,15 @@ class IrqOr:
             self.level = level
             for s in self.sinks:
                 s(level)
+
+    def save_state(self) -> list[bool]:
+        """The input wires' levels (the wiring is the board's, the levels are state)."""
+        return [i.level for i in self._inputs]
+
+    def load_state(self, levels: list[bool]) -> None:
+        """Put the levels back without telling anyone (the receivers restore their own state)."""
+        if not isinstance(levels, list) or len(levels) != len(self._inputs):
+            raise DeviceStateError(f"{self.name}: {len(self._inputs)} input levels expected")
+        for line, level in zip(self._inputs, levels):
+            line.level = bool(level)
+        self.level = any(i.level for i in self._inputs)

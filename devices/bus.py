@@ -364,6 +364,7 @@ class MmioBus:
             d.mmio_write(off, size, value)
 
     def _claim_read(self, c: Claim, off: int, size: int, vcpu: int) -> int:
+        """``size`` bytes at ``off`` of a claim (any length: pieces at a claim's edge may be 3 bytes)."""
         if size in c.sizes and off % size == 0:
             return self._dev_read(c, off, size, vcpu) & SIZE_MASK[size]
         return _adjusted_read(lambda a, w: self._dev_read(c, a, w, vcpu), off, size, c.sizes)
@@ -402,8 +403,7 @@ class MmioBus:
                 self.unclaimed_reads += 1
                 v = (1 << (8 * n)) - 1
             else:
-                v = self._claim_read(c, a - c.base, n, vcpu) if n in (1, 2, 4, 8) else \
-                    _adjusted_read(lambda o, w, c=c: self._claim_read(c, o, w, vcpu), a - c.base, n, (1,))
+                v = self._claim_read(c, a - c.base, n, vcpu)
             value |= v << (8 * (a - addr))
         return value
 
@@ -418,8 +418,5 @@ class MmioBus:
             part = (value >> (8 * (a - addr))) & ((1 << (8 * n)) - 1)
             if c is None:
                 self.unclaimed_writes += 1
-            elif n in (1, 2, 4, 8):
-                self._claim_write(c, a - c.base, n, part, vcpu)
             else:
-                for i in range(n):
-                    self._claim_write(c, a - c.base + i, 1, (part >> (8 * i)) & 0xFF, vcpu)
+                self._claim_write(c, a - c.base, n, part, vcpu)

@@ -388,6 +388,7 @@ class Replayer:
         self.events: list[Event] = []
         self._source = iter(self.reader)
         self._exhausted = False
+        self._cut = False
         self._pos = 0
         self._next: Event | None = None
         self.last_event: Event | None = None
@@ -493,7 +494,12 @@ class Replayer:
             e = self._next
             if e is None:
                 if self.reader.truncated:
-                    return  # replaying a truncated log: no more evidence to check against
+                    # a log cut inside a chunk (a recorder that died): no evidence and no
+                    # input past its last whole chunk, so the replay stops here
+                    if self._stream and not self._cut:
+                        self._cut = True
+                        self.m.request_host_stop("the log stream ends inside a chunk")
+                    return
                 raise self._diverge(f"the recording has no more events but replay reached a {mine.kind.name}")
             if e.kind in INPUT_KINDS and e.icount <= mine.icount:
                 raise self._diverge(f"{e.kind.name} recorded at icount {e.icount} was never asked for")
@@ -537,6 +543,9 @@ class Replayer:
             res = m.run(limit)
         except InputMismatch as e:
             raise self._diverge(str(e)) from None
+        if self._cut and res.reason is StopReason.HOST:
+            # the stream ended inside a chunk: as a cut file, the replay ends at its last whole chunk
+            return RunResult(StopReason.LIMIT, res.icount, 0, "the log ends inside a chunk", res.exit, res.counts)
         if res.reason is StopReason.LIMIT and (end is None or m.icount < end.icount or self.reader.truncated
                                                 or (until is not None and until < (end_limit or 0))):
             return res

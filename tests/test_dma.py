@@ -120,10 +120,6 @@ def test_the_guest_runs_code_the_device_wrote_over_code_that_already_ran(mmu):
     assert g.u32(SCR + 8) == 0x2222          # then the code the device wrote
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.code_invalidations stays 0 although the DMA write did "
-                   "invalidate the translated block (the guest runs the new code; a write that bypasses "
-                   "GuestMemory.write leaves the old one running): vmm_core_host_write returns 0 and never "
-                   "counts, the TB invalidation count it compares before and after does not move")
 def test_the_engine_counts_the_code_a_dma_write_invalidated():
     code = f"call {FN:#x}\n" + kick(0, 0) + f"call {FN:#x}\nmov [{SCR + 8:#x}], eax\n" + EXIT0
     g, dev = copy_guest(code)
@@ -134,10 +130,6 @@ def test_the_engine_counts_the_code_a_dma_write_invalidated():
     assert g.m.engine.code_invalidations > 0
 
 
-@pytest.mark.xfail(strict=True, reason="a device that rewrites, during a port write, the instructions "
-                   "that follow the OUT in the block being executed is not seen: the rest of that translated "
-                   "block runs the old code even after CPUID, which SDM vol. 3 8.1.3 makes sufficient for "
-                   "cross-modifying code (the host-write invalidation does not end the current block)")
 def test_a_transfer_over_the_rest_of_the_requesting_block_takes_effect_after_a_serializing_insn():
     """The device rewrites the instructions right after the OUT (and a CPUID) that started it,
     in the block being executed: after the serializing CPUID the CPU must execute the new ones."""

@@ -121,10 +121,6 @@ def test_a_log_file_cut_in_the_middle_replays_up_to_its_last_whole_chunk(tmp_pat
     assert r.reason is StopReason.LIMIT and 0 < r.icount == rp.reader.last_icount
 
 
-@pytest.mark.xfail(strict=True, reason="Replayer.run on a stream that ends inside a chunk (a recorder that "
-                   "died) runs past the last whole chunk to the guest's own end, with no evidence or input "
-                   "left to check against: the truncation is only found when the lazy reader gets there, and "
-                   "run() set no limit (a cut file stops at its last whole chunk, as run()'s docstring says)")
 def test_a_log_stream_cut_in_the_middle_replays_up_to_its_last_whole_chunk(tmp_path):
     data, cut = cut_recording(tmp_path)
     tx, rx = socket.socketpair()

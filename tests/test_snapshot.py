@@ -122,14 +122,8 @@ def test_a_snapshot_restored_in_a_new_process_finishes_as_the_run_that_never_sto
     check_restored_run(workdir, name, where)
 
 
-LOST_EDGE = ("restoring a PC (platform pc-2) loses the next IRQ0 edge: the ISA IRQ line's IrqOr "
-             "(PcMachine.isa_irqs[0], devices/base.py) keeps no saved level and comes back low while its "
-             "input (the PIT's line through the HPET) is high, so the input's next low-high pulse never "
-             "reaches the 8259; a timer-driven guest then waits one more PIT period (the run ends later "
-             "in virtual time, demo retires ~1M more instructions)")
 
 
-@pytest.mark.xfail(strict=True, reason=LOST_EDGE)
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(["demo", "t_pit", "t_rtc"]), where=st.floats(0.001, 0.999))

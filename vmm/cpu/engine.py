@@ -259,6 +259,9 @@ class Engine:
         self._parked: Vcpu | None = None
         self.vcpus: list[Vcpu] = []
         self._mmio_pages: dict[int, int] = {}          # page -> number of bus claims on it
+        self._background: set[int] = set()             # pages above RAM nobody claims, answering all ones
+        self._in_emu = False                           # inside emu_start (a device callback is running)
+        self._deferred: list[tuple[int, int, bool]] = []   # MMIO claim changes made during a run
         self._mmio_regions: dict[int, tuple[int, object]] = {}   # first page -> (pages, C region)
         self.mmio_handler: Callable[[int, int, int, int], tuple[int, bool]] | None = None
         # Exit points come from an explicit set (empty except for exact stops):
@@ -422,8 +425,11 @@ class Engine:
     def _host_wrote(self, pa: int, n: int) -> None:
         """The VMM wrote guest RAM at ``pa`` (delivery, firmware, DMA): drop translated
         code of exactly those bytes, and log the pages dirty."""
-        if n > 0:
-            lib.vmm_core_host_write(self._core, ffi.cast("uint8_t *", self.memory.address() + pa), n)
+        if n > 0 and lib.vmm_core_host_write(self._core, ffi.cast("uint8_t *", self.memory.address() + pa), n) \
+                and self._in_emu:
+            # a device wrote over translated code during the run (DMA from an OUT):
+            # end the block after this instruction, so the rest of it is the new code
+            self.request_stop()
         self.ept.note_host_write(pa, n)
 
     def _frame_wrote(self, host_pa: int, n: int) -> None:
@@ -503,8 +509,15 @@ class Engine:
 
         Pages are shared by claims (a 1 KiB HPET and a neighbour); a page is an
         MMIO page while any claim covers it.  Claims inside RAM are not routed:
-        RAM wins, as a chipset decodes DRAM below the top of memory first.
+        RAM wins, as a chipset decodes DRAM below the top of memory first.  A
+        change made while the vCPU runs (a device moving a BAR from inside an
+        access) takes effect once it has stopped, right after that instruction:
+        Unicorn's memory map must not change under the code it is running.
         """
+        if self._in_emu:
+            self._deferred.append((base, length, added))
+            self.request_stop()
+            return
         first, last = base // PAGE, (base + length - 1) // PAGE
         changed = []
         for p in range(first, last + 1):
@@ -526,6 +539,9 @@ class Engine:
                 self._unmap_mmio_page(p)
 
     def _map_mmio_page(self, page: int) -> None:
+        if page in self._background:
+            self._background.discard(page)   # already routed to the bus; now a claim covers it
+            return
         if page >= self.ept.npages:
             raise VcpuError(f"MMIO at {page * PAGE:#x} is beyond the guest-physical space")
         r = lib.vmm_mmio_map(self._core, page * PAGE, PAGE)
@@ -535,12 +551,39 @@ class Engine:
         self.ept.set_mmio(page * PAGE, True)
 
     def _unmap_mmio_page(self, page: int) -> None:
+        if page in self._background:
+            self._background.discard(page)
         _, r = self._mmio_regions.pop(page)
         self.ept.set_mmio(page * PAGE, False)
         rc = lib.vmm_mmio_unmap(self._core, r)
         if rc != 0:
             raise VcpuError(f"cannot unmap MMIO at {page * PAGE:#x} (uc_err {rc})")
         lib.vmm_core_flush_tlb(self._core)
+
+    def _apply_deferred(self) -> None:
+        pending, self._deferred = self._deferred, []
+        for base, length, added in pending:
+            self.mmio_claims_changed(base, length, added)
+
+    MAX_BACKGROUND = 4096
+
+    def _background_page(self, v: Violation) -> bool:
+        """A guest access to guest-physical space above RAM that nothing claims: it
+        reads all ones and writes go nowhere, as on a PC bus (a master abort).  The
+        page is routed to the MMIO bus, which answers so for unclaimed addresses,
+        and the instruction is retried."""
+        page = v.gpa // PAGE
+        if not v.hole or page < self.ept.ram_frames or page >= self.ept.npages or page in self._mmio_regions:
+            return False
+        if len(self._background) >= self.MAX_BACKGROUND:
+            return False
+        r = lib.vmm_mmio_map(self._core, page * PAGE, PAGE)
+        if r == ffi.NULL:
+            return False
+        self._mmio_regions[page] = (1, r)
+        self._background.add(page)
+        self.ept.set_mmio(page * PAGE, True)
+        return True
 
     @property
     def mmio_accesses(self) -> int:
@@ -814,6 +857,16 @@ class Engine:
         already made, so the stop lands right after it."""
         c = self._core
         target = c.icount + 1
+        pending = bool(c.irq_pending)
+        self.set_irq_pending(False)   # the instruction finishes before any interrupt is taken
+        try:
+            return self._rerun_mmio(x, target)
+        finally:
+            self.set_irq_pending(pending)
+
+    def _rerun_mmio(self, x: VmExit, target: int) -> VmExit:
+        c = self._core
+        y = x
         for _ in range(64):
             c.budget = target
             y = self._enter(target, NO_UNTIL)
@@ -857,11 +910,23 @@ class Engine:
                          bool(m.viol_hole))
 
     def _enter_once(self, budget: int, until: int):
+        x = self._enter_once_inner(budget, until)
+        if self._deferred:
+            # after the exit is accounted for: a memory-map change may drop translated code
+            # and the block-count cache the accounting reads
+            self._apply_deferred()
+        return x
+
+    def _enter_once_inner(self, budget: int, until: int):
         c = self._core
         c.budget = budget
         self._stop_requested = False
         self._bp_hit = False
-        err = lib.vmm_core_run(c, self.rip(), 0)
+        self._in_emu = True
+        try:
+            err = lib.vmm_core_run(c, self.rip(), 0)
+        finally:
+            self._in_emu = False
         self.exits += 1
         if self._pending_error is not None:
             e, self._pending_error = self._pending_error, None
@@ -907,7 +972,7 @@ class Engine:
             if self._ref_hook is not None and not fetch_fault:
                 v.ref_icount -= 1
             self._last_violation = viol
-            if self.on_ept_violation(viol):
+            if self._background_page(viol) or self.on_ept_violation(viol):
                 return _RETRY
             code = _VIOLATION_ERR[("rwx".index(viol.access), viol.hole)]
             return VmExit(ExitReason.ERROR, rip, icount, detail=f"{unicorn.UcError(code)} ({viol})")

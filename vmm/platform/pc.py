@@ -123,6 +123,7 @@ class PcMachine(Machine):
             pit_line, rtc_line = IrqLine("pit-out"), IrqLine("rtc-out")
             pit_line.connect(self.hpet.pit_input)
             rtc_line.connect(self.hpet.rtc_input)
+            self._wires = {"pit-out": pit_line, "rtc-out": rtc_line}
         self.pit = self.add_device(Pit8254(clock, pit_line))
         self.port61 = self.add_device(SystemControlB(self.pit))
         self.rtc = self.add_device(Rtc146818(clock, rtc_line, config.start_epoch))
@@ -359,6 +360,29 @@ class PcMachine(Machine):
             self._input_timer = self.clock.schedule_in(INPUT_POLL_TICKS, self._deliver_input, "console-input")
 
     # -- saved state ---------------------------------------------------------------------
+    def _save_wires(self) -> dict:
+        """The levels on the board's own interrupt wires (the ISA IRQ ORs, the PIT
+        and RTC outputs into the HPET): a receiver only sees a change, so a level
+        restored low under an input restored high would swallow the next edge."""
+        if self.platform == "pc-1":
+            return {}
+        out: dict = {name: line.level for name, line in self._wires.items()}
+        out.update({o.name: o.save_state() for o in self.isa_irqs})
+        return out
+
+    def _load_wires(self, st: dict) -> None:
+        from devices.base import DeviceStateError
+
+        if self.platform == "pc-1":
+            return
+        try:
+            for name, line in self._wires.items():
+                line.level = bool(st[name])
+            for o in self.isa_irqs:
+                o.load_state(st[o.name])
+        except (KeyError, TypeError) as e:
+            raise DeviceStateError(f"pc: the saved interrupt wiring is incomplete ({e})") from None
+
     def timer_restorers(self) -> dict[str, Callable[[int], None]]:
         return {"input-source": self._poll_source, "console-input": self._deliver_input}
 
@@ -366,6 +390,7 @@ class PcMachine(Machine):
         parts = super().save_state(ram)
         parts["platform"] = {
             "kind": "pc", "version": 1, "a20_kbd": self._a20_kbd, "a20_fast": self._a20_fast,
+            "wires": self._save_wires(),
             "input_pending": bytes(self._input_pending), "polling": self.polling,
             "outputs": {k: o.save_state() for k, o in self.outputs.items()},
         }
@@ -387,6 +412,7 @@ class PcMachine(Machine):
                 o.load_state(st["outputs"][k])
         except (KeyError, TypeError, ValueError) as e:
             raise DeviceStateError(f"pc: malformed platform state ({e})") from None
+        self._load_wires(st.get("wires", {}))
         self.serial_out[:] = self.outputs["com1"].data
         self.debugcon_out[:] = self.outputs["debugcon"].data
         self._input_timer = self.clock.find("console-input")

@@ -627,20 +627,26 @@ static int readable(const void *p, size_t n)
     return 1;
 }
 
-/* uc_struct::tcg_ctx, found by what it holds: a TCGContext has the code
-   buffer's address followed by its size, which the VMM chose. */
+/* uc_struct::tcg_ctx, found by what it holds: a TCGContext has, in a row,
+   the code prologue and epilogue (inside the code buffer), the code buffer
+   (page aligned), its size (what the VMM asked for, less QEMU's guard and
+   rounding), the high-water mark (an offset) and the code pointer (inside
+   the buffer). */
 static void *find_tcg_ctx(vmm_core *c, uint64_t tcg_buffer_size)
 {
     uint64_t *w = (uint64_t *)c->uc;
     size_t i, k;
-    if (!tcg_buffer_size || !readable(w, 0x2000 * 8))
+    if (!tcg_buffer_size || !readable(w, 0x400 * 8))
         return NULL;
-    for (i = 0; i < 0x2000; i++) {
+    for (i = 0; i < 0x400; i++) {
         uint64_t *p = (uint64_t *)(uintptr_t)w[i];
-        if (!readable(p, 0x8000 * 8))
+        if (!readable(p, 0x100 * 8))
             continue;
-        for (k = 0; k + 1 < 0x8000; k++) {
-            if (p[k + 1] == tcg_buffer_size && p[k] && readable((void *)(uintptr_t)p[k], 4096))
+        for (k = 2; k + 3 < 0x100; k++) {
+            uint64_t buf = p[k], size = p[k + 1];
+            if ((buf & 0xFFF) || !buf || size > tcg_buffer_size || size + (2u << 20) < tcg_buffer_size)
+                continue;
+            if (p[k - 2] - buf < size && p[k - 1] - buf < size && p[k + 3] - buf <= size)
                 return p;
         }
     }
