@@ -1,0 +1,362 @@
+"""Frames into a machine through its determinism boundary, and NICs onto a machine.
+
+Everything that enters a machine from outside it crosses the machine's
+``Boundary`` (vmm/boundary.py), so that a recording holds it and a replay
+needs no network.  For network frames that means:
+
+* A NIC's wire never hands frames to the NIC.  It hands them to the NIC's
+  ``NicPort``, which keeps them in a bounded host-side queue (outside the
+  boundary: what waits there is not machine state, and a frame the queue
+  cannot take is dropped and counted in ``host_drops``).
+* One ``NetInput`` per machine asks the boundary for frames on the ``net``
+  channel on a virtual-time timer (``net-input``), as the platform polls the
+  console.  Live and recording, the boundary's source for that channel is
+  the ``NetInput`` itself: it answers with the next waiting frame of a NIC
+  that can take one now (link up, receiver enabled, a free descriptor), so a
+  guest that is slow to refill its ring slows its senders down instead of
+  losing frames, as QEMU's queued packets do.  Replaying, the boundary
+  answers from the log and no host queue is looked at.  Either way the frame
+  then reaches the NIC's ``deliver`` at the same virtual time.
+* One boundary answer is one frame for one NIC.  Its payload (the log's
+  NET_FRAME event, replay/events.py) is::
+
+      u16 little-endian length N, N bytes of UTF-8 NIC id, the frame
+
+  so that all NICs of a machine share the one ``net`` channel and a replay
+  hands each recorded frame to the NIC it was recorded for, in the recorded
+  order, whatever the NICs' timers do.  ``encode_net_frame`` and
+  ``decode_net_frame`` are the one definition of that layout.
+
+When to ask: every FAST_POLL_TICKS (100 us of virtual time) while the
+machine's network is busy (a frame went in or out in the last BUSY_TICKS),
+every SLOW_POLL_TICKS (1 ms) otherwise, and a frame sent by a NIC brings the
+next poll forward to FAST_POLL_TICKS.  All of that depends on virtual time
+and on what crossed the boundary, never on host state, so a replay asks at
+the same moments.  A poll takes at most MAX_FRAMES_PER_POLL frames.
+
+Outputs: each NIC's transmitted frames feed an output digest (``FrameStream``,
+named ``net:<nic id>``, registered in the machine's ``outputs`` so that
+recordings prove a replay sent the same frames) and, when asked, a capture
+(``capture(frame, ns)``, e.g. host/net/pcap.py's writer) that sees both
+directions stamped with virtual time.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from devices.base import DeviceStateError, State, check_state
+from devices.net import MAX_FRAME, parse_mac
+
+NET_CHANNEL = "net"                  # vmm.boundary.NET (devices do not import vmm)
+FAST_POLL_TICKS = 10_000             # 100 us
+SLOW_POLL_TICKS = 100_000            # 1 ms
+BUSY_TICKS = 1_000_000               # 10 ms
+MAX_FRAMES_PER_POLL = 256
+HOST_QUEUE_FRAMES = 1024             # per NIC, outside the boundary
+HOST_QUEUE_BYTES = 4 << 20
+NIC_ID_MAX = 64
+
+
+def encode_net_frame(nic_id: str, frame: bytes) -> bytes:
+    """The payload of one frame for one NIC (see the module doc)."""
+    name = nic_id.encode()
+    if len(name) > NIC_ID_MAX:
+        raise ValueError(f"NIC id {nic_id!r} is longer than {NIC_ID_MAX} bytes")
+    return len(name).to_bytes(2, "little") + name + bytes(frame)
+
+
+def decode_net_frame(payload: bytes) -> tuple[str, bytes]:
+    """(NIC id, frame) of a payload; ValueError for anything that is not one."""
+    if len(payload) < 2:
+        raise ValueError("a network frame payload needs its 2-byte id length")
+    n = int.from_bytes(payload[:2], "little")
+    if n > NIC_ID_MAX or len(payload) < 2 + n:
+        raise ValueError(f"a network frame payload names a NIC id of {n} bytes in {len(payload)}")
+    try:
+        nic_id = payload[2:2 + n].decode()
+    except UnicodeDecodeError:
+        raise ValueError("a network frame payload's NIC id is not UTF-8") from None
+    frame = payload[2 + n:]
+    if len(frame) > MAX_FRAME:
+        raise ValueError(f"a network frame of {len(frame)} bytes is longer than {MAX_FRAME}")
+    return nic_id, bytes(frame)
+
+
+class FrameStream:
+    """An output digest of frames: their count and a chained SHA-256.
+
+    The digest after frame k is SHA-256(digest after frame k-1 || u32 big-endian
+    length || frame), starting from 32 zero bytes; ``count`` is the bytes of
+    all frames plus 4 per frame (the stream socket's framing).  Unlike a byte
+    stream's digest, this keeps frame boundaries and its state is 32 bytes,
+    not every frame ever sent.  Same interface as vmm.digest.OutputStream.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        self.frames = 0
+        self._chain = bytes(32)
+
+    def append(self, frame: bytes) -> None:
+        header = len(frame).to_bytes(4, "big")
+        self._chain = hashlib.sha256(self._chain + header + frame).digest()
+        self.count += 4 + len(frame)
+        self.frames += 1
+
+    def digest(self) -> str:
+        return self._chain.hex()
+
+    def save_state(self) -> dict:
+        return {"kind": "frame-stream", "version": 1, "name": self.name, "count": self.count,
+                "frames": self.frames, "chain": self._chain}
+
+    def load_state(self, st: dict) -> None:
+        try:
+            count, frames, chain = st["count"], st["frames"], st["chain"]
+        except (KeyError, TypeError):
+            raise ValueError("frame stream state needs count, frames and chain") from None
+        if st.get("kind") != "frame-stream" or st.get("version") != 1:
+            raise ValueError("not a frame stream state of version 1")
+        if not (isinstance(chain, bytes) and len(chain) == 32 and isinstance(count, int) and isinstance(frames, int)
+                and 0 <= frames and 4 * frames <= count):
+            raise ValueError("malformed frame stream state")
+        self.count, self.frames, self._chain = count, frames, chain
+
+
+class NicPort:
+    """A NIC's connection to its wire: the wire delivers here, the NIC sends here.
+
+    ``wire`` is any object with ``send(frame)`` (and, optionally,
+    ``connect(receiver)`` and ``poll()``); ``nic`` is the device (``deliver``,
+    ``can_receive``), set once it is built.
+    """
+
+    def __init__(self, hub: NetInput, nic_id: str, wire: Any, capture: Callable[[bytes, int], None] | None = None,
+                 max_frames: int = HOST_QUEUE_FRAMES, max_bytes: int = HOST_QUEUE_BYTES) -> None:
+        self.hub = hub
+        self.nic_id = nic_id
+        self.wire = wire
+        self.nic: Any = None
+        self.capture = capture
+        self.output = FrameStream(f"net:{nic_id}")
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+        self.host_drops = 0            # frames the host queue could not take (outside the boundary)
+        self.host_errors = 0           # sends the wire refused with an OSError
+        self.sent = 0
+        self.received = 0
+        if wire is not None and callable(getattr(wire, "connect", None)):
+            wire.connect(self)
+
+    # -- host side: the wire's receiver ------------------------------------------------------
+    def deliver(self, frame: bytes) -> None:
+        """A frame from the wire; it waits here until the machine asks for it."""
+        frame = bytes(frame)
+        if len(frame) > MAX_FRAME or len(self.queue) >= self.max_frames \
+                or self.queued_bytes + len(frame) > self.max_bytes:
+            self.host_drops += 1
+            return
+        self.queue.append(frame)
+        self.queued_bytes += len(frame)
+
+    def take(self) -> bytes | None:
+        if not self.queue:
+            return None
+        frame = self.queue.popleft()
+        self.queued_bytes -= len(frame)
+        return frame
+
+    # -- machine side ---------------------------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        """A frame the NIC transmits (called during the guest's register write)."""
+        frame = bytes(frame)
+        self.sent += 1
+        self.output.append(frame)
+        if self.capture is not None:
+            self.capture(frame, self.hub.clock.ns())
+        self.hub.transmitted()
+        if self.wire is not None:
+            try:
+                self.wire.send(frame)
+            except OSError:
+                self.host_errors += 1      # a host-side failure is the host's, not the guest's
+
+    def received_frame(self, frame: bytes) -> None:
+        """A frame that crossed the boundary for this NIC: into the device."""
+        self.received += 1
+        if self.capture is not None:
+            self.capture(frame, self.hub.clock.ns())
+        if self.nic is not None:
+            self.nic.deliver(frame)
+
+
+class NetInput:
+    """The receive side of one machine's NICs at its boundary (see the module doc).
+
+    ``boundary`` returns the machine's current boundary (it changes when a
+    recording or a replay takes over).
+    """
+
+    kind = "net_input"
+    VERSION = 1
+
+    def __init__(self, clock: Any, boundary: Callable[[], Any], name: str = "net-input") -> None:
+        self.name = name
+        self.clock = clock
+        self._boundary = boundary
+        self.ports: dict[str, NicPort] = {}
+        self._order: list[str] = []
+        self._next = 0
+        self.last_activity: int | None = None
+        self.polls = 0
+        self.unknown = 0                # logged frames for no NIC of this machine (a damaged log)
+        self._timer = None
+
+    def add_port(self, nic_id: str, wire: Any, capture: Callable[[bytes, int], None] | None = None) -> NicPort:
+        if nic_id in self.ports:
+            raise ValueError(f"two NICs named {nic_id!r} on one machine")
+        encode_net_frame(nic_id, b"")      # the id must fit the payload layout
+        port = NicPort(self, nic_id, wire, capture)
+        self.ports[nic_id] = port
+        self._order = sorted(self.ports)
+        if self._timer is None:
+            self._arm(SLOW_POLL_TICKS)
+        return port
+
+    # -- the live source of the net channel ----------------------------------------------------
+    def source(self) -> bytes:
+        """The next frame for a NIC that can take it now, as a boundary payload (b"" if none)."""
+        for port in self.ports.values():
+            poll = getattr(port.wire, "poll", None)
+            if callable(poll):
+                try:
+                    poll()
+                except OSError:
+                    port.host_errors += 1
+        n = len(self._order)
+        for k in range(n):
+            port = self.ports[self._order[(self._next + k) % n]]
+            if not port.queue or port.nic is None or not port.nic.can_receive():
+                continue
+            frame = port.take()
+            self._next = (self._next + k + 1) % n
+            return encode_net_frame(port.nic_id, frame)
+        return b""
+
+    # -- polling on virtual time ------------------------------------------------------------------
+    def _busy(self, now: int) -> bool:
+        return self.last_activity is not None and now - self.last_activity < BUSY_TICKS
+
+    def _arm(self, delta: int) -> None:
+        self._timer = self.clock.schedule_in(delta, self.poll, self.name)
+
+    def transmitted(self) -> None:
+        """A NIC sent a frame: its answer may come soon, so poll soon."""
+        self.last_activity = self.clock.now()
+        self._poll_soon()
+
+    def rx_ready(self) -> None:
+        """A NIC's receiver got room (the guest moved RDT): frames may be waiting, so poll soon."""
+        if self._busy(self.clock.now()):
+            self._poll_soon()
+
+    def _poll_soon(self) -> None:
+        now = self.clock.now()
+        t = self._timer
+        if t is not None and t.active and t.deadline > now + FAST_POLL_TICKS:
+            t.cancel()
+            self._arm(FAST_POLL_TICKS)
+
+    def poll(self, now: int) -> None:
+        self._timer = None
+        self.polls += 1
+        boundary = self._boundary()
+        for _ in range(MAX_FRAMES_PER_POLL):
+            payload = boundary.input(NET_CHANNEL)
+            if not payload:
+                break
+            try:
+                nic_id, frame = decode_net_frame(payload)
+            except ValueError:
+                self.unknown += 1
+                continue
+            port = self.ports.get(nic_id)
+            if port is None:
+                self.unknown += 1
+                continue
+            self.last_activity = now
+            port.received_frame(frame)
+        self._arm(FAST_POLL_TICKS if self._busy(now) else SLOW_POLL_TICKS)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def save_state(self) -> State:
+        t = self._timer
+        return {"kind": self.kind, "version": self.VERSION,
+                "poll_at": t.deadline if t is not None and t.active else None,
+                "last_activity": self.last_activity, "next": self._next}
+
+    def load_state(self, state: State) -> None:
+        check_state(state, self.kind, self.VERSION)
+
+        def tick_or_none(key: str) -> int | None:
+            if key not in state:
+                raise DeviceStateError(f"{self.kind}: the state has no {key!r}")
+            v = state[key]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63):
+                raise DeviceStateError(f"{self.kind}: {key} must be a tick or None")
+            return v
+        poll_at = tick_or_none("poll_at")
+        last = tick_or_none("last_activity")
+        nxt = state.get("next")
+        if not isinstance(nxt, int) or isinstance(nxt, bool) or nxt < 0:
+            raise DeviceStateError(f"{self.kind}: next must be a port index")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.last_activity = last
+        self._next = nxt % max(1, len(self._order))
+        if poll_at is not None:
+            self._timer = self.clock.schedule(poll_at, self.poll, self.name)
+
+    def reset(self) -> None:
+        """Nothing of the guest's lives here; polling goes on."""
+
+
+def attach_e1000(machine: Any, wire: Any, mac: bytes | str, slot: int, *, name: str | None = None,
+                 capture: Callable[[bytes, int], None] | None = None) -> Any:
+    """An 82540EM at PCI ``slot`` of ``machine`` (a pc-2 PcMachine), on ``wire``; returns the NIC.
+
+    The NIC's id (its device name, its timers' prefix, the id in logged frames
+    and the name of its output digest) is ``name`` or ``e1000.<slot>``; it must
+    be stable, since recordings name it.  ``capture(frame, ns)`` sees every
+    frame the NIC sends or receives, stamped with virtual time in ns.
+    """
+    from devices.net.e1000 import E1000
+
+    pci = getattr(machine, "pci", None)
+    if pci is None:
+        raise ValueError("this machine has no PCI bus (the e1000 needs the pc-2 board)")
+    nic_id = name or f"e1000.{slot}"
+    hub = getattr(machine, "net_input", None)
+    if hub is None:
+        hub = NetInput(machine.clock, lambda: machine.boundary)
+        machine.net_input = hub
+        machine.add_device(hub, io=False)
+        machine.boundary.attach(NET_CHANNEL, hub.source)
+    port = hub.add_port(nic_id, wire, capture)
+    nic = E1000(machine.clock, machine.dma, port, parse_mac(mac), io_bus=machine.io, mmio_bus=machine.mmio,
+                name=nic_id)
+    port.nic = nic
+    nic.on_rx_ready = hub.rx_ready
+    machine.add_device(nic, io=False)
+    pci.attach(nic, slot)
+    outputs = getattr(machine, "outputs", None)
+    if isinstance(outputs, dict):
+        outputs[port.output.name] = port.output
+    return nic
