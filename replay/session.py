@@ -27,12 +27,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from replay import events as ev
 from replay.boundary import INPUT_KINDS, InputMismatch, RecordingBoundary, ReplayBoundary
 from replay.events import Event, EventKind
 from replay.logfile import LogReader, LogWriter, StreamLogReader
-from vmm.digest import page_hashes
 from host.serial import NullBackend
+from vmm.digest import page_hashes
 from vmm.firmware.boot import attach_firmware, boot
 from vmm.machine import RunResult, StopReason
 from vmm.platform.pc import DEFAULT_EPOCH, PcConfig, PcMachine
@@ -268,7 +270,14 @@ def snapshot_events(m: PcMachine, with_memory: bool, hashes=None) -> list[Event]
 
 
 class _Digests:
-    """The periodic digest timer: the same timer in a recording and in its replay."""
+    """The periodic digest timer: the same timer in a recording and in its replay.
+
+    RAM page hashes are kept up to date incrementally where the MMU can tell
+    which pages were written (the EPT's dirty log, shadow MMU): only those are
+    hashed again at each memory digest, instead of all of RAM.  The dirty log
+    is invisible to the guest (the first write to a page marks it, in the TLB
+    fill), and a recording and its replay collect it at the same moments.
+    """
 
     def __init__(self, m: PcMachine, ticks: int, mem_every: int, emit: Callable[[list[Event]], None]):
         self.m = m
@@ -276,9 +285,35 @@ class _Digests:
         self.mem_every = mem_every
         self.emit = emit
         self.n = 0
+        self._hashes = None
+        self._incremental = m.engine.mmu_mode == "shadow"
         m.clock.schedule_in(ticks, self.fire, "digest")
 
+    def page_hashes(self):
+        """Hashes of every RAM page now (only the pages written since the last call are hashed)."""
+        m = self.m
+        ept = m.ept
+        if not self._incremental:
+            return page_hashes(m.memory.ram)
+        if self._hashes is None or not ept.logging:
+            if not ept.logging:
+                ept.start_dirty_log()
+            self._hashes = page_hashes(m.memory.ram)
+            return self._hashes.copy()
+        dirty = [gpa // 4096 for gpa in ept.collect_dirty() if gpa < m.memory.size]
+        if dirty:
+            idx = np.array(dirty, dtype=np.int64)
+            pages = m.memory.ram.reshape(-1, 4096)[idx]
+            self._hashes[idx] = page_hashes(pages.reshape(-1))
+        return self._hashes.copy()
+
+    def forget(self) -> None:
+        """The machine was put back to another state (a checkpoint): hash everything next time."""
+        self._hashes = None
+
     def snapshot(self, with_memory: bool, hashes=None) -> list[Event]:
+        if with_memory and hashes is None:
+            hashes = self.page_hashes()
         return snapshot_events(self.m, with_memory, hashes)
 
     def fire(self, now: int) -> None:
@@ -339,7 +374,7 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
     if input_kind != "none":
         m.start_input_polling(live_input, pace_idle=pace_idle)
     digests = _Digests(m, DIGEST_TICKS, MEM_DIGEST_EVERY, emit)
-    emit(digests.snapshot(True, initial_hashes))  # the initial state in full: a changed image shows page by page
+    emit(digests.snapshot(True))  # the initial state in full: a changed image shows page by page
     if setup is not None:
         setup(m)
     try:
@@ -403,7 +438,7 @@ class Replayer:
             m.start_input_polling()
         self._digests = _Digests(m, cfg["digest_ticks"], cfg["mem_digest_every"], self._check)
         if verify:
-            hashes = page_hashes(m.memory.ram)
+            hashes = self._digests.page_hashes()
             try:
                 self._check(self._digests.snapshot(True, hashes))
             except Divergence as d:
@@ -451,6 +486,7 @@ class Replayer:
         return {"pos": self._pos, "used": self.events_used, "digests": self._digests.n}
 
     def load_position(self, st: dict) -> None:
+        self._digests.forget()
         self._pos = st["pos"]
         self.events_used = st["used"]
         self._digests.n = st["digests"]

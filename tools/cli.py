@@ -538,6 +538,9 @@ def cmd_replay(args) -> int:
     print(f"\nvmm: replayed {res.icount:,} instructions ({m.clock.now() / 1e8:.3f} guest s) in {dt:.2f} s "
           f"({res.icount / max(dt, 1e-9) / 1e6:.1f} MIPS); {rp.events_used} events"
           + (", every digest matched" if args.verify else ""), file=sys.stderr)
+    if len(m.vcpus) > 1:
+        print("vmm: instructions per vCPU: " + ", ".join(f"vCPU {v.id}: {v.icount:,}" for v in m.vcpus),
+              file=sys.stderr)
     if args.until is not None:
         regs = m.vcpu.snapshot_regs()
         print("vmm: state at icount {}: {}".format(

@@ -72,20 +72,28 @@ class GuestMemory:
     def write_u8(self, pa: int, v: int) -> None:
         self._check(pa, 1)
         self.ram[pa] = v & 0xFF
+        if self.on_host_write is not None:
+            self.on_host_write(pa, 1)
 
     def write_u16(self, pa: int, v: int) -> None:
         self._check(pa, 2)
         self.ram[pa : pa + 2] = np.frombuffer((v & 0xFFFF).to_bytes(2, "little"), dtype=np.uint8)
+        if self.on_host_write is not None:
+            self.on_host_write(pa, 2)
 
     def write_u32(self, pa: int, v: int) -> None:
         self._check(pa, 4)
         self.ram[pa : pa + 4] = np.frombuffer((v & 0xFFFF_FFFF).to_bytes(4, "little"), dtype=np.uint8)
+        if self.on_host_write is not None:
+            self.on_host_write(pa, 4)
 
     def write_u64(self, pa: int, v: int) -> None:
         self._check(pa, 8)
         self.ram[pa : pa + 8] = np.frombuffer(
             (v & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"), dtype=np.uint8
         )
+        if self.on_host_write is not None:
+            self.on_host_write(pa, 8)
 
     # -- saved state -------------------------------------------------------------
     def save_state(self) -> dict:
