@@ -5,6 +5,11 @@ Reads never disturb the guest: guest-virtual reads walk the guest's page
 tables without setting accessed/dirty bits.  On a replay, writes to registers
 or memory are refused (they would make the replay diverge from its
 recording); on a live run they are allowed.
+
+Both targets show every vCPU of the machine as a thread (`VcpuThreads` in
+replay/target.py): registers, guest-virtual memory and single steps are those
+of the selected vCPU, and a stop names the vCPU that hit the breakpoint or
+made the watched access.
 """
 from __future__ import annotations
 
@@ -19,24 +24,50 @@ from replay.target import (
     StopEvent,
     TargetMemoryError,
 )
-from replay.timetravel import Stop, TimeTravel
-from vmm.memory.ram import GuestMemoryError
-from vmm.memory.paging import PageFault
+from replay.timetravel import Schedule, Stop, TimeTravel
 from vmm.cpu.vcpu import CS, DS, ES, FS, GS, SS
+from vmm.memory.paging import PageFault
+from vmm.memory.ram import GuestMemoryError
 
 I386_GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 X64_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
+_RUN_STATES = {"running": "running", "halted": "halted", "wait-for-sipi": "wait-for-SIPI"}
+
+
 class _Inspect:
-    """Register and memory reads shared by both targets (``self.m`` is the machine)."""
+    """Register and memory reads, and the vCPU threads, shared by both targets
+    (``self.m`` is the machine)."""
 
     arch: str
     m: object
+    selected: int = 0
+
+    # -- vCPUs as threads -----------------------------------------------------------
+    @property
+    def cpu(self):
+        return self.m.vcpus[self.selected]
+
+    def threads(self) -> list[int]:
+        return list(range(len(self.m.vcpus)))
+
+    def select(self, vcpu: int) -> None:
+        if not 0 <= vcpu < len(self.m.vcpus):
+            raise ValueError(f"no vCPU {vcpu}")
+        self.selected = vcpu
+
+    def thread_info(self, vcpu: int) -> str:
+        state = _RUN_STATES.get(self.m.state[vcpu], self.m.state[vcpu])
+        return f"vCPU {vcpu}, {state}"
+
+    def _vcpu_lines(self) -> str:
+        return "".join(f"  vCPU {v.id}: {v.icount} instructions, {_RUN_STATES.get(s, s)}\n"
+                       for v, s in zip(self.m.vcpus, self.m.state))
 
     def read_registers(self) -> dict[str, int]:
-        cpu = self.m.vcpu
+        cpu = self.cpu
         r: dict[str, int] = {}
         if self.arch == "i386":
             for i, n in enumerate(I386_GPRS):
@@ -58,7 +89,7 @@ class _Inspect:
 
     def read_memory(self, addr: int, length: int, physical: bool = False) -> bytes:
         m = self.m
-        cpu = m.vcpu
+        cpu = self.cpu
         out = bytearray()
         a = addr
         end = addr + length
@@ -81,6 +112,7 @@ class ReplayTarget(_Inspect):
         self.m = tt.m
         cpu = tt.m.vcpu
         self.arch = arch or ("x86-64" if cpu.long_mode else "i386")
+        self.selected = 0
 
     def write_register(self, name: str, value: int) -> None:
         raise KeyError(f"{name}: registers are read-only while replaying (a write would diverge from the recording)")
@@ -89,46 +121,53 @@ class ReplayTarget(_Inspect):
         raise TargetMemoryError("guest memory is read-only while replaying (a write would diverge)")
 
     # -- execution ---------------------------------------------------------------
+    @property
+    def _stepped(self) -> int | None:
+        """The vCPU a single step applies to (None: the one vCPU of the machine)."""
+        return self.selected if len(self.m.vcpus) > 1 else None
+
     def _event(self, s: Stop) -> StopEvent:
         if s.reason == "breakpoint":
-            return StopEvent("breakpoint", kind=BP_SOFTWARE)
+            return StopEvent("breakpoint", kind=BP_SOFTWARE, vcpu=s.vcpu)
         if s.reason == "watchpoint" and s.hit is not None:
-            return StopEvent("watchpoint", kind=s.hit.kind, addr=s.hit.addr)
+            return StopEvent("watchpoint", kind=s.hit.kind, addr=s.hit.addr, vcpu=s.hit.vcpu)
         if s.reason == "start":
             return StopEvent("replay-start")
         if s.reason == "end":
             return StopEvent("replay-end")
         if s.reason == "interrupted":
             return StopEvent("signal", signal=2)
-        return StopEvent("step")
+        return StopEvent("step", vcpu=s.vcpu)
 
     def step(self) -> StopEvent:
         tt = self.tt
+        k = self._stepped
         tt._watch_hits.clear()
-        s = tt.step()
+        s = tt.step(vcpu=k)
         if s.reason == "end":
             return StopEvent("replay-end")
-        hits = [h for h in tt._watch_hits if h.icount == tt.icount]
+        hits = [h for h in tt._watch_hits if h.icount == tt.icount and (k is None or h.vcpu == k)]
         if hits:
-            return StopEvent("watchpoint", kind=hits[0].kind, addr=hits[0].addr)
-        return StopEvent("step")
+            return StopEvent("watchpoint", kind=hits[0].kind, addr=hits[0].addr, vcpu=hits[0].vcpu)
+        return StopEvent("step", vcpu=k)
 
     def resume(self, should_stop: Callable[[], bool]) -> StopEvent:
         return self._event(self.tt.cont(should_stop=should_stop))
 
     def reverse_step(self) -> StopEvent:
         tt = self.tt
-        if tt.icount == 0:
+        k = self._stepped
+        target = tt.before_last_insn(k)
+        if target is None:
             return StopEvent("replay-start")
-        target = tt.icount - 1
         if tt.watchpoints:
             hits = [h for h in tt._hits_between(target, target + 1) if h.kind >= WATCH_WRITE]
             tt.seek(target)
             if hits:
-                return StopEvent("watchpoint", kind=hits[0].kind, addr=hits[0].addr)
-            return StopEvent("step")
-        tt.reverse_step()
-        return StopEvent("step")
+                return StopEvent("watchpoint", kind=hits[0].kind, addr=hits[0].addr, vcpu=hits[0].vcpu)
+            return StopEvent("step", vcpu=k)
+        tt.reverse_step(vcpu=k)
+        return StopEvent("step", vcpu=k)
 
     def reverse_resume(self, should_stop: Callable[[], bool]) -> StopEvent:
         return self._event(self.tt.reverse_cont(should_stop=should_stop))
@@ -155,12 +194,18 @@ class ReplayTarget(_Inspect):
     def monitor(self, command: str) -> str:
         tt = self.tt
         words = command.split()
+        smp = len(self.m.vcpus) > 1
         if not words or words[0] == "help":
             return ("monitor commands: icount | seek ICOUNT | checkpoints | info exits | "
-                    "phys ADDR LEN (read guest-physical memory)\n")
+                    "phys ADDR LEN (read guest-physical memory)"
+                    + (" | seek vcpu N ICOUNT (where vCPU N has retired ICOUNT instructions) | "
+                       "schedule [TURNS] (the vCPUs' turns up to here)" if smp else "") + "\n")
         if words[0] == "icount":
             end = tt.end_icount
-            return f"icount {tt.icount}" + (f" of {end}" if end is not None else "") + "\n"
+            line = f"icount {tt.icount}" + (f" of {end}" if end is not None else "")
+            if not smp:
+                return line + "\n"
+            return line + " (machine position: all vCPUs together)\n" + self._vcpu_lines()
         if words[0] == "seek" and len(words) == 2:
             try:
                 n = int(words[1].replace("_", ""), 0)
@@ -168,6 +213,24 @@ class ReplayTarget(_Inspect):
                 return f"seek: not a number: {words[1]}\n"
             tt.seek(n)
             return f"at icount {tt.icount}\n"
+        if words[:2] == ["seek", "vcpu"] and len(words) == 4:
+            try:
+                vid, n = int(words[2], 0), int(words[3].replace("_", ""), 0)
+            except ValueError:
+                return "seek vcpu: want a vCPU number and an icount\n"
+            if not 0 <= vid < len(self.m.vcpus):
+                return f"seek vcpu: no vCPU {vid}\n"
+            tt.seek_vcpu(vid, n)
+            return (f"at icount {tt.icount}: vCPU {vid} has retired "
+                    f"{self.m.vcpus[vid].icount} instructions\n")
+        if words[0] == "schedule" and smp:
+            try:
+                count = int(words[1]) if len(words) > 1 else 10
+            except ValueError:
+                return f"schedule: not a number: {words[1]}\n"
+            turns = tt.sched.turns(tt.sched.origin, tt.icount + 1)[-count:]
+            return "".join(f"  at {pos}: vCPU {vid} from its icount {base}, {n} instructions\n"
+                           for pos, vid, base, n in turns) or "no turns yet\n"
         if words[0] == "checkpoints":
             lines = [(f"{len(tt.cps.list)} checkpoints, {tt.cps.bytes / 1e6:.1f} MB of RAM pages, "
                      f"every {tt.interval} instructions")]
@@ -198,19 +261,24 @@ class LiveTarget(_Inspect):
 
     Data watchpoints are not offered (gdb then single-steps and compares, which
     is slow but exact); reverse execution needs a recording (`vmm replay --gdb`).
+    With several vCPUs a single step runs the machine until the selected vCPU
+    retired one instruction (`Schedule.arm` cuts its run there).
     """
 
     supports_reverse = False
     CHUNK = 1_000_000  # instructions between checks for Ctrl-C
+    STEP_LIMIT = 50_000_000   # a step of a vCPU that does not run for this long stops anyway (SIGINT)
 
     def __init__(self, machine, arch: str | None = None):
         self.m = machine
         self.arch = arch or ("x86-64" if machine.vcpu.long_mode else "i386")
         self.breakpoints: set[int] = set()
         self.exited = None
+        self.selected = 0
+        self.sched = Schedule(machine, learn=False) if len(machine.vcpus) > 1 else None
 
     def write_register(self, name: str, value: int) -> None:
-        cpu = self.m.vcpu
+        cpu = self.cpu
         names = dict(zip(I386_GPRS, X64_GPRS[:8])) | {n: n for n in X64_GPRS}
         if name in names:
             reg = names[name]
@@ -226,7 +294,7 @@ class LiveTarget(_Inspect):
 
     def write_memory(self, addr: int, data: bytes, physical: bool = False) -> None:
         m = self.m
-        cpu = m.vcpu
+        cpu = self.cpu
         off = 0
         while off < len(data):
             a = addr + off
@@ -238,7 +306,7 @@ class LiveTarget(_Inspect):
                 raise TargetMemoryError(f"address {a:#x} is not mapped") from None
             off += n
 
-    def _run(self, limit: int, bps: bool) -> StopEvent | None:
+    def _run(self, limit: int | None, bps: bool) -> StopEvent | None:
         m = self.m
         m.vcpu.set_breakpoints(self.breakpoints if bps else ())
         res = m.run(limit)
@@ -246,15 +314,25 @@ class LiveTarget(_Inspect):
         if reason == "limit":
             return None
         if reason == "breakpoint":
-            return StopEvent("breakpoint", kind=BP_SOFTWARE)
+            return StopEvent("breakpoint", kind=BP_SOFTWARE, vcpu=res.vcpu)
+        if reason == "host" and self.sched is not None and self.sched.fired:
+            self.sched.fired = False
+            return StopEvent("step", vcpu=self.selected)
         self.exited = res
         return StopEvent("exited", exit_status=res.status if reason == "exit" else 0)
 
     def step(self) -> StopEvent:
         if self.exited is not None:
             return StopEvent("exited", exit_status=self.exited.status)
-        ev = self._run(self.m.vcpu.icount + 1, bps=False)
-        return ev or StopEvent("step")
+        if self.sched is None:
+            ev = self._run(self.m.icount + 1, bps=False)
+            return ev or StopEvent("step")
+        self.sched.arm(self.selected, self.cpu.icount + 1)
+        try:
+            ev = self._run(self.m.icount + self.STEP_LIMIT, bps=False)
+        finally:
+            self.sched.disarm()
+        return ev or StopEvent("signal", signal=2, vcpu=self.selected)
 
     def resume(self, should_stop: Callable[[], bool]) -> StopEvent:
         if self.exited is not None:
@@ -262,7 +340,7 @@ class LiveTarget(_Inspect):
         while True:
             if should_stop():
                 return StopEvent("signal", signal=2)
-            ev = self._run(self.m.vcpu.icount + self.CHUNK, bps=True)
+            ev = self._run(self.m.icount + self.CHUNK, bps=True)
             if ev is not None:
                 return ev
 
@@ -287,7 +365,9 @@ class LiveTarget(_Inspect):
     def monitor(self, command: str) -> str:
         words = command.split()
         if words[:1] == ["icount"]:
-            return f"icount {self.m.vcpu.icount}\n"
+            if len(self.m.vcpus) == 1:
+                return f"icount {self.m.icount}\n"
+            return f"icount {self.m.icount} (all vCPUs together)\n" + self._vcpu_lines()
         if words[:2] == ["info", "exits"]:
             return "".join(f"{k:>12} {v}\n" for k, v in self.m.exit_counts.items() if v) or "no exits yet\n"
         return "monitor commands on a live run: icount | info exits (record and replay for time travel)\n"

@@ -3,9 +3,18 @@ Protocol": E.1 Overview for framing/acks/escapes, E.3 Stop Reply Packets,
 E.4 General Query Packets, E.11 Interrupts, E.12 Packet Acknowledgment,
 G.2-G.4 Target Description Format).
 
-One connection at a time, all-stop, one thread. Everything about the machine
-goes through a `replay.target.DebugTarget`; the stub only ever touches the
-target from the thread that serves the connection.
+One connection at a time, all-stop. Everything about the machine goes
+through a `replay.target.DebugTarget`; the stub only ever touches the target
+from the thread that serves the connection. Each vCPU is a thread (thread id
+= vCPU id + 1) when the target offers `replay.target.VcpuThreads`; a target
+without it is thread 1 alone.
+
+Threads, as gdb drives them in all-stop mode (E.3, E.4, and "Packets": H, T,
+vCont): `Hg` selects the vCPU whose registers and memory g/G/p/P/m/M/X
+access; `Hc` (or a vCont action's thread) the vCPU a step applies to, and
+reverse steps `bs` take the Hc thread, or the Hg thread when Hc is "any".
+Continuing runs every vCPU; a stop reply names the vCPU the stop is about
+(`thread:N`), and the stub selects it for both, as gdb assumes.
 
     stub = GdbStub(target, port=1234)
     stub.serve_forever()          # or: stub = start_gdbstub_thread(target)
@@ -14,10 +23,11 @@ Supported: $..#xx framing with +/- acks and QStartNoAckMode, '}' escapes
 (binary X writes in, qXfer/any reply out), qSupported, target.xml through
 qXfer:features:read (i386 / x86-64 with x87, SSE, segment bases and a system
 feature with control registers), ?, g/G, p/P, m/M/X, Z0-Z4/z0-z4, s/c (with
-an address), vCont (c/C/s/S; signals ignored), bs/bc, Ctrl-C while running,
-D, k, qRcmd, qAttached, qC, qfThreadInfo/qsThreadInfo, H, T, qOffsets,
-qSymbol, vMustReplyEmpty, and QEMU's Qqemu.PhyMemMode (physical addressing
-for m/M/X). Anything else gets the empty reply ("not supported").
+an address), vCont (c/C/s/S per thread; signals ignored), bs/bc, Ctrl-C
+while running, D, k, qRcmd, qAttached, qC, qfThreadInfo/qsThreadInfo,
+qThreadExtraInfo, Hg/Hc, T, qOffsets, qSymbol, vMustReplyEmpty, and QEMU's
+Qqemu.PhyMemMode (physical addressing for m/M/X). Anything else gets the
+empty reply ("not supported").
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ from replay.target import (
     DebugTarget,
     StopEvent,
     TargetMemoryError,
+    VcpuThreads,
 )
 
 log = logging.getLogger(__name__)
@@ -534,6 +545,8 @@ class GdbStub:
         self._gdb_features: set[str] = set()
         self._physical = False
         self._end_session = False
+        self._g = getattr(self.target, "selected", 0) if self._threaded else 0
+        self._c: int | None = None
         while not self._closed.is_set():
             try:
                 data = conn.read_packet()
@@ -608,9 +621,9 @@ class GdbStub:
             self._kill()
             return None
         if head == "H":
-            return "OK"
+            return self._set_thread(rest)
         if head == "T":
-            return "OK" if self._is_our_thread(rest) else "E01"
+            return "OK" if self._thread_vcpu(rest) is not None else "E01"
         if head == "v":
             return self._v_packet(conn, pkt)
         if head == "q":
@@ -636,13 +649,17 @@ class GdbStub:
         if pkt == "qAttached" or pkt.startswith("qAttached:"):
             return "1"
         if pkt == "qC":
-            return "QC01"
+            return f"QC{self._tid(self._g)}"
         if pkt == "qfThreadInfo":
-            return "m01"
+            return "m" + ",".join(self._tid(v) for v in self._vcpus())
         if pkt == "qsThreadInfo":
             return "l"
         if pkt.startswith("qThreadExtraInfo,"):
-            return b"vCPU 0".hex()
+            vcpu = self._thread_vcpu(pkt.partition(",")[2])
+            if vcpu is None or vcpu < 0:
+                return "E01"
+            info = self.target.thread_info(vcpu) if self._threaded else f"vCPU {vcpu}"
+            return info.encode().hex()
         if pkt == "qOffsets":
             return "Text=0;Data=0;Bss=0"
         if name == "qSymbol":
@@ -708,22 +725,29 @@ class GdbStub:
         if pkt == "vCont?":
             return "vCont;c;C;s;S"
         if pkt.startswith("vCont;"):
-            actions = []
+            # all-stop: one stop for everything; a thread that is told to step is
+            # the stepped vCPU, every other vCPU runs as the schedule says
+            step_vcpu: int | None = None
+            step = cont = False
             for item in pkt[6:].split(";"):
                 action, _, thread = item.partition(":")
                 if not action:
                     raise _Malformed(pkt)
-                if thread and not self._is_our_thread(thread):
-                    continue
-                actions.append(action)
-            if not actions:
+                vcpu = self._thread_vcpu(thread) if thread else -1
+                if vcpu is None:
+                    continue          # a thread that does not exist
+                if action[0] in "sS":
+                    if not step:
+                        step, step_vcpu = True, vcpu
+                elif action[0] in "cC":
+                    cont = True
+                else:
+                    return ""
+            if not (step or cont):
                 return "E01"
-            action = actions[0]
-            if action[0] in "sS":
-                return self._resume(conn, step=True, addr="")
-            if action[0] in "cC":
-                return self._resume(conn, step=False, addr="")
-            return ""
+            if step:
+                return self._resume(conn, step=True, addr="", vcpu=step_vcpu if step_vcpu >= 0 else None)
+            return self._resume(conn, step=False, addr="")
         if pkt == "vMustReplyEmpty":
             return ""
         if pkt.startswith("vKill"):
@@ -731,16 +755,51 @@ class GdbStub:
             return "OK"
         return ""
 
+    # -- threads (vCPUs) -----------------------------------------------------
+    @property
+    def _threaded(self) -> bool:
+        return isinstance(self.target, VcpuThreads)
+
+    def _vcpus(self) -> list[int]:
+        return list(self.target.threads()) if self._threaded else [0]
+
     @staticmethod
-    def _is_our_thread(text: str) -> bool:
+    def _tid(vcpu: int) -> str:
+        return f"{vcpu + 1:02x}"
+
+    def _thread_vcpu(self, text: str) -> int | None:
+        """The vCPU of a thread id (-1 for "all" or "any"; None: no such thread)."""
         if text.startswith("p"):
             text = text.partition(".")[2] or "-1"
         if text in ("-1", "0", ""):
-            return True
+            return -1
         try:
-            return _parse_hex(text) == 1
+            vcpu = _parse_hex(text) - 1
         except ValueError:
-            return False
+            return None
+        return vcpu if vcpu in self._vcpus() else None
+
+    def _select(self, vcpu: int) -> None:
+        self._g = vcpu
+        if self._threaded:
+            self.target.select(vcpu)
+
+    def _set_thread(self, text: str) -> str:
+        op, tid = text[:1], text[1:]
+        vcpu = self._thread_vcpu(tid)
+        if vcpu is None:
+            return "E01"
+        if op == "g" and vcpu >= 0:
+            self._select(vcpu)
+        elif op == "c":
+            self._c = vcpu if vcpu >= 0 else None
+        return "OK"
+
+    def _run_vcpu(self, vcpu: int | None = None) -> int:
+        """The vCPU a step applies to: the one named, else the Hc thread, else the Hg one."""
+        if vcpu is None:
+            vcpu = self._c if self._c is not None else self._g
+        return vcpu
 
     # -- registers --------------------------------------------------------
     def _register_values(self) -> list[int]:
@@ -887,11 +946,13 @@ class GdbStub:
     def _initial_stop(self) -> str:
         if self.exited is not None:
             return self._stop_reply(self.exited)
-        return f"T{SIGTRAP:02x}thread:01;"
+        return f"T{SIGTRAP:02x}thread:{self._tid(self._g)};"
 
-    def _resume(self, conn: _Connection, step: bool, addr: str) -> str:
+    def _resume(self, conn: _Connection, step: bool, addr: str, vcpu: int | None = None) -> str:
         if self.exited is not None:      # nothing left to run
             return self._stop_reply(self.exited)
+        run_vcpu = self._run_vcpu(vcpu)
+        self._select(run_vcpu)
         if addr:
             try:
                 pc = _parse_hex(addr)
@@ -903,24 +964,30 @@ class GdbStub:
             event = self.target.step()
         else:
             event = self.target.resume(lambda: conn.poll_interrupt() or self._closed.is_set())
-        return self._after_run(conn, event)
+        return self._after_run(conn, event, run_vcpu)
 
     def _reverse(self, conn: _Connection, step: bool) -> str:
         if self.exited is not None:
             return self._stop_reply(self.exited)
+        run_vcpu = self._run_vcpu()
+        self._select(run_vcpu)
         conn.interrupt_pending = False
         if step:
             event = self.target.reverse_step()
         else:
             event = self.target.reverse_resume(lambda: conn.poll_interrupt() or self._closed.is_set())
-        return self._after_run(conn, event)
+        return self._after_run(conn, event, run_vcpu)
 
-    def _after_run(self, conn: _Connection, event: StopEvent) -> str:
+    def _after_run(self, conn: _Connection, event: StopEvent, run_vcpu: int) -> str:
         conn.interrupt_pending = False
         if conn.eof:
             raise _Disconnect()
         if event.reason == "exited":
             self.exited = event
+        else:
+            # gdb takes the stop's thread as the general thread from now on (its
+            # idea of the Hc thread does not change)
+            self._select(event.vcpu if event.vcpu is not None else run_vcpu)
         return self._stop_reply(event)
 
     def _stop_reply(self, event: StopEvent) -> str:
@@ -953,7 +1020,7 @@ class GdbStub:
             if name in values:
                 n = self.tdesc.index[name]
                 parts.append(f"{n:02x}:{le_hex(values[name], self.tdesc.regs[n].size)};")
-        parts.append("thread:01;")
+        parts.append(f"thread:{self._tid(self._g)};")
         return "".join(parts)
 
     def _kill(self) -> None:

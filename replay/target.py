@@ -44,6 +44,21 @@ target behave):
   and the stub answers any later run request with the same W reply. A replay
   target that wants the user to be able to reverse from the guest's exit
   should stop there with "replay-end" (or a breakpoint) instead.
+
+Several vCPUs (optional, `VcpuThreads`): gdb sees each vCPU as a thread
+(thread id = vCPU id + 1, all-stop mode). The stub selects one vCPU with
+`select`; register and memory accesses (guest-virtual addresses go through
+that vCPU's page tables), `step` and `reverse_step` then apply to it:
+* `step` runs until the selected vCPU retired one instruction of its own; the
+  other vCPUs run in between as the machine's schedule says;
+* `reverse_step` un-executes the selected vCPU's last instruction: the whole
+  machine goes back to the moment just before that instruction retired, every
+  other vCPU in the state it had then;
+* `resume` and `reverse_resume` stop at a hit by any vCPU.
+A stop names the vCPU it is about in `StopEvent.vcpu` (the one that hit the
+breakpoint or made the watched access, or the stepped one); the stub then
+selects it and reports it as the stop's thread. A target without `threads`
+is one vCPU, thread 1.
 """
 from __future__ import annotations
 
@@ -83,6 +98,7 @@ class StopEvent:
                 for "watchpoint": WATCH_WRITE / WATCH_READ / WATCH_ACCESS
     addr        for "watchpoint": the data address accessed
     exit_status for "exited": the guest's exit status (low 8 bits sent)
+    vcpu        the vCPU the stop is about (None: the selected one)
     """
 
     reason: StopReason
@@ -90,6 +106,7 @@ class StopEvent:
     kind: int | None = None
     addr: int | None = None
     exit_status: int = 0
+    vcpu: int | None = None
 
 
 @runtime_checkable
@@ -155,3 +172,19 @@ class DebugTarget(Protocol):
 
     def kill(self) -> None:
         """The debugger asked to kill the guest."""
+
+
+@runtime_checkable
+class VcpuThreads(Protocol):
+    """What a target with several vCPUs adds, so that gdb sees them as threads."""
+
+    selected: int            # the vCPU that register/memory accesses and steps apply to
+
+    def threads(self) -> list[int]:
+        """The vCPU ids (gdb's thread ids are these + 1)."""
+
+    def select(self, vcpu: int) -> None:
+        """Make ``vcpu`` the selected one; raise ValueError for one that does not exist."""
+
+    def thread_info(self, vcpu: int) -> str:
+        """One line for gdb's `info threads`, e.g. "vCPU 1, halted"."""

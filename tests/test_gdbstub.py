@@ -751,6 +751,90 @@ def test_fuzzed_packets_always_get_a_reply():
         s.close()
 
 
+@dataclass
+class TwoVcpuFake(FakeTarget):
+    """FakeTarget with a second vCPU (replay.target.VcpuThreads): each vCPU's ebx
+    holds 0xB0 + its id; steps and stops note which vCPU they were for."""
+
+    selected: int = 0
+    stop_vcpu: int | None = None        # the vCPU a resume's stop names
+    runs: list[str] = field(default_factory=list)
+
+    def threads(self) -> list[int]:
+        return [0, 1]
+
+    def select(self, vcpu: int) -> None:
+        if vcpu not in (0, 1):
+            raise ValueError(vcpu)
+        self.selected = vcpu
+
+    def thread_info(self, vcpu: int) -> str:
+        return f"vCPU {vcpu}, {'halted' if vcpu else 'running'}"
+
+    def read_registers(self) -> dict[str, int]:
+        return super().read_registers() | {"ebx": 0xB0 + self.selected}
+
+    def step(self) -> StopEvent:
+        self.runs.append(f"step vCPU {self.selected}")
+        return super().step()
+
+    def reverse_step(self) -> StopEvent:
+        self.runs.append(f"reverse_step vCPU {self.selected}")
+        return super().reverse_step()
+
+    def resume(self, should_stop: Callable[[], bool]) -> StopEvent:
+        ev = super().resume(should_stop)
+        ev.vcpu = self.stop_vcpu
+        return ev
+
+
+def test_vcpus_as_threads():
+    target = TwoVcpuFake()
+    s = start_gdbstub_thread(target)
+    c = Client(s.port)
+    try:
+        c.request("qSupported:swbreak+")
+        assert c.request("qfThreadInfo") == "m01,02" and c.request("qsThreadInfo") == "l"
+        assert c.request("qC") == "QC01" and stop_fields(c.request("?"))["thread"] == "01"
+        assert c.request("T2") == "OK" and c.request("T3") == "E01" and c.request("T0") == "OK"
+        assert bytes.fromhex(c.request("qThreadExtraInfo,2")) == b"vCPU 1, halted"
+        assert c.request("qThreadExtraInfo,3") == "E01"
+        assert c.request("Hg3") == "E01" and c.request("Hc3") == "E01"
+        assert regs_of(c.request("g"))["ebx"] == 0xB0
+        assert c.request("Hg2") == "OK" and c.request("qC") == "QC02"
+        assert regs_of(c.request("g"))["ebx"] == 0xB1
+        assert c.request("p3") == le(0xB1)
+        assert c.request("Hg0") == "OK" and c.request("qC") == "QC02"      # "any" keeps the selection
+        # vCont names the stepped thread; the stop names it too and selects it
+        f = stop_fields(c.request("vCont;s:1;c"))
+        assert f["thread"] == "01" and target.runs[-1] == "step vCPU 0" and c.request("qC") == "QC01"
+        f = stop_fields(c.request("vCont;S05:2;c"))
+        assert f["thread"] == "02" and target.runs[-1] == "step vCPU 1"
+        # s and bs step the Hc thread, or the Hg thread when Hc is "any"
+        assert c.request("Hc1") == "OK"
+        assert stop_fields(c.request("s"))["thread"] == "01" and target.runs[-1] == "step vCPU 0"
+        assert c.request("Hg2") == "OK"
+        assert stop_fields(c.request("bs"))["thread"] == "01" and target.runs[-1] == "reverse_step vCPU 0"
+        assert c.request("Hc0") == "OK" and c.request("Hg2") == "OK"
+        assert stop_fields(c.request("bs"))["thread"] == "02" and target.runs[-1] == "reverse_step vCPU 1"
+        assert c.request("Hc-1") == "OK" and c.request("Hg1") == "OK"
+        assert stop_fields(c.request("vCont;s"))["thread"] == "01" and target.runs[-1] == "step vCPU 0"
+        assert c.request("vCont;s:3") == "E01"                              # no such thread
+        # a stop made by the other vCPU names it and selects it for g
+        target.stop_vcpu = 1
+        assert c.request("Z0,1010,1") == "OK"
+        f = stop_fields(c.request("vCont;c"))
+        assert "swbreak" in f and f["thread"] == "02" and c.request("qC") == "QC02"
+        assert regs_of(c.request("g"))["ebx"] == 0xB1
+    finally:
+        c.close()
+        s.close()
+
+
+def le(value: int, size: int = 4) -> str:
+    return value.to_bytes(size, "little").hex()
+
+
 # ---------------------------------------------------------------------------
 # (b) real gdb
 # ---------------------------------------------------------------------------

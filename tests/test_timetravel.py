@@ -25,7 +25,7 @@ def recording(tmp_path_factory):
     image = race_guest(2500, ticks=10)
     img.write_bytes(image)
     log = str(d / "race.vmlog")
-    res, m = record(str(img), image, log, boot_kind="flat", input_kind="file",
+    res, _m = record(str(img), image, log, boot_kind="flat", input_kind="file",
                     live_input=scripted([(2, b"hi"), (4, b"there")]), max_instructions=40_000_000)
     assert res.reason.value == "exit"
     return log, res.icount
@@ -88,7 +88,7 @@ def test_reverse_continue_finds_the_last_store(recording):
 
 
 def test_breakpoint_forward_and_reverse(recording):
-    log, total = recording
+    log, _ = recording
     tt = TimeTravel(log, interval=400_000)
     # timer_isr entry: find it from a forward run by watching for the first tick counter write
     tt.add_watchpoint(WRITE, 0x6000, 4)
@@ -110,6 +110,32 @@ def test_breakpoint_forward_and_reverse(recording):
     assert back.reason == "breakpoint" and back.icount == hits[1]
     back = tt.reverse_cont()
     assert back.icount == hits[0]
+
+
+def test_reverse_continue_finds_a_breakpoint_hit_at_a_checkpoint(recording):
+    """A hit exactly where a checkpoint was taken counts like any other."""
+    log, _ = recording
+    probe = TimeTravel(log, interval=400_000)
+    probe.add_watchpoint(WRITE, 0x6000, 4)
+    at = probe.cont().icount - 1                   # the tick counter's increment in timer_isr
+    probe.seek(at)
+    addr = probe.m.vcpu.seg(1).base + probe.m.vcpu.rip
+    tt = TimeTravel(log, interval=at)              # checkpoints at at, 2 * at, ...
+    tt.seek(at + 3)
+    assert [c.icount for c in tt.cps.list] == [0, at]
+    tt.add_breakpoint(addr)
+    back = tt.reverse_cont()
+    assert back.reason == "breakpoint" and back.icount == at and back.vcpu == 0
+    assert tt.reverse_cont().reason == "start"
+
+
+def test_one_vcpu_has_no_schedule_map(recording):
+    log, _ = recording
+    tt = TimeTravel(log, interval=400_000)
+    assert tt.sched is None
+    tt.seek(1000)
+    assert tt.step(vcpu=0).icount == 1001 and tt.reverse_step(vcpu=0).icount == 1000
+    assert tt.before_last_insn(0) == 999 and tt.vcpu_icounts() == [1000]
 
 
 def test_adaptive_checkpoint_interval():
