@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vmm run
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py
