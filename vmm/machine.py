@@ -110,6 +110,8 @@ class Machine:
         self._turn = 0             # whose turn it is
         self._turn_end = U64 if vcpus == 1 else quantum   # the running vCPU's icount at which its turn ends
         self._preempt = False
+        # (vCPU id, its icount, rip) of the last breakpoint stop: the next run steps over it
+        self._over_bp: tuple[int, int, int] | None = None
         self.trace: Callable[[VmExit], None] | None = None
         self.on_init: Callable[[Vcpu], None] | None = None   # the platform resets per-CPU devices (LAPIC)
         for v in self.vcpus:
@@ -339,7 +341,28 @@ class Machine:
             budget = min(budget, self._turn_end)
         if deadline is not None:
             budget = min(budget, max(v.icount, self.clock.ticks_to_icount(deadline) - (self.icount - v.icount)))
+        over = self._over_bp
+        if over is not None and over[0] == v.id:
+            if over == (v.id, v.icount, v.rip) and budget > v.icount:
+                self._over_bp = None
+                return self._step_over_breakpoint(v)
+            if over != (v.id, v.icount, v.rip):
+                self._over_bp = None    # it moved (an interrupt, a register write): a new arrival stops
         x = self._enter(v, lambda: v.run(budget))
+        return self._dispatch(v, x)
+
+    def _step_over_breakpoint(self, v: Vcpu) -> RunResult | None:
+        """Resume from a breakpoint stop as gdb's `continue` does: execute the
+        instruction under the breakpoint with that breakpoint lifted, then put it back."""
+        bps = v.breakpoints
+        here = v.seg(1).base + v.rip
+        if here in bps:
+            v.set_breakpoints(bps - {here})
+        try:
+            x = self._enter(v, lambda: v.run(v.icount + 1))
+        finally:
+            if here in bps:
+                v.set_breakpoints(bps)
         return self._dispatch(v, x)
 
     def _enter(self, v: Vcpu, go: Callable[[], VmExit]) -> VmExit:
@@ -402,6 +425,7 @@ class Machine:
                                     x, vcpu=v.id)
             self.firmware.trap(self, x)
         elif reason is ExitReason.BREAKPOINT:
+            self._over_bp = (v.id, v.icount, v.rip)
             return self._result(StopReason.BREAKPOINT, 0, f"breakpoint at rip={x.rip:#x}", x, vcpu=v.id)
         elif reason is ExitReason.ERROR:
             return self._result(StopReason.ERROR, 0, f"the CPU stopped at rip={x.rip:#x}: {x.detail}", x,
@@ -480,6 +504,7 @@ class Machine:
         self.state = [str(s) for s in ms["state"]]
         if len(self.state) != len(self.vcpus) or any(s not in (RUNNING, HALTED, WAIT_SIPI) for s in self.state):
             raise DeviceStateError("machine: bad vCPU run states")
+        self._over_bp = None
         self._turn = int(ms["turn"]) % len(self.vcpus)
         self._turn_end = int(ms["turn_end"])
         self.quantum = int(ms["quantum"])
