@@ -31,6 +31,7 @@ import numpy as np
 
 from replay import events as ev
 from replay.boundary import INPUT_KINDS, InputMismatch, RecordingBoundary, ReplayBoundary
+from replay.config import check_config
 from replay.events import Event, EventKind
 from replay.logfile import LogReader, LogWriter, StreamLogReader
 from host.serial import NullBackend
@@ -172,6 +173,20 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) ->
     return m
 
 
+def build_recorded_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) -> PcMachine:
+    """build_machine for a config read from a file: an image that does not boot the
+    recorded way, or a machine the bus cannot assemble, is one ReplayError line."""
+    from devices.bus import BusError
+    from vmm.firmware.boot import BootError
+
+    try:
+        return build_machine(cfg, image, serial, parts)
+    except BootError as e:
+        raise ReplayError(f"the image {cfg['image']['name']} does not boot as recorded: {e}") from None
+    except BusError as e:
+        raise ReplayError(f"the recorded machine cannot be assembled: {e}") from None
+
+
 def run_saving(m: PcMachine, cfg: dict, limit: int | None, save_at: list[tuple[int, str]] | None,
                report: Callable[[str], None] | None = None) -> RunResult:
     """Run to the end (or ``limit``), stopping at each (icount, path) of ``save_at``
@@ -223,9 +238,9 @@ def load_snapshot(path, serial=None, image: bytes | None = None) -> tuple[PcMach
     header, parts = read_snapshot(path)
     cfg = header["config"]
     try:
-        _check_config(cfg)
+        check_config(cfg, "the snapshot header")
     except ev.LogFormatError as e:
-        raise SnapshotError(str(e).replace("log header", "snapshot header")) from None
+        raise SnapshotError(str(e)) from None
     if image is None:
         p = _find_image(cfg)
         try:
@@ -236,7 +251,7 @@ def load_snapshot(path, serial=None, image: bytes | None = None) -> tuple[PcMach
     if hashlib.sha256(image).hexdigest() != cfg["image"]["sha256"]:
         raise ReplayError(f"the image {cfg['image']['name']} is not the one the snapshot was taken with (sha256)")
     try:
-        m = build_machine(cfg, image, serial or NullBackend(), parts)
+        m = build_recorded_machine(cfg, image, serial or NullBackend(), parts)
     except DeviceStateError as e:
         raise SnapshotError(f"the saved state does not load: {e}") from None
     if m.icount != header["icount"]:
@@ -404,7 +419,7 @@ class Replayer:
         self.header = self.reader.header
         cfg = self.header.config
         self.cfg = cfg
-        _check_config(cfg)
+        check_config(cfg)
         if image is None:
             path = _find_image(cfg)
             try:
@@ -417,7 +432,7 @@ class Replayer:
         if cfg.get("snapshot"):
             self.m = _machine_from_snapshot_ref(cfg["snapshot"], serial, image)
         else:
-            self.m = build_machine(cfg, image, serial or NullBackend())
+            self.m = build_recorded_machine(cfg, image, serial or NullBackend())
         self.verify = verify
         # the events read so far (time travel moves the position back)
         self.events: list[Event] = []
@@ -529,12 +544,13 @@ class Replayer:
         for mine in snapshot:
             e = self._next
             if e is None:
-                if self.reader.truncated:
-                    # a log cut inside a chunk (a recorder that died): no evidence and no
-                    # input past its last whole chunk, so the replay stops here
+                if self.reader.truncated or not self.reader.complete:
+                    # a log cut inside a chunk (a recorder that died) or its tail lost: no evidence
+                    # and no input past its last whole chunk, so the replay stops here (and the
+                    # caller says it ended early: replay_ended_early)
                     if self._stream and not self._cut:
                         self._cut = True
-                        self.m.request_host_stop("the log stream ends inside a chunk")
+                        self.m.request_host_stop("the log stream ends before the recording did")
                     return
                 raise self._diverge(f"the recording has no more events but replay reached a {mine.kind.name}")
             if e.kind in INPUT_KINDS and e.icount <= mine.icount:
@@ -568,7 +584,8 @@ class Replayer:
         """
         m = self.m
         limit = until
-        if self.reader.truncated or (self._stream and self._exhausted and self.end_event is None):
+        if self.reader.truncated or (self._stream and self._exhausted and self.end_event is None) \
+                or (not self._stream and not self.reader.complete):
             last = self.reader.last_icount or 0
             limit = last if limit is None else min(limit, last)
         end = self.end_event
@@ -581,7 +598,8 @@ class Replayer:
             raise self._diverge(str(e)) from None
         if self._cut and res.reason is StopReason.HOST:
             # the stream ended inside a chunk: as a cut file, the replay ends at its last whole chunk
-            return RunResult(StopReason.LIMIT, res.icount, 0, "the log ends inside a chunk", res.exit, res.counts)
+            return RunResult(StopReason.LIMIT, res.icount, 0, "the log ends before the recording did", res.exit,
+                             res.counts)
         if res.reason is StopReason.LIMIT and (end is None or m.icount < end.icount or self.reader.truncated
                                                 or (until is not None and until < (end_limit or 0))):
             return res
@@ -608,6 +626,17 @@ class Replayer:
         return res
 
 
+def replay_ended_early(rp: Replayer, res: RunResult, until: int | None) -> str | None:
+    """Why a finished replay did not reach the end of the recording (None if it did, or
+    if it stopped at ``until`` first): the log ends before its END (cut, or its tail lost)."""
+    if rp.reader.complete:
+        return None
+    if until is not None and res.icount >= until:
+        return None
+    note = rp.reader.incomplete_note or "the log ends before the recording did"
+    return f"{note} (replayed to icount {res.icount})"
+
+
 def _snapshot_ref(path: str) -> dict:
     with open(path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
@@ -632,35 +661,3 @@ def _machine_from_snapshot_ref(ref: dict, serial, image: bytes) -> PcMachine:
     except SnapshotError as e:
         raise ReplayError(f"the snapshot the recording started from cannot be used: {e}") from None
     return m
-
-
-def _check_config(cfg: dict) -> None:
-    """The header's config, checked before a machine is built from it (one-line errors)."""
-    from replay.events import LogFormatError
-
-    def need(key: str, types, ok=lambda v: True) -> None:
-        v = cfg.get(key)
-        if not isinstance(v, types) or isinstance(v, bool) and types is not bool or not ok(v):
-            raise LogFormatError(f"the log header's config has a bad {key!r}: {v!r}")
-
-    need("mem_size", int, lambda v: 2 << 20 <= v <= 3 << 30 and v % 4096 == 0)
-    need("rtc_epoch", int)
-    need("boot", str, lambda v: v in ("auto", "linux", "disk", "floppy", "multiboot", "flat"))
-    need("cmdline", str)
-    need("load_addr", int, lambda v: 0 <= v < 1 << 32)
-    need("digest_ticks", int, lambda v: 1000 <= v <= 1 << 40)
-    need("mem_digest_every", int, lambda v: 1 <= v <= 1 << 20)
-    if cfg.get("platform", "pc-1") not in ("pc-1", "pc-2"):
-        raise LogFormatError(f"the log header's config names an unknown machine type {cfg.get('platform')!r}")
-    if cfg.get("mmu", "shadow") not in ("shadow", "nested"):
-        raise LogFormatError(f"the log header's config names an unknown MMU mode {cfg.get('mmu')!r}")
-    vc = cfg.get("vcpus", 1)
-    if not isinstance(vc, int) or isinstance(vc, bool) or not 1 <= vc <= 64:
-        raise LogFormatError(f"the log header's config has a bad vCPU count {vc!r}")
-    q = cfg.get("quantum")
-    if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q < 1):
-        raise LogFormatError(f"the log header's config has a bad quantum {q!r}")
-    img = cfg.get("image")
-    if not isinstance(img, dict) or not isinstance(img.get("name"), str) or not isinstance(img.get("path"), str) \
-            or not isinstance(img.get("sha256"), str):
-        raise LogFormatError("the log header's config does not describe the image")

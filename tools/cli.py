@@ -26,25 +26,17 @@ import re
 import sys
 import time
 
+from tools.exitstatus import EPILOG as EXIT_STATUS_EPILOG
+from tools.exitstatus import guest_status, qemu_status
 EXIT_USAGE = 2
 EXIT_SHUTDOWN = 3
 EXIT_ERROR = 4
 EXIT_DIVERGED = 5
 EXIT_BAD_LOG = 6
 EXIT_BAD_SNAPSHOT = 7
+EXIT_INCOMPLETE = 8
 
-EPILOG = """\
-exit status of `vmm run`:
-  the guest's status when it writes v to the debug-exit port 0x501
-  (with --exit-code qemu: (v << 1) | 1, as QEMU's isa-debug-exit);
-  0 when the guest halts for good or --max-instructions is reached;
-  2 usage error or unusable image; 3 triple fault; 4 CPU core error;
-  7 an unusable snapshot file (--restore: corrupt, truncated, wrong version).
-exit status of `vmm replay`: as `vmm run` for the replayed guest, or
-  5 when the replay diverges from the recording (a report says where),
-  6 when the log is unreadable (corrupt, truncated header, wrong version).
-exit status of `vmm log verify`: 0 when the log is sound, 6 otherwise.
-
+EPILOG = EXIT_STATUS_EPILOG + """
 examples:
   vmm run                          boot the bundled demo (serial on the terminal)
   vmm run hello                    boot the bundled boot-sector guest
@@ -330,7 +322,11 @@ def _exit_status(res, args) -> int:
     from vmm.machine import StopReason
 
     if res.reason is StopReason.EXIT:
-        return (res.status << 1) | 1 if args.exit_code == "qemu" else res.status & 0xFF
+        code = qemu_status(res.status) if args.exit_code == "qemu" else guest_status(res.status)
+        if code == 127:  # more than the status can hold
+            print(f"vmm: the guest exited with status {res.status} ({res.status:#x}): exit status {code}",
+                  file=sys.stderr)
+        return code
     if res.reason is StopReason.SHUTDOWN:
         print(f"vmm: the guest triple-faulted (processor shutdown) at icount {res.icount}: {res.message}",
               file=sys.stderr)
@@ -491,7 +487,7 @@ def _count_events(path: str) -> int:
 
 def cmd_replay(args) -> int:
     from replay.logfile import LogFormatError
-    from replay.session import Divergence, Replayer, ReplayError
+    from replay.session import Divergence, Replayer, ReplayError, replay_ended_early
 
     image = None
     if args.image:
@@ -530,14 +526,21 @@ def cmd_replay(args) -> int:
         except Divergence as d:
             print(f"\nvmm: {d}", file=sys.stderr)
             return EXIT_DIVERGED
+        except LogFormatError as e:  # damage found past the part read before the replay started
+            print(f"\nvmm: {args.log}: {e}", file=sys.stderr)
+            return EXIT_BAD_LOG
         dt = time.perf_counter() - t0
     finally:
         if stdio is not None:
             stdio.close()
     m = rp.m
+    early = replay_ended_early(rp, res, args.until)
     print(f"\nvmm: replayed {res.icount:,} instructions ({m.clock.now() / 1e8:.3f} guest s) in {dt:.2f} s "
           f"({res.icount / max(dt, 1e-9) / 1e6:.1f} MIPS); {rp.events_used} events"
-          + (", every digest matched" if args.verify else ""), file=sys.stderr)
+          + (", every digest matched" if args.verify and not early else ""), file=sys.stderr)
+    if early:
+        print(f"vmm: the replay ended early: {early}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     if len(m.vcpus) > 1:
         print("vmm: instructions per vCPU: " + ", ".join(f"vCPU {v.id}: {v.icount:,}" for v in m.vcpus),
               file=sys.stderr)
