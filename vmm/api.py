@@ -230,6 +230,26 @@ class _Guest:
 
         return read_virtual(self.pc, addr, n, cr3=cr3, vcpu=vcpu)
 
+    @property
+    def introspect(self):
+        """The guest's Introspector (vmm/introspect.py): watch memory, trap system calls
+        and CR3 switches, read processes' memory, without the guest noticing."""
+        if self._introspector is None:
+            from vmm.introspect import Introspector
+
+            self._introspector = Introspector(self.pc)
+        return self._introspector
+
+    def close(self) -> None:
+        """Release the CPU engine now."""
+        self.pc.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class Machine(_Guest):
     """A PC guest: booted from an image, run in steps, inspected and changed.
@@ -318,24 +338,6 @@ class Machine(_Guest):
         next input tick of virtual time."""
         self.pc.console_input(data.encode() if isinstance(data, str) else bytes(data))
 
-    @property
-    def introspect(self):
-        """This machine's Introspector (vmm/introspect.py): watch memory, trap system
-        calls and CR3 switches, read processes' memory, without the guest noticing."""
-        if self._introspector is None:
-            from vmm.introspect import Introspector
-
-            self._introspector = Introspector(self.pc)
-        return self._introspector
-
-    def close(self) -> None:
-        self.pc.close()
-
-    def __enter__(self) -> Machine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def boot(image: str | os.PathLike | bytes = "demo", **options: Any) -> Machine:
@@ -468,23 +470,6 @@ class Replay(_Guest):
     def unwatch(self, addr: int, length: int = 1, kind: str = "write") -> None:
         self.tt.remove_watchpoint(_WATCH[kind], addr, length)
 
-    @property
-    def introspect(self):
-        """An Introspector on the replayed machine (vmm/introspect.py)."""
-        if self._introspector is None:
-            from vmm.introspect import Introspector
-
-            self._introspector = Introspector(self.pc)
-        return self._introspector
-
-    def close(self) -> None:
-        self.pc.close()
-
-    def __enter__(self) -> Replay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def replay(log: str | os.PathLike, **options: Any) -> Replay:

@@ -18,6 +18,10 @@ guest memory or registers would change the run: that is its own business.
     spy.on_cr3_switch(lambda e: print(f"{e.old:#x} -> {e.new:#x}"))
     text = spy.read_string(addr, cr3=some_process_cr3)
 
+User-mode accesses: Unicorn 2.1.4 hands memory hooks an access made at CPL 3
+by its guest-physical address (supervisor accesses by their linear address),
+so ``watch_physical`` sees both and ``watch_virtual`` sees supervisor accesses.
+
 CR3 switches: MOV to CR3 does not leave the CPU core, so a switch is seen at
 the first VM exit after it (an interrupt, a system call, port I/O, a timer
 deadline); ``Cr3Switch.icount`` is where it was seen, not where it happened.
@@ -28,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmm.exits import ExitReason, VmExit
-from vmm.memory.paging import PageFault
+from vmm.memory.paging import CR0_PG, PageFault
 from vmm.memory.paging import translate as _walk
 
 __all__ = ["Introspector", "MemoryAccess", "Syscall", "Cr3Switch", "translate", "read_virtual", "PageFault"]
@@ -60,7 +64,7 @@ class MemoryAccess:
     """One guest data access inside a watched range (the callback runs before a store lands)."""
 
     kind: str          # "read" or "write"
-    address: int       # linear address
+    address: int | None   # linear address (None for a ring-3 access: see watch_physical)
     physical: int      # guest-physical address
     size: int
     value: int         # the value stored (writes; 0 for reads)
@@ -68,6 +72,7 @@ class MemoryAccess:
     rip: int           # the accessing instruction
     vcpu: int
     cr3: int
+    cpl: int
 
 
 @dataclass
@@ -126,23 +131,32 @@ class Introspector:
         pc = self.pc
         v = pc.current
         write = access == v.ACCESS_WRITE
-        try:
-            pa = translate(pc, address, vcpu=v.id)
-        except PageFault:
-            return None      # the access itself will fault; nothing reached memory
-        return MemoryAccess("write" if write else "read", address, pa, size, value if write else 0,
-                            v.current_icount(), v.rip, v.id, v.cr3), pa
+        lin: int | None = address
+        if v.cpl == 3 and v.cr0 & CR0_PG:
+            # Unicorn 2.1.4 hands memory hooks a ring-3 access by its physical address
+            pa, lin = address, None
+        else:
+            try:
+                pa = translate(pc, address, vcpu=v.id)
+            except PageFault:
+                return None      # the access itself will fault; nothing reached memory
+        return MemoryAccess("write" if write else "read", lin, pa, size, value if write else 0,
+                            v.current_icount(), v.rip, v.id, v.cr3, v.cpl), pa
 
     def watch_virtual(self, addr: int, length: int, callback: Callable[[MemoryAccess], None],
                       kind: str = "write") -> int:
-        """Call ``callback`` for every guest access ("write", "read" or "access") to linear
-        addresses [addr, addr+length), whatever the address space."""
+        """Call ``callback`` for every supervisor-mode guest access ("write", "read" or
+        "access") to linear addresses [addr, addr+length), whatever the address space.
+
+        Unicorn 2.1.4 reports an access made at CPL 3 by its physical address, not
+        its linear one, so user-mode accesses are not matched here: watch a process's
+        memory with ``watch_physical`` on the frames ``translate`` gives."""
         v = self.pc.vcpu
         kinds = self._kinds(kind)
 
         def hook(access, address, size, value):
             got = self._access(access, address, size, value)
-            if got is not None:
+            if got is not None and got[0].address is not None:
                 callback(got[0])
 
         h = self._handle()
