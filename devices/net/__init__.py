@@ -64,3 +64,43 @@ def format_mac(mac: bytes) -> str:
 def is_multicast(mac: bytes) -> bool:
     """Group address (I/G bit set): broadcast included."""
     return bool(mac[0] & 1)
+
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """The 16-bit one's complement sum (RFC 1071) of ``data`` as big-endian words (odd: zero padded)."""
+    if len(data) & 1:
+        data = bytes(data) + b"\0"
+    n = int.from_bytes(data, "big")
+    s = n % 0xFFFF                    # 2**16 = 1 (mod 0xFFFF): the sum with end-around carry
+    return 0xFFFF if s == 0 and n else s
+
+
+def fold(s: int) -> int:
+    """A sum of 16-bit sums folded to 16 bits with end-around carry."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def l4_checksum_ok(frame: bytes) -> bool:
+    """True when ``frame`` is an untagged, unfragmented IPv4 TCP or UDP packet whose IP header
+    and TCP/UDP checksums (pseudo-header included) are correct; False for anything else."""
+    if len(frame) < ETH_HEADER + 20 or frame[12:14] != b"\x08\x00":
+        return False
+    ip = ETH_HEADER
+    ihl = (frame[ip] & 0x0F) * 4
+    total = int.from_bytes(frame[ip + 2:ip + 4], "big")
+    if frame[ip] >> 4 != 4 or ihl < 20 or total < ihl or ip + total > len(frame):
+        return False
+    if ones_sum(frame[ip:ip + ihl]) != 0xFFFF:
+        return False
+    proto = frame[ip + 9]
+    if proto not in (6, 17) or int.from_bytes(frame[ip + 6:ip + 8], "big") & 0x3FFF:
+        return False
+    l4 = frame[ip + ihl:ip + total]
+    if len(l4) < (20 if proto == 6 else 8):
+        return False
+    if proto == 17 and l4[6:8] == b"\0\0":
+        return True                      # UDP without a checksum
+    pseudo = frame[ip + 12:ip + 20] + bytes((0, proto)) + len(l4).to_bytes(2, "big")
+    return fold(ones_sum(pseudo) + ones_sum(l4)) == 0xFFFF

@@ -123,7 +123,8 @@ from typing import Any
 
 from devices.base import DeviceStateError, DmaError, State, check_state
 from devices.clock import NS_PER_TICK
-from devices.net import ETH_HEADER, ETH_ZLEN, MAX_FRAME, parse_mac
+from devices.net import ETH_HEADER, ETH_ZLEN, MAX_FRAME, ones_sum, parse_mac
+from devices.net import fold as _fold
 from devices.pci import function as pci
 from devices.pci.function import PciFunction
 
@@ -306,21 +307,6 @@ def eeprom_image(mac: bytes) -> list[int]:
         words[w] = v
     words[EEPROM_CHECKSUM_WORD] = (EEPROM_SUM - sum(words[:EEPROM_CHECKSUM_WORD])) & 0xFFFF
     return words
-
-
-def ones_sum(data: bytes | bytearray | memoryview) -> int:
-    """The 16-bit one's complement sum (RFC 1071) of ``data`` as big-endian words (odd: zero padded)."""
-    if len(data) & 1:
-        data = bytes(data) + b"\0"
-    n = int.from_bytes(data, "big")
-    s = n % 0xFFFF                    # 2**16 = 1 (mod 0xFFFF): the sum with end-around carry
-    return 0xFFFF if s == 0 and n else s
-
-
-def _fold(s: int) -> int:
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 class TxContext:
@@ -884,8 +870,9 @@ class E1000(PciFunction):
         regs = self.regs
         return bool(regs[STATUS >> 2] & ST_LU and regs[RCTL >> 2] & RCTL_EN) and self._bus_master()
 
-    def can_receive(self) -> bool:
-        """Would a short frame find a descriptor now (link up, receiver on, head != tail)?"""
+    def can_receive(self, size: int = 0) -> bool:
+        """Would a frame find a descriptor now (link up, receiver on, head != tail)?  ``size`` is
+        not looked at: a frame that needs more descriptors than are free is an overrun (RXO)."""
         return self._rx_enabled() and self.regs[RDH >> 2] != self.regs[RDT >> 2]
 
     def rx_buffer_size(self) -> int:

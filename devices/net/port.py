@@ -216,6 +216,7 @@ class NetInput:
         self.last_activity: int | None = None
         self.polls = 0
         self.unknown = 0                # logged frames for no NIC of this machine (a damaged log)
+        self.idle_hook: Callable[[], None] | None = None   # host-side, called by a poll that got nothing
         self._timer = None
 
     def add_port(self, nic_id: str, wire: Any, capture: Callable[[bytes, int], None] | None = None) -> NicPort:
@@ -242,7 +243,7 @@ class NetInput:
         n = len(self._order)
         for k in range(n):
             port = self.ports[self._order[(self._next + k) % n]]
-            if not port.queue or port.nic is None or not port.nic.can_receive():
+            if not port.queue or port.nic is None or not port.nic.can_receive(len(port.queue[0])):
                 continue
             frame = port.take()
             self._next = (self._next + k + 1) % n
@@ -277,9 +278,11 @@ class NetInput:
         self._timer = None
         self.polls += 1
         boundary = self._boundary()
-        for _ in range(MAX_FRAMES_PER_POLL):
+        for k in range(MAX_FRAMES_PER_POLL):
             payload = boundary.input(NET_CHANNEL)
             if not payload:
+                if k == 0 and self.idle_hook is not None:
+                    self.idle_hook()
                 break
             try:
                 nic_id, frame = decode_net_frame(payload)
@@ -328,6 +331,24 @@ class NetInput:
         """Nothing of the guest's lives here; polling goes on."""
 
 
+def nic_port(machine: Any, nic_id: str, wire: Any,
+             capture: Callable[[bytes, int], None] | None = None) -> NicPort:
+    """A new NIC's port on ``machine``: its ``NetInput`` (made, registered and attached to
+    the boundary's net channel for the first NIC), and the port's output digest registered
+    in the machine's ``outputs``.  The caller sets ``port.nic`` once the device exists."""
+    hub = getattr(machine, "net_input", None)
+    if hub is None:
+        hub = NetInput(machine.clock, lambda: machine.boundary)
+        machine.net_input = hub
+        machine.add_device(hub, io=False)
+        machine.boundary.attach(NET_CHANNEL, hub.source)
+    port = hub.add_port(nic_id, wire, capture)
+    outputs = getattr(machine, "outputs", None)
+    if isinstance(outputs, dict):
+        outputs[port.output.name] = port.output
+    return port
+
+
 def attach_e1000(machine: Any, wire: Any, mac: bytes | str, slot: int, *, name: str | None = None,
                  capture: Callable[[bytes, int], None] | None = None) -> Any:
     """An 82540EM at PCI ``slot`` of ``machine`` (a pc-2 PcMachine), on ``wire``; returns the NIC.
@@ -343,20 +364,12 @@ def attach_e1000(machine: Any, wire: Any, mac: bytes | str, slot: int, *, name: 
     if pci is None:
         raise ValueError("this machine has no PCI bus (the e1000 needs the pc-2 board)")
     nic_id = name or f"e1000.{slot}"
-    hub = getattr(machine, "net_input", None)
-    if hub is None:
-        hub = NetInput(machine.clock, lambda: machine.boundary)
-        machine.net_input = hub
-        machine.add_device(hub, io=False)
-        machine.boundary.attach(NET_CHANNEL, hub.source)
-    port = hub.add_port(nic_id, wire, capture)
-    nic = E1000(machine.clock, machine.dma, port, parse_mac(mac), io_bus=machine.io, mmio_bus=machine.mmio,
+    mac = parse_mac(mac)
+    port = nic_port(machine, nic_id, wire, capture)
+    nic = E1000(machine.clock, machine.dma, port, mac, io_bus=machine.io, mmio_bus=machine.mmio,
                 name=nic_id)
     port.nic = nic
-    nic.on_rx_ready = hub.rx_ready
+    nic.on_rx_ready = port.hub.rx_ready
     machine.add_device(nic, io=False)
     pci.attach(nic, slot)
-    outputs = getattr(machine, "outputs", None)
-    if isinstance(outputs, dict):
-        outputs[port.output.name] = port.output
     return nic
