@@ -164,7 +164,7 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) ->
         _start_harness_vcpus(m, cfg)
     else:
         kind = cfg.get("booted")
-        if kind not in ("disk", "floppy", "multiboot", "flat", "linux"):
+        if kind not in ("disk", "floppy", "multiboot", "flat", "linux", "bios"):
             raise ReplayError(f"the saved machine does not say how it was booted ({kind!r})")
         attach_firmware(m, image, kind, cfg["image"]["name"])
         m.load_state(parts)

@@ -3,7 +3,7 @@
     vmm run [IMAGE] [--mem SIZE] [--max-instructions N] [--trace] [--serial stdio|none|FILE]
             [--boot auto|disk|floppy|multiboot|flat] [--load-addr ADDR] [--cmdline TEXT]
             [--input FILE] [--rtc-epoch SECONDS] [--exit-code guest|qemu] [--stats] [--gdb [HOST:]PORT]
-            [--mmu shadow|nested]
+            [--mmu shadow|nested] [--bios FILE]
     vmm record [IMAGE] -o LOG [same options as run]
     vmm replay LOG [--until ICOUNT] [--no-verify] [--image PATH] [--serial ...] [--gdb [HOST:]PORT]
     vmm log show LOG [--events]
@@ -26,6 +26,7 @@ import re
 import sys
 import time
 
+from tools.cli_bios import DEFAULT_IMAGE, bios_image, bios_quantum, real_bios
 from tools.exitstatus import EPILOG as EXIT_STATUS_EPILOG
 from tools.exitstatus import guest_status, qemu_status
 EXIT_USAGE = 2
@@ -44,6 +45,8 @@ examples:
   vmm run kernel.elf --max-instructions 10000000 --serial out.txt
   vmm record demo -o run.vmlog     record a run (console input from the terminal or --input FILE)
   vmm replay run.vmlog --verify    replay it bit-exact, checking every digest
+  vmm run --bios /usr/share/seabios/bios.bin --max-instructions 20000000
+                                   run SeaBIOS (its serial console on the terminal)
   vmm log show run.vmlog --events  what is in a log
 """
 
@@ -103,7 +106,7 @@ def parse_int(text: str) -> int:
 
 
 def add_machine_options(r: argparse.ArgumentParser) -> None:
-    r.add_argument("image", nargs="?", default="demo",
+    r.add_argument("image", nargs="?", default=DEFAULT_IMAGE,
                    help="disk/floppy image, Multiboot kernel, flat binary, or a bundled guest name (default: demo)")
     r.add_argument("--mem", type=parse_size, default=32 << 20, metavar="SIZE",
                    help="guest RAM, e.g. 32M (default), 128M; a bare number is MiB")
@@ -120,6 +123,9 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
                    help="load and entry address for --boot flat (default 0x100000)")
     r.add_argument("--cmdline", "--append", dest="cmdline", default=None, metavar="TEXT",
                    help="kernel command line: Linux (default: empty) or Multiboot (default: the image name)")
+    r.add_argument("--bios", default=None, metavar="FILE",
+                   help="boot this BIOS image (e.g. Debian's /usr/share/seabios/bios.bin) as the firmware, "
+                        "as QEMU's -bios; IMAGE is then not used")
     r.add_argument("--kernel", default=None, metavar="BZIMAGE",
                    help="boot this Linux kernel (bzImage) directly, as QEMU's -kernel; the same as giving it as IMAGE")
     r.add_argument("--initrd", default=None, metavar="FILE", help="initial ramdisk for a Linux kernel")
@@ -277,7 +283,7 @@ def _serial_backend(spec: str):
 
 
 def _console(m, args) -> None:
-    if args.serial == "stdio":
+    if args.serial == "stdio" and not real_bios(m):     # a real BIOS's port-0x402 log: not on the terminal
         out = sys.stdout.buffer
 
         def show(data: bytes) -> None:
@@ -361,11 +367,11 @@ def _machine(args, backend):
             raise SnapshotUnusable(f"{args.restore}: {e}") from None
         except ReplayError as e:
             raise UsageError(str(e)) from None
-    path, data = _load_image(args)
+    path, data = bios_image(args, UsageError) if args.bios else _load_image(args)
     cfg = machine_config(args.mem, DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch, path, data,
                          args.boot, _cmdline(args, data), args.load_addr,
                          "none", vcpus=args.smp, mmu=args.mmu, initrd=_initrd(args),
-                         debug_exit=args.debug_exit)
+                         debug_exit=args.debug_exit, quantum=bios_quantum(args))
     cfg["image"]["name"] = args.image     # as the user named it, in messages
     try:
         return build_machine(cfg, data, backend), cfg
@@ -430,7 +436,7 @@ def cmd_record(args) -> int:
     if args.restore is not None:
         path, data = args.restore, None
     else:
-        path, data = _load_image(args)
+        path, data = bios_image(args, UsageError) if args.bios else _load_image(args)
     backend, stdio = _serial_backend(args.serial)
     ref: dict = {}
     try:
@@ -459,7 +465,7 @@ def cmd_record(args) -> int:
                             max_instructions=args.max_instructions, serial=backend,
                             pace_idle=kind == "terminal", setup=setup, mmu=args.mmu, vcpus=args.smp,
                             restore=args.restore, save_at=args.save_at, initrd=_initrd(args),
-                            debug_exit=args.debug_exit,
+                            debug_exit=args.debug_exit, quantum=bios_quantum(args),
                             report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
             raise UsageError(str(e)) from None

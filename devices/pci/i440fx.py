@@ -26,13 +26,16 @@ Registers, from the 82441FX datasheet, section 3 "Register Description":
   Setting D_LCK clears D_OPEN and makes D_OPEN, D_LCK and G_SMRAME read-only
   until reset; D_CLS stays writable.  (QEMU does not implement D_LCK.)
 
-What the PAM and SMRAM bits would do to the memory map (shadow RAM versus
-ROM in 0C0000-0FFFFF, SMRAM at A0000) is not modelled: our firmware leaves
-RAM there and never needs the BIOS area read-only, and there is no SMM.
-They are kept as storage with their reset values because a BIOS programs
-them and reads them back.
+What the PAM bits do to the memory map (shadow RAM versus ROM in
+0C0000-0FFFFF) belongs to whoever owns that range: ``on_pam`` is called after
+any write or reset that changes a PAM register.  With a real BIOS image
+(vmm/firmware/rom.py) that is its ROM mapping; the HLE BIOS leaves RAM there
+and the registers are storage it never reads.  SMRAM (A0000 as SMM memory)
+is not modelled, there is no SMM; its register is kept as storage.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from devices.pci.function import (
     CMD_MASTER, CMD_MEMORY, CMD_PARITY, CMD_SERR, COMMAND, QEMU_SUBSYSTEM_ID, QEMU_SUBSYSTEM_VENDOR_ID,
@@ -70,8 +73,24 @@ class I440fx(PciFunction):
             self.define_register(PAM0 + i, 1, 0x00, wmask=0x33)
         self.define_register(SMRAM, 1, SMRAM_C_BASE_SEG,
                              wmask=SMRAM_G_SMRAME | SMRAM_D_LCK | SMRAM_D_CLS | SMRAM_D_OPEN)
+        self.on_pam: Callable[[], None] | None = None   # a PAM register changed (the memory map's owner)
+
+    def _pams(self) -> bytes:
+        return bytes(self.config[PAM0:PAM0 + PAM_COUNT])
 
     def config_write(self, offset: int, size: int, value: int) -> None:
+        pams = self._pams()
+        self._config_write(offset, size, value)
+        if self.on_pam is not None and self._pams() != pams:
+            self.on_pam()
+
+    def reset(self) -> None:
+        pams = self._pams()
+        super().reset()
+        if self.on_pam is not None and self._pams() != pams:
+            self.on_pam()
+
+    def _config_write(self, offset: int, size: int, value: int) -> None:
         if not offset <= SMRAM < offset + size:
             super().config_write(offset, size, value)
             return

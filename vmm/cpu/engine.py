@@ -897,6 +897,9 @@ class Engine:
                 return VmExit(ExitReason.ERROR, self.rip(), self._core.icount,
                               detail=f"{v}: the violation handler did not fix it")
             last = key
+            # a timer the handler armed lowered the core's budget (Machine._new_deadline): the
+            # retry must stop there too, not run on to the budget this entry started with
+            budget = min(budget, self._core.budget)
 
     def _violation(self, err: int) -> Violation | None:
         """The EPT violation behind a failed run, if that is what stopped it."""

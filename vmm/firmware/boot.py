@@ -28,7 +28,7 @@ MB_CMDLINE_ADDR = 0x9800
 MB_MMAP_ADDR = 0x9400
 FLOPPY_SIZES = {368640, 737280, 1228800, 1474560, 2949120}
 
-KINDS = ("auto", "linux", "disk", "floppy", "multiboot", "flat")
+KINDS = ("auto", "linux", "disk", "floppy", "multiboot", "flat", "bios")   # bios: a real BIOS image (rom.py)
 
 
 class BootError(ValueError):
@@ -75,6 +75,10 @@ def boot_disks(data: bytes, kind: str, name: str) -> dict[int, DiskImage]:
 def attach_firmware(machine, data: bytes, kind: str, name: str) -> Bios:
     """The firmware of a machine that is restored rather than booted: the BIOS object
     with its drives, taking over its trap range, writing nothing to memory."""
+    if kind == "bios":              # a real BIOS image (--bios): its ROM policy (vmm/firmware/rom.py)
+        from vmm.firmware.rom import attach_rom
+
+        return attach_rom(machine, data, name)
     bios = Bios(machine, boot_disks(data, kind, name))
     bios.attach()
     machine.bios = bios
@@ -84,6 +88,10 @@ def attach_firmware(machine, data: bytes, kind: str, name: str) -> Bios:
 def boot(machine, data: bytes, kind: str = "auto", name: str = "image", load_addr: int = 0x100000,
          cmdline: str = "", modules: list[tuple[str, bytes]] | None = None,
          initrd: bytes | None = None) -> BootInfo:
+    if kind == "bios":              # a real BIOS image (--bios) is the firmware: nothing of ours is installed
+        from vmm.firmware.rom import boot_rom
+
+        return boot_rom(machine, data, name)
     if kind == "auto":
         kind = detect(data)
     if kind in ("disk", "floppy"):
