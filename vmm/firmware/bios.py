@@ -14,6 +14,14 @@ memory; 13h CHS read/write/params and the EDD extensions 41h-48h; 14h serial;
 15h E820, E801, 88h, A20 2400h-2403h; 16h keyboard; 19h bootstrap; 1Ah ticks
 and RTC time/date; IRQ0 (08h) keeps the BDA tick count and chains 1Ch; IRQ1
 (09h) reads the 8042 and fills the BDA keyboard buffer.
+
+A service's memory accesses are the CPU's: the guest's segments can put a
+buffer anywhere in the 4 GiB space (unreal mode keeps a base loaded in
+protected mode), and past RAM an access reaches the MMIO bus (a device's
+registers, or unclaimed space that reads all ones and drops writes), never an
+error in the VMM.  A protected-mode jump into the trap range is no BIOS call
+(the services are real-mode and virtual-8086 interfaces): the CPU executes
+what is at that address, the ROM's IRET or, under paging, the guest's own page.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ BDA = 0x400
 EBDA_SEG = 0x9FC0        # 639 KiB of base memory; the EBDA takes the last KiB
 KBD_BUF_START, KBD_BUF_END = 0x1E, 0x3E  # BDA offsets
 
+EFLAGS_VM = 1 << 17
 IRQ_VECTORS = list(range(0x08, 0x10)) + list(range(0x70, 0x78))
 SERVICE_VECTORS = (0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1A, 0x1C)
 
@@ -56,6 +65,7 @@ class Bios:
         return {"kind": "hle-bios", "version": 1, "screen": bytes(self.screen),
                 "calls": {str(k): v for k, v in sorted(self.calls.items())},
                 "wait_until": getattr(self, "_wait_until", 0),
+                "trap_lifted": getattr(self, "_trap_lifted", False),
                 "disks": {str(d): {"sha256": img.sha256(), "overlay": {str(s): data for s, data in
                                                                         sorted(img.overlay.items())}}
                           for d, img in sorted(self.disks.items())}}
@@ -69,6 +79,9 @@ class Bios:
             self.screen = bytearray(st["screen"])
             self.calls = {int(k): int(v) for k, v in st["calls"].items()}
             self._wait_until = int(st["wait_until"])
+            self._trap_lifted = bool(st.get("trap_lifted", False))
+            self.m.vcpu.set_trap_range(0 if self._trap_lifted else ROM_BASE + TRAP_OFF,
+                                       0 if self._trap_lifted else 0x100)
             disks = st["disks"]
             if sorted(int(d) for d in disks) != sorted(self.disks):
                 raise DeviceStateError("firmware: the saved disks are not this machine's")
@@ -84,11 +97,12 @@ class Bios:
             raise DeviceStateError(f"firmware: malformed state ({e})") from None
 
     def timer_restorers(self) -> dict:
-        return {"bios-wait": self._wake}
+        return {"bios-wait": self._wake, "bios-trap": self._restore_trap}
 
     def attach(self) -> None:
         """Take over the trap range without writing memory (restoring a saved machine)."""
-        self.m.vcpu.set_trap_range(ROM_BASE + TRAP_OFF, 0x100)
+        if not getattr(self, "_trap_lifted", False):
+            self.m.vcpu.set_trap_range(ROM_BASE + TRAP_OFF, 0x100)
         self.m.firmware = self
 
     # -- installation ---------------------------------------------------------------
@@ -177,17 +191,16 @@ class Bios:
         cpu = self.m.vcpu
         return cpu.seg(SS).base + ((cpu.rsp + 4) & 0xFFFF)
 
+    def _set_flag(self, bit: int, on: bool) -> None:
+        a = self._flags_addr()
+        (f,) = struct.unpack("<H", self._read_buf(a, 2))
+        self._write_buf(a, struct.pack("<H", (f | bit) if on else (f & ~bit)))
+
     def _set_cf(self, on: bool) -> None:
-        mem = self.m.memory
-        a = self._flags_addr() & self.m.vcpu.a20_mask
-        f = mem.read_u16(a)
-        mem.write_u16(a, (f | 1) if on else (f & ~1))
+        self._set_flag(0x01, on)
 
     def _set_zf(self, on: bool) -> None:
-        mem = self.m.memory
-        a = self._flags_addr() & self.m.vcpu.a20_mask
-        f = mem.read_u16(a)
-        mem.write_u16(a, (f | 0x40) if on else (f & ~0x40))
+        self._set_flag(0x40, on)
 
     def _fail(self, code: int = 0x86) -> None:
         self._set8(0, True, code)
@@ -202,6 +215,9 @@ class Bios:
     # -- the trap -----------------------------------------------------------------------
     def trap(self, machine, exit_) -> None:
         cpu = self.m.vcpu
+        if cpu.cr0 & 1 and not cpu.rflags & EFLAGS_VM:
+            self._pass_through()
+            return
         lin = cpu.seg(CS).base + cpu.rip
         vector = lin - (ROM_BASE + TRAP_OFF)
         self.calls[vector] = self.calls.get(vector, 0) + 1
@@ -215,6 +231,18 @@ class Bios:
             self._eoi(vector)
         else:
             self._fail()
+
+    def _pass_through(self) -> None:
+        """Protected mode reached the trap range: no service.  Lift the trap for one
+        timer tick, so that the instruction there executes as the CPU finds it, then
+        put it back (the timer is part of the machine's state, like every timer)."""
+        self.m.vcpu.set_trap_range(0, 0)
+        self._trap_lifted = True
+        self.m.clock.schedule_in(1, self._restore_trap, "bios-trap")
+
+    def _restore_trap(self, now: int) -> None:
+        self._trap_lifted = False
+        self.m.vcpu.set_trap_range(ROM_BASE + TRAP_OFF, 0x100)
 
     def _eoi(self, vector: int) -> None:
         if vector >= 0x70:
@@ -366,9 +394,10 @@ class Bios:
             self._set_cursor(row, col)
             with_attr = al & 2
             step = 2 if with_attr else 1
+            text = self._read_buf(base, cx * step)
             for i in range(cx):
-                ch = mem.read_u8((base + i * step) & cpu.a20_mask)
-                attr = mem.read_u8((base + i * step + 1) & cpu.a20_mask) if with_attr else bx & 0xFF
+                ch = text[i * step]
+                attr = text[i * step + 1] if with_attr else bx & 0xFF
                 self._put_char(ch, attr)
             if not al & 1:
                 self._set_cursor(*save)
@@ -492,18 +521,91 @@ class Bios:
             self._disk_status(dl, 0)
         elif ah == 0x48:
             dst = cpu.seg(DS).base + (self._r(6) & 0xFFFF)
-            size = mem.read_u16(dst & cpu.a20_mask)
+            (size,) = struct.unpack("<H", self._read_buf(dst, 2))
             info = struct.pack("<HHIIIQH", 0x1A, 0x02, cyls, heads, spt, disk.sectors, 512)
             self._write_buf(dst, info[:max(0, min(size, len(info)))])
             self._disk_status(dl, 0)
         else:
             self._disk_status(dl, 0x01)
 
+    def _pieces(self, lin: int, n: int):
+        """(physical address, offset in the buffer, length) of a buffer at linear ``lin``:
+        real-mode linear is physical, through the A20 gate, in a 32-bit space (split where
+        the gate or the 4 GiB wrap breaks the run)."""
+        mask = self.m.vcpu.a20_mask & 0xFFFF_FFFF
+        i = 0
+        while i < n:
+            a = (lin + i) & 0xFFFF_FFFF
+            k = min(n - i, (1 << 20) - (a & 0xFFFFF))      # to the next 1 MiB edge (A20's bit)
+            yield a & mask, i, k
+            i += k
+
     def _write_buf(self, lin: int, data: bytes) -> None:
-        self.m.memory.write(lin & self.m.vcpu.a20_mask, data)
+        """Write as the CPU would: RAM, else the MMIO bus."""
+        mem, size = self.m.memory, self.m.memory.size
+        for pa, i, k in self._pieces(lin, len(data)):
+            inside = max(0, min(k, size - pa))
+            if inside:
+                mem.write(pa, data[i:i + inside])
+            if inside < k:
+                self._bus_write(pa + inside, data[i + inside:i + k])
 
     def _read_buf(self, lin: int, n: int) -> bytes:
-        return self.m.memory.read(lin & self.m.vcpu.a20_mask, n)
+        """Read as the CPU would: RAM, else the MMIO bus (unclaimed space reads all ones)."""
+        mem, size = self.m.memory, self.m.memory.size
+        out = bytearray()
+        for pa, _i, k in self._pieces(lin, n):
+            inside = max(0, min(k, size - pa))
+            if inside:
+                out += mem.read(pa, inside)
+            if inside < k:
+                out += self._bus_read(pa + inside, k - inside)
+        return bytes(out)
+
+    def _bus_spans(self, pa: int, n: int):
+        """(address, length, claimed) runs of [pa, pa+n) on the MMIO bus."""
+        bus = self.m.mmio
+        end = pa + n
+        while pa < end:
+            c = bus.find(pa)
+            if c is not None:
+                b = min(end, c.end)
+            else:
+                nxt = [x.base for x in bus.claims if x.base > pa]
+                b = min([end] + nxt)
+            yield pa, b - pa, c is not None
+            pa = b
+
+    def _bus_read(self, pa: int, n: int) -> bytes:
+        bus, vid = self.m.mmio, self.m.vcpu.id
+        out = bytearray()
+        for a, k, claimed in self._bus_spans(pa, n):
+            if not claimed:
+                bus.unclaimed_reads += 1
+                out += b"\xff" * k
+                continue
+            for off in range(0, k, 4):
+                if (a + off) % 4 == 0 and k - off >= 4:
+                    out += struct.pack("<I", bus.read(a + off, 4, vid))
+                else:
+                    for j in range(min(4, k - off)):
+                        out.append(bus.read(a + off + j, 1, vid))
+        return bytes(out)
+
+    def _bus_write(self, pa: int, data: bytes) -> None:
+        bus, vid = self.m.mmio, self.m.vcpu.id
+        i = 0
+        for a, k, claimed in self._bus_spans(pa, len(data)):
+            if not claimed:
+                bus.unclaimed_writes += 1
+            else:
+                for off in range(0, k, 4):
+                    if (a + off) % 4 == 0 and k - off >= 4:
+                        bus.write(a + off, 4, struct.unpack_from("<I", data, i + off)[0], vid)
+                    else:
+                        for j in range(min(4, k - off)):
+                            bus.write(a + off + j, 1, data[i + off + j], vid)
+            i += k
 
     # -- serial ---------------------------------------------------------------------------------
     def int_14(self) -> None:
