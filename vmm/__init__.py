@@ -18,7 +18,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("Machine", "Replay", "Recording", "Registers", "Breakpoints", "boot", "record", "replay",
+_API = ("Machine", "Replay", "Recording", "Registers", "Breakpoints", "boot", "record", "replay", "bundled",
         "RunResult", "StopReason", "Divergence", "ReplayError", "BootError", "PageFault")
 __all__ = [*_API, "Introspector", "regress", "__version__"]
 

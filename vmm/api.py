@@ -33,7 +33,7 @@ from vmm.machine import RunResult, StopReason
 from vmm.memory.paging import PageFault
 from vmm.platform.pc import DEFAULT_EPOCH, PcMachine
 
-__all__ = ["Machine", "Replay", "Recording", "Registers", "Breakpoints", "boot", "record", "replay",
+__all__ = ["Machine", "Replay", "Recording", "Registers", "Breakpoints", "boot", "record", "replay", "bundled",
            "RunResult", "StopReason", "Divergence", "ReplayError", "BootError", "PageFault"]
 
 
@@ -59,6 +59,21 @@ def _image(image: str | os.PathLike | bytes) -> tuple[str, bytes]:
         path = str(guest_path(path))
     with open(path, "rb") as f:
         return path, f.read()
+
+
+def bundled(name: str) -> str:
+    """The path of a bundled guest image (``"demo"``, ``"hello"``, ``"crash"`` ...) or of a
+    bundled recording (``"crash.vmlog"``), wherever the package is installed."""
+    from guests.build import GUESTS, GUESTS_DIR, guest_path
+
+    if name.endswith(".vmlog"):
+        p = GUESTS_DIR / "recordings" / name
+        if not p.is_file():
+            raise FileNotFoundError(f"no bundled recording {name}")
+        return str(p)
+    if name not in GUESTS:
+        raise FileNotFoundError(f"no bundled guest {name} (bundled guests: {', '.join(sorted(GUESTS))})")
+    return str(guest_path(name))
 
 
 def _config(name: str, data: bytes, *, mem: int | str = "32M", boot: str = "auto", cmdline: str | None = None,
@@ -358,6 +373,10 @@ class Recording:
 def record(image: str | os.PathLike | bytes, log: str | os.PathLike, *, instructions: int | None = None,
            input: bytes | str | None = None, setup=None, **options: Any) -> Recording:
     """Run a guest to its end (or for ``instructions``) while writing its replay log.
+
+    The log names its image by path and SHA-256: record from a file (or a bundled
+    guest) to replay from the log alone; an image given as bytes must be passed
+    to ``replay(log, image=...)`` again.
 
     ``input`` is console input, offered to the guest from the start as ``vmm
     record --input FILE`` does.  ``setup(machine)`` is called before the run (a
