@@ -67,10 +67,12 @@ def vmm_in_process(rom: bytes | None, disk: Path, smp: int) -> tuple[int, float,
 
     t0 = time.perf_counter()
     m = PcMachine(PcConfig(mem_size=32 << 20, vcpus=smp, quantum=SMP_QUANTUM if smp > 1 and rom else None))
+    image = None
     try:
         if rom is not None:
             boot_rom(m, rom, "bios.bin")
-            attach_ide(m, {(0, 0): ("disk", open_image(disk))})
+            image = open_image(disk)
+            attach_ide(m, {(0, 0): ("disk", image)})
         else:
             boot(m, disk.read_bytes(), "disk", name=disk.name)
         t1 = time.perf_counter()
@@ -81,6 +83,8 @@ def vmm_in_process(rom: bytes | None, disk: Path, smp: int) -> tuple[int, float,
         return res.icount, t1 - t0, t2 - t1
     finally:
         m.close()
+        if image is not None:
+            image.close()
 
 
 def wall(cmd: list[str], ok: tuple[int, ...]) -> float:

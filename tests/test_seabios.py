@@ -494,6 +494,38 @@ def test_seabios_says_what_it_says_on_qemu(debian_seabios, tmp_path):  # noqa: F
         "Relocating init from 0x000e2120 to 0x01fb2ca0 (size 53952)" in ref
 
 
+def test_seabios_installs_the_boards_acpi_tables_from_fw_cfg(debian_seabios):  # noqa: F811
+    """SeaBIOS runs fw_cfg's etc/table-loader (ALLOCATE, ADD_POINTER, ADD_CHECKSUM) instead of
+    building tables of its own: the RSDP it puts in the BIOS area leads, through pointers it linked,
+    to this board's tables (vmm/firmware/acpi.py), every checksum right, the DSDT byte for byte."""
+    m, _ = seabios_run(debian_seabios.read_bytes(), budget=7_000_000)
+    try:
+        area = m.ept.read(0xE0000, 0x20000)
+        at = area.find(b"RSD PTR ")
+        assert at >= 0 and at % 16 == 0
+        rsdp = area[at:at + 36]
+        assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0 and rsdp[9:15] == b"PYVMM "
+        rsdt_addr, = struct.unpack_from("<I", rsdp, 16)
+        assert 0x100000 <= rsdt_addr < 32 << 20                  # in RAM SeaBIOS allocated
+        rsdt_len, = struct.unpack_from("<I", m.ept.read(rsdt_addr + 4, 4))
+        rsdt = m.ept.read(rsdt_addr, rsdt_len)
+        assert rsdt[:4] == b"RSDT" and sum(rsdt) % 256 == 0
+        tables = {}
+        for (addr,) in struct.iter_unpack("<I", rsdt[36:]):
+            n, = struct.unpack_from("<I", m.ept.read(addr + 4, 4))
+            t = m.ept.read(addr, n)
+            assert sum(t) % 256 == 0, t[:4]
+            tables[t[:4].decode()] = (addr, t)
+        assert sorted(tables) == ["APIC", "FACP", "HPET"]
+        for sig in ("APIC", "HPET"):
+            assert tables[sig][1] == m.acpi.table(sig)          # no pointers inside: as the board made them
+        facp = tables["FACP"][1]
+        dsdt_addr, = struct.unpack_from("<I", facp, 40)
+        assert m.ept.read(dsdt_addr, len(m.acpi.table("DSDT"))) == m.acpi.table("DSDT")
+    finally:
+        m.close()
+
+
 # -- SeaBIOS boots a disk ------------------------------------------------------------------------
 BOOT_SECTOR = """
 start:
