@@ -117,6 +117,7 @@ def check_config(cfg: Any, where: str = "the log header") -> None:
     vcpus = need("vcpus", lambda v: _is_int(v) and 1 <= v <= MAX_VCPUS, optional=True) or 1
     need("quantum", lambda v: v is None or _is_int(v) and 1 <= v <= MAX_QUANTUM, optional=True)
     need("input", _is_text, optional=True)
+    need("input_to", lambda v: v in ("serial", "keyboard"), optional=True)   # where console input goes
     need("booted", lambda v: isinstance(v, str) and v in BOOTED_KINDS, optional=True)
     need("platform", lambda v: isinstance(v, str) and v in PLATFORMS, optional=True)
     need("debug_exit", _is_debug_exit, optional=True)

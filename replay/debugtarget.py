@@ -256,11 +256,26 @@ class ReplayTarget(_Inspect):
         pass
 
 
+def _stores_same(m, cpu, address: int, size: int, value: int) -> bool:
+    """Does this store write the bytes memory already holds? (Called before the store.)"""
+    try:
+        pa = cpu.translate(address, "r", user=False, set_ad=False)
+        if (pa & 0xFFF) + size > 0x1000:
+            return False
+        old = m.memory.read(pa, size)
+    except (PageFault, GuestMemoryError):
+        return False   # unmapped: the store itself will fault; report it
+    return old == (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
 class LiveTarget(_Inspect):
     """gdb on a live run: forward execution, breakpoints, register and memory writes.
 
-    Data watchpoints are not offered (gdb then single-steps and compares, which
-    is slow but exact); reverse execution needs a recording (`vmm replay --gdb`).
+    Data watchpoints (Z2/Z3/Z4) are memory hooks, never page protection: a hit
+    is noted during the access and the run stops right after the accessing
+    instruction (a code hook on every instruction, present only while a
+    watchpoint is set: the guest then runs at a few MIPS); reverse execution
+    needs a recording (`vmm replay --gdb`).
     With several vCPUs a single step runs the machine until the selected vCPU
     retired one instruction (`Schedule.arm` cuts its run there).
     """
@@ -276,6 +291,9 @@ class LiveTarget(_Inspect):
         self.exited = None
         self.selected = 0
         self.sched = Schedule(machine, learn=False) if len(machine.vcpus) > 1 else None
+        self.watchpoints: dict[tuple[int, int, int], object] = {}   # (kind, addr, len) -> hook handle
+        self._watch_hit: tuple[int, int, int] | None = None          # (kind, address, vCPU) of a hit
+        self._stop_hook = None
 
     def write_register(self, name: str, value: int) -> None:
         cpu = self.cpu
@@ -311,6 +329,9 @@ class LiveTarget(_Inspect):
         m.vcpu.set_breakpoints(self.breakpoints if bps else ())
         res = m.run(limit)
         reason = res.reason.value
+        hit, self._watch_hit = self._watch_hit, None
+        if hit is not None and reason in ("limit", "breakpoint"):   # stopped right after the access
+            return StopEvent("watchpoint", kind=hit[0], addr=hit[1], vcpu=hit[2])
         if reason == "limit":
             return None
         if reason == "breakpoint":
@@ -354,13 +375,52 @@ class LiveTarget(_Inspect):
         if kind in (BP_SOFTWARE, BP_HARDWARE):
             self.breakpoints.add(addr)
             return True
+        if kind in (WATCH_WRITE, WATCH_READ, WATCH_ACCESS):
+            self._add_watchpoint(kind, addr, max(1, length))
+            return True
         raise NotImplementedError(kind)
 
     def remove_breakpoint(self, kind: int, addr: int, length: int) -> bool:
         if kind in (BP_SOFTWARE, BP_HARDWARE):
             self.breakpoints.discard(addr)
             return True
+        if kind in (WATCH_WRITE, WATCH_READ, WATCH_ACCESS):
+            h = self.watchpoints.pop((kind, addr, max(1, length)), None)
+            if h is not None:
+                self.m.vcpu.remove_hook(h)
+            if not self.watchpoints and self._stop_hook is not None:
+                self.m.vcpu.remove_hook(self._stop_hook)
+                self._stop_hook = None
+            return True
         raise NotImplementedError(kind)
+
+    def _add_watchpoint(self, kind: int, addr: int, length: int) -> None:
+        m = self.m
+        vcpu = m.vcpu
+        kinds = {WATCH_WRITE: vcpu.WATCH_WRITE, WATCH_READ: vcpu.WATCH_READ,
+                 WATCH_ACCESS: vcpu.WATCH_READ | vcpu.WATCH_WRITE}[kind]
+
+        def on_access(access, address, size, value):
+            if self._watch_hit is not None:
+                return
+            who = m.current
+            if kind == WATCH_WRITE and access == vcpu.ACCESS_WRITE and _stores_same(m, who, address, size, value):
+                return  # gdb's `watch` reports a write only when it changes the value
+            self._watch_hit = (kind, address, who.id)
+
+        key = (kind, addr, length)
+        if key in self.watchpoints:
+            return
+        self.watchpoints[key] = vcpu.add_watch_hook(kinds, addr, addr + length - 1, on_access)
+        if self._stop_hook is None:
+            self._stop_hook = vcpu.add_code_hook(self._after_access)
+
+    def _after_access(self, address: int, size: int) -> None:
+        """Before each instruction while watchpoints are set: the one before it made a
+        watched access, so stop here (a BREAKPOINT exit, the instruction not executed)."""
+        if self._watch_hit is not None:
+            eng = self.m.vcpu.engine
+            eng._on_breakpoint(eng.uc, address, size, None)
 
     def monitor(self, command: str) -> str:
         words = command.split()

@@ -170,6 +170,8 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) ->
         m.load_state(parts)
     if kind in ("disk", "floppy"):
         m.config.input_to = "keyboard"
+    if cfg.get("input_to") is not None:   # chosen (vmm run --input-to, -serial stdio, -nographic)
+        m.config.input_to = cfg["input_to"]
     return m
 
 
@@ -360,7 +362,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            save_at: list[tuple[int, str]] | None = None,
            report: Callable[[str], None] | None = None,
            entries: list[tuple[int, int]] | None = None, initrd: tuple[str, bytes] | None = None,
-           debug_exit: tuple[int, int] = (0x501, 2)) -> tuple[RunResult, PcMachine]:
+           debug_exit: tuple[int, int] = (0x501, 2),
+           input_to: str | None = None) -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
 
     ``restore`` starts the recording from a snapshot file instead of a boot
@@ -376,6 +379,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
                              load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu, entries=entries,
                              initrd=initrd, debug_exit=debug_exit)
         m = build_machine(cfg, image, serial or NullBackend())
+    if input_to is not None:           # where console input goes: "serial" (COM1) or "keyboard"
+        cfg["input_to"] = m.config.input_to = input_to
     initial_hashes = page_hashes(m.memory.ram)
     writer = LogWriter(out_path, cfg, state_digest(m, initial_hashes),
                        **({"chunk_events": chunk_events} if chunk_events else {}))

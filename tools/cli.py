@@ -26,6 +26,7 @@ import re
 import sys
 import time
 
+from tools import cli_habits
 from tools.cli_bios import DEFAULT_IMAGE, bios_image, bios_quantum, real_bios
 from tools.exitstatus import EPILOG as EXIT_STATUS_EPILOG
 from tools.exitstatus import guest_status, qemu_status
@@ -201,21 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--events", action="store_true", help="list every event")
     ver = lsub.add_parser("verify", help="check the structure and every checksum")
     ver.add_argument("log", metavar="LOG")
-    from replay.regress import add_parser as add_regress_parser
-
-    add_regress_parser(sub)
+    cli_habits.extend_parser(p)
     return p
 
 
 def resolve_image(name: str) -> str:
     if os.path.exists(name):
         return name
-    from guests.build import GUESTS, guest_path
+    from guests.build import GUESTS
 
-    base = os.path.basename(name)
-    key = base.split(".")[0]
-    if key in GUESTS:
-        return str(guest_path(key))
+    found = cli_habits.find_image(name)  # a bundled guest by bare name only
+    if found is not None:
+        return found
     raise UsageError(f"image not found: {name}" + (f" (bundled guests: {', '.join(sorted(GUESTS))})" if GUESTS else ""))
 
 
@@ -296,35 +294,13 @@ def _console(m, args) -> None:
 
 
 def _live_input(args, stdio):
-    """(input kind, source) for a live run: a scripted file, the terminal, or nothing."""
-    if args.input:
-        try:
-            with open(args.input, "rb") as f:
-                script = [f.read()]
-        except OSError as e:
-            raise UsageError(f"cannot read input file {args.input}: {e.strerror}") from None
-        return "file", lambda: script.pop() if script else b""
-    if stdio is not None and getattr(stdio, "is_tty", True):  # a terminal, or a socket client
-        return "terminal", stdio.poll_input
-    return "none", None
+    """(input kind, source) for a live run: a scripted file, stdin, the terminal, or nothing."""
+    return cli_habits.live_input(args, stdio, UsageError)
 
 
-def _progress(m, label: str) -> None:
-    """A progress line on stderr every ~2 s of host time (display only: the guest never sees it)."""
-    if not sys.stderr.isatty():
-        return
-    state = {"t": time.perf_counter(), "t0": time.perf_counter()}
-
-    def tick(now: int) -> None:
-        t = time.perf_counter()
-        if t - state["t"] >= 2.0:
-            state["t"] = t
-            ic = m.vcpu.icount
-            print(f"\r{label}: {ic:,} instructions, guest {m.clock.now() / 1e8:.2f} s, "
-                  f"{ic / (t - state['t0']) / 1e6:.1f} MIPS ", end="", file=sys.stderr, flush=True)
-        m.clock.schedule_in(10_000_000, tick, "progress")
-
-    m.clock.schedule_in(10_000_000, tick, "progress")
+def _progress(m, label: str, total: int | None = None):
+    """A progress line on stderr (a terminal only) that guest output never shares (tools/cli_habits.py)."""
+    return cli_habits.Progress(m, label, total)
 
 
 def _exit_status(res, args) -> int:
@@ -376,6 +352,8 @@ def _machine(args, backend):
                          "none", vcpus=args.smp, mmu=args.mmu, initrd=_initrd(args),
                          debug_exit=args.debug_exit, quantum=bios_quantum(args))
     cfg["image"]["name"] = args.image     # as the user named it, in messages
+    if args.input_to is not None:
+        cfg["input_to"] = args.input_to
     try:
         return build_machine(cfg, data, backend), cfg
     except BootError as e:
@@ -404,7 +382,8 @@ def cmd_run(args) -> int:
         if args.trace:
             _attach_trace(m)
         if args.gdb is not None:
-            return _run_gdb(m, args)
+            return _run_gdb(m, args, stdio)
+        _progress(m, "running", args.max_instructions)
         t0 = time.perf_counter()
         res = _run_saving(m, cfg, args)
         dt = time.perf_counter() - t0
@@ -414,7 +393,8 @@ def cmd_run(args) -> int:
     if args.stats or args.trace:
         mips = res.icount / dt / 1e6 if dt > 0 else 0.0
         print(f"vmm: {res.icount} instructions in {dt:.2f} s ({mips:.1f} MIPS), "
-              f"guest time {m.clock.now() / 1e8:.3f} s, exits {res.counts}", file=sys.stderr)
+              f"guest time {m.clock.now() / 1e8:.3f} s, exits {res.counts}, {cli_habits.io_stats(m)}",
+              file=sys.stderr)
     return _exit_status(res, args)
 
 
@@ -455,7 +435,7 @@ def cmd_record(args) -> int:
         def setup(m) -> None:
             ref["m"] = m
             _console(m, args)
-            _progress(m, "recording")
+            _progress(m, "recording", args.max_instructions)
             if args.trace:
                 _attach_trace(m)
 
@@ -469,6 +449,7 @@ def cmd_record(args) -> int:
                             pace_idle=kind == "terminal", setup=setup, mmu=args.mmu, vcpus=args.smp,
                             restore=args.restore, save_at=args.save_at, initrd=_initrd(args),
                             debug_exit=args.debug_exit, quantum=bios_quantum(args),
+                            input_to=args.input_to,
                             report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
             raise UsageError(str(e)) from None
@@ -528,7 +509,7 @@ def cmd_replay(args) -> int:
             print("vmm: warning: the image differs from the recorded one (sha256); expect a divergence",
                   file=sys.stderr)
         _console(rp.m, args)
-        _progress(rp.m, "replaying")
+        _progress(rp.m, "replaying", rp.end_icount)
         t0 = time.perf_counter()
         try:
             res = rp.run(args.until)
@@ -560,24 +541,9 @@ def cmd_replay(args) -> int:
     return _exit_status(res, args)
 
 
-def _run_gdb(m, args) -> int:
-    from replay.debugtarget import LiveTarget
-    from replay.gdbstub import GdbStub
-
-    host, port = parse_hostport(args.gdb)
-    target = LiveTarget(m)
-    try:
-        stub = GdbStub(target, host, port)
-    except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    print(f"vmm: waiting for gdb: target remote {stub.host}:{stub.port}", file=sys.stderr, flush=True)
-    try:
-        stub.serve_forever()
-    finally:
-        stub.close()
-    if target.exited is not None:
-        return _exit_status(target.exited, args)
-    return 0
+def _run_gdb(m, args, stdio=None) -> int:
+    """gdb on a live run, the terminal handed over only while gdb is connected (tools/cli_habits.py)."""
+    return cli_habits.serve_gdb(m, args, stdio, parse_hostport, UsageError, _exit_status)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -615,7 +581,7 @@ def _replay_gdb(args, image) -> int:
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     print(f"vmm: replaying {args.log} ({tt.end_icount} instructions) under gdb: "
-          f"target remote {stub.host}:{stub.port}", file=sys.stderr, flush=True)
+          f"target remote {stub.host}:{stub.port}" + cli_habits.gdb_hint(), file=sys.stderr, flush=True)
     try:
         stub.serve_forever()
     except Divergence as d:
@@ -654,7 +620,7 @@ def _attach_trace(m) -> None:
            ((16, capstone.CS_MODE_16), (32, capstone.CS_MODE_32), (64, capstone.CS_MODE_64))}
 
     def on_code(address, size):
-        code = cpu._code_bytes(address, size) or b""  # through the guest's page tables
+        code = cpu._code_bytes(address, cli_habits.trace_size(size)) or b""  # through the guest's page tables
         text = "??"
         for i in dis[cpu.code_bits].disasm(code, address, 1):
             text = f"{i.mnemonic} {i.op_str}".strip()
@@ -667,7 +633,7 @@ def _attach_trace(m) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = cli_habits.parse_args(parser, argv)
     if getattr(args, "kernel", None) is not None:
         args.image = args.kernel
     if args.command is None:
@@ -682,13 +648,6 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_replay(args)
         if args.command == "log":
             return cmd_log(args)
-        if args.command == "regress":
-            from replay.regress import RegressUsageError, main as regress_main
-
-            try:
-                return regress_main(args)
-            except RegressUsageError as e:
-                raise UsageError(str(e)) from None
     except UsageError as e:
         print(f"vmm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
