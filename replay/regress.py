@@ -34,8 +34,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tools import exitstatus
+
 EXACT, DIVERGED, UNREADABLE = "exact", "diverged", "unreadable"
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_UNREADABLE = 0, 2, 5, 6
+# the statuses `vmm replay` gives the same findings (tools/exitstatus.py)
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_UNREADABLE = (exitstatus.OK, exitstatus.USAGE, exitstatus.DIVERGED,
+                                                       exitstatus.BAD_LOG)
 
 
 class RegressUsageError(ValueError):
