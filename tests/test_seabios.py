@@ -526,6 +526,28 @@ def test_seabios_installs_the_boards_acpi_tables_from_fw_cfg(debian_seabios):  #
         m.close()
 
 
+def test_seabios_with_seavgabios_draws_on_the_vga_text_screen(debian_seabios):  # noqa: F811
+    """Debian's SeaVGABIOS for an ISA VGA, given as QEMU's isa-vga gives it (fw_cfg
+    "vgaroms/vgabios-isavga.bin"): SeaBIOS runs it as an option ROM, it sets mode 3 through the
+    VGA's registers, and SeaBIOS's banner and boot attempts appear in the text buffer at 0xB8000."""
+    vga_rom = (debian_seabios.parent / "vgabios-isavga.bin").read_bytes()
+    m = machine(fw_cfg_files={"vgaroms/vgabios-isavga.bin": vga_rom})
+    try:
+        boot_rom(m, debian_seabios.read_bytes(), "bios.bin")
+        m.run(9_000_000)
+        out = debug_lines(m)
+        for line in ("Running option rom at c000:0003", "No VBE DISPI interface detected, falling back to stdvga",
+                     "set VGA mode 3"):
+            assert line in out, f"{line!r} missing from SeaBIOS's log:\n" + "\n".join(out)
+        text = m.ept.read(0xB8000, 80 * 25 * 2)[::2].decode("latin-1")
+        rows = [text[i:i + 80].rstrip() for i in range(0, len(text), 80)]
+        assert rows[0].startswith("SeaBIOS (version 1.")
+        assert "Booting from Hard Disk..." in rows and "No bootable device." in rows, rows
+        assert m.vga.gc[6] & 0x0C == 0x0C        # graphics controller: text buffer at B8000-BFFFF
+    finally:
+        m.close()
+
+
 # -- SeaBIOS boots a disk ------------------------------------------------------------------------
 BOOT_SECTOR = """
 start:

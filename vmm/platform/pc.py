@@ -76,6 +76,8 @@ class PcConfig:
     quantum: int | None = None  # instructions per vCPU turn (None: the machine's default)
     platform: str = "pc-2"      # the machine type (see the module docstring)
     debug_exit: tuple[int, int] = (0x501, 2)   # isa-debug-exit's iobase and iosize
+    fw_cfg_files: dict[str, bytes] = field(default_factory=dict)   # more fw_cfg files: option ROMs
+    # for a real BIOS ("vgaroms/NAME" a VGA BIOS, "genroms/NAME" others), as QEMU's rom_add_vga/option_rom
 
 
 PLATFORMS = ("pc-2", "pc-1")
@@ -226,7 +228,8 @@ class PcMachine(Machine):
                                                                           0xFEBF_FFFF)))
         self.fw_cfg = self.add_device(FwCfg(
             qemu_x86_items(ram_size=self.memory.size, cpus=len(self.vcpus), hpet_block_id=HPET_BLOCK_ID),
-            qemu_x86_files(e820=self.e820(), extra=self.acpi.fw_cfg_files()), DmaView(self.ept, "fw_cfg")))
+            qemu_x86_files(e820=self.e820(), extra={**self.acpi.fw_cfg_files(), **self.config.fw_cfg_files}),
+            DmaView(self.ept, "fw_cfg")))
         self.vga = self.add_device(Vga(clock, DmaView(self.ept, "vga")))
         self.debugcon402 = self.add_device(DebugConsole(self._debugcon, port=0x402, name="debugcon-402"))
 
