@@ -118,6 +118,18 @@ def test_dash_s_is_gdb_on_1234_and_dash_S_waits():
     assert args.gdb == "127.0.0.1:1234" and args.gdb_wait
     args = cli_habits.apply(parse("run", "--gdb", ":4321"))
     assert args.gdb == ":4321" and args.gdb_wait       # --gdb has always waited for gdb
+    args = cli_habits.apply(parse("run", "-gdb", "tcp::4321"))
+    assert args.gdb == ":4321" and not args.gdb_wait   # QEMU's -gdb: -s with another port
+    args = cli_habits.apply(parse("run", "-gdb", "tcp::4321", "-S"))
+    assert args.gdb == ":4321" and args.gdb_wait
+
+
+@pytest.mark.parametrize("argv,msg", [(["-S"], "-S waits for gdb"), (["-gdb", "udp::1"], "-gdb wants tcp:")])
+def test_gdb_spellings_that_make_no_sense_are_usage_errors(argv, msg):
+    proc = vmm("run", *argv)
+    assert proc.returncode == 2
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmm run: error: ") and msg in lines[0], lines
 
 
 def test_nographic_puts_com1_on_stdio_and_input_on_it():

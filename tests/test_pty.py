@@ -222,3 +222,29 @@ def test_progress_never_shares_a_line_with_guest_output(term, tmp_path):
     assert t.wait() == 0
     text = t.out.decode(errors="replace")
     assert re.search(r"vmm: replaying [\d,]+ of [\d,]+ instructions \(\d+\.\d%\)", text), text[-1500:]
+
+
+def test_qemu_gdb_option_runs_the_guest_until_gdb_attaches_and_on_after_it_detaches(term, tmp_path):
+    """-s / -gdb tcp::PORT without -S, as QEMU: the guest runs at once; gdb attaching stops it;
+    detaching lets it run on (here: to read the key typed next and exit with it)."""
+    t = term("run", _flat(tmp_path, "poll.bin", COM1_POLL), "--boot", "flat", "-gdb", "tcp:127.0.0.1:0")
+    out = t.read_until(b"gdb may attach at any time").decode()
+    t.read_until(b"\n", timeout=5)
+    port = int(re.search(r"target remote [\d.]+:(\d+)", t.out.decode()).group(1))
+    deadline = time.monotonic() + 10
+    while not t.raw() and time.monotonic() < deadline:   # the guest runs, and has the terminal
+        time.sleep(0.05)
+    assert t.raw(), out
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        _rsp(s, "?")
+        assert _reply(s).startswith("T")
+        _rsp(s, "g")
+        regs = _reply(s)
+        eip = int.from_bytes(bytes.fromhex(regs[8 * 8:8 * 9]), "little")
+        assert 0x100000 <= eip < 0x100000 + len(COM1_POLL)       # stopped inside the polling loop
+        _rsp(s, "D")
+        assert _reply(s) == "OK"
+    time.sleep(0.3)
+    t.write(b"7")
+    assert t.wait(30) == status(ord("7"))
+    assert not t.raw()

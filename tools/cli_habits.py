@@ -42,6 +42,7 @@ QEMU_TABLE: list[tuple[str, str, str]] = [
     ("-serial DEV", "--serial DEV", "where COM1 goes: stdio, none, tcp:[HOST:]PORT or a file"),
     ("-nographic", "--serial stdio --input-to serial", "COM1 on the terminal, typed input to COM1"),
     ("-s", "--gdb :1234", "gdb stub on 127.0.0.1:1234; the guest runs until gdb attaches"),
+    ("-gdb tcp::PORT", "--gdb :PORT", "gdb stub on PORT; the guest runs until gdb attaches (unless -S)"),
     ("-S", "--gdb (waits)", "with -s: wait for gdb before the first instruction (--gdb always waits)"),
     ("-no-reboot", "(always)", "a guest reset ends the run (vmm never reboots)"),
 ]
@@ -97,6 +98,9 @@ def _machine_habits(r: argparse.ArgumentParser, live: bool) -> None:
     if live:
         r.add_argument("-s", dest="gdb_s", action="store_true",
                        help=f"as QEMU's: a gdb stub on {GDB_DEFAULT}; the guest runs until gdb attaches")
+        r.add_argument("-gdb", dest="gdb_dev", default=None, metavar="tcp:[HOST]:PORT",
+                       help="as QEMU's: a gdb stub on this port (-s is -gdb tcp::1234); the guest runs "
+                            "until gdb attaches, unless -S")
         r.add_argument("-S", dest="gdb_S", action="store_true",
                        help="as QEMU's: with -s, wait for gdb before the first instruction")
     r.epilog = _table_text() + "\n" + (r.epilog or "")
@@ -140,13 +144,20 @@ def apply(args):
     if args.input_to is None and args.serial == "stdio" and not isinstance(args.serial, _Default):
         args.input_to = "serial"           # QEMU's -serial stdio: the console is COM1
     if hasattr(args, "gdb_s"):
-        if args.gdb_S and not args.gdb_s and args.gdb is None:
-            raise SystemExit(_usage_error("-S waits for gdb: give -s or --gdb [HOST:]PORT with it"))
-        if args.gdb_s and args.gdb is None:
-            args.gdb = GDB_DEFAULT
-            args.gdb_wait = bool(args.gdb_S)
+        qemu_dev = args.gdb_dev
+        if qemu_dev is not None:
+            if not qemu_dev.startswith("tcp:"):
+                raise SystemExit(_usage_error(f"-gdb wants tcp:[HOST]:PORT, not {qemu_dev!r}"))
+            qemu_dev = qemu_dev[4:]
+        elif args.gdb_s:
+            qemu_dev = GDB_DEFAULT
+        if args.gdb_S and qemu_dev is None and args.gdb is None:
+            raise SystemExit(_usage_error("-S waits for gdb: give -s, -gdb or --gdb [HOST:]PORT with it"))
+        if qemu_dev is not None and args.gdb is None:
+            args.gdb = qemu_dev
+            args.gdb_wait = bool(args.gdb_S)    # QEMU's -s/-gdb: the guest runs unless -S
         else:
-            args.gdb_wait = True
+            args.gdb_wait = True                # --gdb: always waits for gdb
     return args
 
 
@@ -369,9 +380,10 @@ def _take_terminal(stdio) -> None:
 
 
 def serve_gdb(m, args, stdio, parse_hostport, usage_error, exit_status) -> int:
-    """`vmm run --gdb [HOST:]PORT` (waits for gdb before the first instruction), `-s -S`
-    (the same on 127.0.0.1:1234) or `-s` (the guest runs; gdb may attach at any time and
-    finds it stopped where it was).  Serves one gdb after another until the guest has ended."""
+    """`vmm run --gdb [HOST:]PORT` or `-s -S` (wait for gdb before the first instruction),
+    or `-s` / `-gdb tcp::PORT` without -S (the guest runs at once; gdb may attach at any
+    time and finds it stopped where it was).  When gdb detaches, the guest runs on and gdb
+    may attach again, as with QEMU; the port closes once the guest has ended."""
     from replay.debugtarget import LiveTarget
 
     host, port = parse_hostport(args.gdb)
@@ -390,14 +402,16 @@ def serve_gdb(m, args, stdio, parse_hostport, usage_error, exit_status) -> int:
         else:
             print(f"vmm: gdb may attach at any time: target remote {stub.host}:{stub.port}" + gdb_hint(),
                   file=sys.stderr, flush=True)
-            res = _run_until_gdb(m, stub, args)
-            if res is not None:
-                return exit_status(res, args)
-            if stdio is not None:
-                stdio.restore_terminal()
-        while target.exited is None and not stub.killed:
-            if not stub.serve_one():
+        while True:
+            if not wait:
+                if stdio is not None:
+                    _take_terminal(stdio)
+                res = _run_until_gdb(m, stub, args)
+                if res is not None:
+                    return exit_status(res, args)
+            if not stub.serve_one() or target.exited is not None or stub.killed:
                 break
+            wait = False                        # detached: the guest runs on
     finally:
         stub.close()
     if target.exited is not None:
