@@ -715,6 +715,21 @@ def test_cli_bios_recorded_and_replayed_on_two_vcpus(debian_seabios, tmp_path): 
     assert int(per_vcpu["vCPU 1"].replace(",", "")) > 0
 
 
+def test_cli_bios_snapshot_mid_post_restores_in_a_new_process(debian_seabios, tmp_path):  # noqa: F811
+    """`--save-at` in the middle of SeaBIOS's POST (PAM already switched), `--restore` in another
+    process: the restored run prints exactly the rest of what the uninterrupted run prints."""
+    bios, snap = str(debian_seabios), tmp_path / "post.snap"
+    full, rest = tmp_path / "full.txt", tmp_path / "rest.txt"
+    r = vmm("run", "--bios", bios, "--max-instructions", "7000000", "--save-at", f"3000000:{snap}",
+            "--serial", str(full))
+    assert r.returncode == 0 and snap.exists(), r.stderr.decode()
+    r = vmm("run", "--restore", str(snap), "--max-instructions", "7000000", "--serial", str(rest))
+    assert r.returncode == 0, r.stderr.decode()
+    whole, tail = full.read_bytes(), rest.read_bytes()
+    assert whole.rstrip().endswith(b"No bootable device.") and b"Booting from Hard Disk..." in tail
+    assert len(tail) < len(whole) and whole.endswith(tail)
+
+
 @pytest.mark.parametrize("args, why", [
     (["x.img"], "'x.img' is not used"),
     (["--kernel", "vmlinuz"], "--kernel needs the built-in firmware"),
