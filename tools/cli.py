@@ -134,7 +134,8 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
                    help="where QEMU's isa-debug-exit answers: I/O base and size 1, 2 or 4 (default 0x501,2; "
                         "many OS test suites use 0xf4)")
     r.add_argument("--input", default=None, metavar="FILE",
-                   help="feed this file to the guest's console input instead of the terminal")
+                   help="feed this file to the guest's console input instead of the terminal; - reads stdin "
+                        "(a pipe), whatever --serial says")
     r.add_argument("--rtc-epoch", type=parse_int, default=None, metavar="SECONDS",
                    help="guest wall-clock time at power-on, Unix seconds (default 2026-01-01 00:00:00 UTC)")
     r.add_argument("--exit-code", choices=["guest", "qemu"], default="guest",
