@@ -20,12 +20,19 @@ needs no network.  For network frames that means:
 * One boundary answer is one frame for one NIC.  Its payload (the log's
   NET_FRAME event, replay/events.py) is::
 
-      u16 little-endian length N, N bytes of UTF-8 NIC id, the frame
+      u16 little-endian length N, N bytes of UTF-8 NIC id,
+      u64 little-endian virtual time (clock ticks) of the poll, the frame
 
   so that all NICs of a machine share the one ``net`` channel and a replay
   hands each recorded frame to the NIC it was recorded for, in the recorded
   order, whatever the NICs' timers do.  ``encode_net_frame`` and
   ``decode_net_frame`` are the one definition of that layout.
+* The time is there because a log stamps inputs with the instruction count,
+  and a halted guest retires no instructions: polls at two virtual times can
+  share one count.  Replaying, a poll takes the log's next frame only when
+  its recorded time has come (it looks before it takes), so a frame that
+  reached an idle guest late in its sleep is not handed over at the sleep's
+  first poll.
 
 When to ask: every FAST_POLL_TICKS (100 us of virtual time) while the
 machine's network is busy (a frame went in or out in the last BUSY_TICKS),
@@ -60,29 +67,30 @@ HOST_QUEUE_BYTES = 4 << 20
 NIC_ID_MAX = 64
 
 
-def encode_net_frame(nic_id: str, frame: bytes) -> bytes:
-    """The payload of one frame for one NIC (see the module doc)."""
+def encode_net_frame(nic_id: str, frame: bytes, tick: int = 0) -> bytes:
+    """The payload of one frame for one NIC, taken in at virtual time ``tick`` (module doc)."""
     name = nic_id.encode()
     if len(name) > NIC_ID_MAX:
         raise ValueError(f"NIC id {nic_id!r} is longer than {NIC_ID_MAX} bytes")
-    return len(name).to_bytes(2, "little") + name + bytes(frame)
+    return len(name).to_bytes(2, "little") + name + int(tick).to_bytes(8, "little") + bytes(frame)
 
 
-def decode_net_frame(payload: bytes) -> tuple[str, bytes]:
-    """(NIC id, frame) of a payload; ValueError for anything that is not one."""
+def decode_net_frame(payload: bytes) -> tuple[str, int, bytes]:
+    """(NIC id, tick, frame) of a payload; ValueError for anything that is not one."""
     if len(payload) < 2:
         raise ValueError("a network frame payload needs its 2-byte id length")
     n = int.from_bytes(payload[:2], "little")
-    if n > NIC_ID_MAX or len(payload) < 2 + n:
-        raise ValueError(f"a network frame payload names a NIC id of {n} bytes in {len(payload)}")
+    if n > NIC_ID_MAX or len(payload) < 2 + n + 8:
+        raise ValueError(f"a network frame payload names a NIC id of {n} bytes and a time in {len(payload)}")
     try:
         nic_id = payload[2:2 + n].decode()
     except UnicodeDecodeError:
         raise ValueError("a network frame payload's NIC id is not UTF-8") from None
-    frame = payload[2 + n:]
+    tick = int.from_bytes(payload[2 + n:10 + n], "little")
+    frame = payload[10 + n:]
     if len(frame) > MAX_FRAME:
         raise ValueError(f"a network frame of {len(frame)} bytes is longer than {MAX_FRAME}")
-    return nic_id, bytes(frame)
+    return nic_id, tick, bytes(frame)
 
 
 class FrameStream:
@@ -247,7 +255,7 @@ class NetInput:
                 continue
             frame = port.take()
             self._next = (self._next + k + 1) % n
-            return encode_net_frame(port.nic_id, frame)
+            return encode_net_frame(port.nic_id, frame, self.clock.now())
         return b""
 
     # -- polling on virtual time ------------------------------------------------------------------
@@ -279,13 +287,15 @@ class NetInput:
         self.polls += 1
         boundary = self._boundary()
         for k in range(MAX_FRAMES_PER_POLL):
+            if getattr(boundary, "replaying", False) and not self._due(boundary):
+                break
             payload = boundary.input(NET_CHANNEL)
             if not payload:
                 if k == 0 and self.idle_hook is not None:
                     self.idle_hook()
                 break
             try:
-                nic_id, frame = decode_net_frame(payload)
+                nic_id, _tick, frame = decode_net_frame(payload)
             except ValueError:
                 self.unknown += 1
                 continue
@@ -296,6 +306,19 @@ class NetInput:
             self.last_activity = now
             port.received_frame(frame)
         self._arm(FAST_POLL_TICKS if self._busy(now) else SLOW_POLL_TICKS)
+
+    def _due(self, boundary: Any) -> bool:
+        """Replaying: is the log's next input, if it is a frame, one taken in at this time or
+        before?  (A frame for a later time waits for a later poll at the same icount.)"""
+        peek = getattr(boundary, "_peek", None)
+        e = peek() if callable(peek) else None
+        if e is None or getattr(e.kind, "name", "") != "NET_FRAME":
+            return True
+        try:
+            _, tick, _ = decode_net_frame(e.payload)
+        except ValueError:
+            return True
+        return tick <= self.clock.now()
 
     # -- state ---------------------------------------------------------------------------------------
     def save_state(self) -> State:

@@ -542,7 +542,7 @@ def test_frames_cross_the_boundary_and_replay_without_a_wire():
     clock.advance(2_000_000)
     # ...and the NIC takes them at virtual time, as many as it has descriptors for (7)
     assert nic.reg(e.RDH) == 7 and len(port.queue) == 5
-    assert [decode_net_frame(ev.payload) for ev in events] == [("e1000.3", f) for f in frames[:7]]
+    assert [decode_net_frame(ev.payload)[::2] for ev in events] == [("e1000.3", f) for f in frames[:7]]
     recorded_ram = bytes(ram.mem)
 
     pos = [0]
@@ -558,6 +558,45 @@ def test_frames_cross_the_boundary_and_replay_without_a_wire():
     assert pos[0] == len(events) and bytes(ram2.mem) == recorded_ram and nic2.reg(e.RDH) == 7
 
 
+class HaltedMachine(FakeMachine):
+    """A guest that retires no instructions: every poll happens at one icount."""
+
+    @property
+    def icount(self):
+        return 5
+
+
+def test_a_halted_guest_gets_its_frame_at_the_recorded_time_not_the_first_poll():
+    """Polls of an idle guest share an icount; the replay must not hand over a frame at the
+    first of them when it arrived at a later one (the payload's time tells them apart)."""
+    from replay.boundary import RecordingBoundary, ReplayBoundary
+
+    def build(boundary):
+        clock = VirtualClock()
+        boundary.bind(HaltedMachine(clock))
+        hub = NetInput(clock, lambda: boundary)
+        boundary.attach("net", hub.source)
+        port = hub.add_port("e1000.3", Recorder())
+        nic, ram, _ = make_nic(clock, wire=port)
+        port.nic = nic
+        program_rings(nic, ram)
+        seen = []
+        nic.deliver = lambda f, d=nic.deliver: (seen.append(clock.now()), d(f))
+        return clock, port, seen
+
+    events = []
+    clock, port, seen = build(RecordingBoundary(events.append))
+    clock.advance(5_000_000)                              # five idle polls find nothing
+    port.deliver(frame_for(MAC, 80))
+    clock.advance(2_000_000)
+    assert len(seen) == 1 and seen[0] > 5_000_000 and events[0].icount == 5
+    pos = [0]
+    clock2, _, seen2 = build(ReplayBoundary(lambda: events[pos[0]] if pos[0] < len(events) else None,
+                                            lambda: (pos.__setitem__(0, pos[0] + 1), events[pos[0] - 1])[1]))
+    clock2.advance(7_000_000)
+    assert seen2 == seen
+
+
 def test_host_queue_is_bounded_and_counts_drops():
     clock = VirtualClock()
     hub = NetInput(clock, lambda: None)
@@ -571,8 +610,9 @@ def test_host_queue_is_bounded_and_counts_drops():
 
 
 def test_net_frame_payload_layout():
-    assert encode_net_frame("e1000.3", b"\x01\x02") == b"\x07\x00e1000.3\x01\x02"
-    assert decode_net_frame(b"\x07\x00e1000.3\x01\x02") == ("e1000.3", b"\x01\x02")
-    for bad in (b"", b"\x01", b"\x09\x00abc", b"\x02\x00\xff\xfe"):
+    payload = b"\x07\x00e1000.3" + (0x1234).to_bytes(8, "little") + b"\x01\x02"
+    assert encode_net_frame("e1000.3", b"\x01\x02", 0x1234) == payload
+    assert decode_net_frame(payload) == ("e1000.3", 0x1234, b"\x01\x02")
+    for bad in (b"", b"\x01", b"\x09\x00abc", b"\x02\x00\xff\xfe" + bytes(8), b"\x01\x00a" + bytes(7)):
         with pytest.raises(ValueError):
             decode_net_frame(bad)
