@@ -62,3 +62,22 @@ def test_moving_rip_away_cancels_the_step_over():
     m.vcpu.invalidate_code()
     res = m.run(10_000)
     assert res.reason is StopReason.BREAKPOINT and m.vcpu.reg("rax") == 0 and res.icount == 2
+
+
+def test_a_breakpoint_in_an_sti_shadow_with_an_interrupt_waiting_is_stepped_over():
+    from tests.test_delivery_protected import EOI_MASTER, EXIT, G, addr_after, poke, with_pic
+    from tools.guestkit import CODE
+
+    # IRQ3 is raised while IF=0; STI's shadow holds it off for one more instruction, the nop
+    code = "cli\n" + poke(3) + "sti\nnop\nmov ebx, 0x22\n" + EXIT
+    g = G()
+    g.protected_mode(code)
+    with_pic(g)
+    g.idt32(0x0B, "mov esi, 0x33\n" + EOI_MASTER + "iretd")
+    nop = addr_after(code, 5, CODE)
+    g.cpu.set_breakpoints({nop})
+    g.cpu.invalidate_code()
+    res = g.m.run(1000)
+    assert res.reason is StopReason.BREAKPOINT and g.cpu.rip == nop
+    res = g.m.run(1000)                  # the nop runs, then the interrupt, then on to the exit
+    assert res.reason is StopReason.EXIT and g.cpu.gpr(6) == 0x33 and g.cpu.gpr(3) == 0x22

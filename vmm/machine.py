@@ -330,7 +330,11 @@ class Machine:
                 # block hook's interrupt-window stop off, or it would stop
                 # before that instruction forever)
                 v.set_irq_pending(False)
-                x = self._enter(v, lambda: v.step())
+                if self._over_bp == (v.id, v.icount, v.rip):
+                    self._over_bp = None
+                    x = self._lifting_breakpoint(v, lambda: v.step())
+                else:
+                    x = self._enter(v, lambda: v.step())
                 if x.reason is not ExitReason.DEADLINE:
                     return self._dispatch(v, x)
                 return None
@@ -354,16 +358,18 @@ class Machine:
     def _step_over_breakpoint(self, v: Vcpu) -> RunResult | None:
         """Resume from a breakpoint stop as gdb's `continue` does: execute the
         instruction under the breakpoint with that breakpoint lifted, then put it back."""
+        return self._dispatch(v, self._lifting_breakpoint(v, lambda: v.run(v.icount + 1)))
+
+    def _lifting_breakpoint(self, v: Vcpu, go: Callable[[], VmExit]) -> VmExit:
         bps = v.breakpoints
         here = v.seg(1).base + v.rip
         if here in bps:
             v.set_breakpoints(bps - {here})
         try:
-            x = self._enter(v, lambda: v.run(v.icount + 1))
+            return self._enter(v, go)
         finally:
             if here in bps:
                 v.set_breakpoints(bps)
-        return self._dispatch(v, x)
 
     def _enter(self, v: Vcpu, go: Callable[[], VmExit]) -> VmExit:
         self._others = self.icount - v.icount
