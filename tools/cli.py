@@ -353,7 +353,7 @@ def _machine(args, backend):
                          "none", vcpus=args.smp, mmu=args.mmu, initrd=_initrd(args),
                          debug_exit=args.debug_exit, quantum=bios_quantum(args))
     cfg["image"]["name"] = args.image     # as the user named it, in messages
-    if args.input_to is not None:
+    if getattr(args, "input_to", None) is not None:
         cfg["input_to"] = args.input_to
     try:
         return build_machine(cfg, data, backend), cfg
@@ -450,7 +450,7 @@ def cmd_record(args) -> int:
                             pace_idle=kind == "terminal", setup=setup, mmu=args.mmu, vcpus=args.smp,
                             restore=args.restore, save_at=args.save_at, initrd=_initrd(args),
                             debug_exit=args.debug_exit, quantum=bios_quantum(args),
-                            input_to=args.input_to,
+                            input_to=getattr(args, "input_to", None),
                             report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
             raise UsageError(str(e)) from None

@@ -123,8 +123,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     args, extras = parser.parse_known_args(argv)
     if extras:
         target = parser
-        for key in ("command", "log_command", "disk_command"):
-            sub = _subparsers(target).get(getattr(args, key, None) or "")
+        while True:
+            action = next((a for a in target._actions if isinstance(a, argparse._SubParsersAction)), None)
+            sub = action.choices.get(getattr(args, action.dest, None) or "") if action is not None else None
             if sub is None:
                 break
             target = sub
