@@ -248,3 +248,13 @@ def test_qemu_gdb_option_runs_the_guest_until_gdb_attaches_and_on_after_it_detac
     t.write(b"7")
     assert t.wait(30) == status(ord("7"))
     assert not t.raw()
+
+
+def test_run_progress_and_the_closing_message_on_a_line_of_its_own(term, tmp_path):
+    t = term("run", _flat(tmp_path, "spin.bin", SPIN), "--boot", "flat", "--max-instructions", "30000000",
+             env={"VMM_PROGRESS_INTERVAL": "0"})
+    assert t.wait() == 0
+    text = t.out.decode(errors="replace")
+    assert re.search(r"vmm: running [\d,]+ of 30,000,000 instructions \(\d+\.\d%\)", text), text[-1500:]
+    i = text.index("vmm: stopped after 30000000 instructions")
+    assert text[:i].endswith("\r\x1b[K") or text[:i].endswith("\n"), repr(text[i - 80:i + 40])

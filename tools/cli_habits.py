@@ -256,7 +256,7 @@ def trace_size(size: int) -> int:
 
 class Progress:
     """One progress line on stderr (a terminal only), refreshed every `interval` host seconds
-    (VMM_PROGRESS_INTERVAL, default 2), erased before guest output and at the end.
+    (VMM_PROGRESS_INTERVAL, default 2), erased before guest output and when a run returns.
 
     Display only: the check runs on a virtual-time timer like the input poll, and the guest
     never sees it."""
@@ -278,6 +278,14 @@ class Progress:
         if not self.enabled:
             return
         self._wrap_outputs()
+        run = m.run
+
+        def run_then_erase(*args, **kwargs):    # whatever vmm prints after a run starts a clean line
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.erase()
+        m.run = run_then_erase
         m.clock.schedule_in(self.TICKS, self._tick, "progress")
 
     def _wrap_outputs(self) -> None:
