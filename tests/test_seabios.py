@@ -134,6 +134,30 @@ def test_rom_mapped_read_only_at_the_top_and_aliased_below_1m(mmu, machines):
 
 
 @pytest.mark.parametrize("mmu", MMUS)
+def test_rom_code_storing_into_its_own_page_reads_the_rom_back(mmu, machines):
+    """The one case the bus window cannot serve (the store and the code on one ROM page): the
+    store is lost by the next instruction, as on a ROM."""
+    m = machines(mmu)
+    rom = bytearray(probe_rom())
+    code = asm(f"""
+        xor ax, ax
+        mov ds, ax
+        mov word ptr cs:[0x100], 0x7777
+        mov bx, word ptr cs:[0x100]
+        mov word ptr ds:[{RESULTS:#x}], bx
+        cli
+        hlt
+    """, 16, 0)
+    rom[:len(code)] = code
+    rom[0x100:0x102] = b"\x34\x12"
+    boot_rom(m, bytes(rom))
+    assert m.run(1000).reason is StopReason.HALTED
+    assert m.memory.read(RESULTS, 2) == b"\x34\x12"
+    fw = m.firmware
+    assert fw.dropped_writes == 1 and not fw.copies and not fw.windows and rom_frames(m, fw) == bytes(rom)
+
+
+@pytest.mark.parametrize("mmu", MMUS)
 def test_device_dma_into_the_rom_is_dropped(mmu, machines):
     from vmm.memory.dma import DmaView
 

@@ -161,9 +161,9 @@ class RomFirmware:
     bounce for ever, code in the ROM storing into its own page: the store
     moves the page to the bus, the retried fetch moves it back.  The second
     store of one instruction there maps a private copy of the page (R+W+X)
-    instead; the instruction completes, and the copy is dropped at the next
-    violation anywhere else in the ROM.  Until then, and only in that case,
-    the guest can read back its own store.  Device DMA writes meet the same
+    instead; the instruction completes, and the copy is dropped once it
+    retired (a timer one tick later; or at a violation elsewhere in the ROM
+    first).  Device DMA writes meet the same
     policy (DmaView offers them to the violation handlers first); a DMA read
     of a page that is on the bus at that moment is refused, as DMA to MMIO is.
 
@@ -299,18 +299,21 @@ class RomFirmware:
             ept.map(gpn * PAGE, copy, "rwx")
             self.low_tmp[gpn] = copy
             self.dropped_writes += 1
+        self._arm_tick()
+        return True
+
+    def _arm_tick(self) -> None:
+        """End every one-instruction page after the instruction now retrying retires."""
         if self._low_timer is None or not self._low_timer.active:
             self._low_timer = self.machine.clock.schedule_in(1, self._low_writes_done, SHADOW_TIMER)
-        return True
 
     def _low_writes_done(self, now: int) -> None:
         self._low_timer = None
         self._end_low_writes()
+        for gpn in list(self.copies):
+            self._to_memory(gpn)
 
     def _end_low_writes(self) -> None:
-        if self._low_timer is not None:
-            self._low_timer.cancel()
-            self._low_timer = None
         tmp, self.low_tmp = self.low_tmp, {}
         for gpn, frame in sorted(tmp.items()):
             self._map_low(gpn)
@@ -372,6 +375,7 @@ class RomFirmware:
             self.copies[gpn] = copy
             ept.map(gpn * PAGE, copy, "rwx")
             self.dropped_writes += 1
+            self._arm_tick()
         else:
             self._to_bus(gpn)
         self._restored = None
