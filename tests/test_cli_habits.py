@@ -308,3 +308,34 @@ def test_make_demo_install_step_prints_no_setuptools_warnings(tmp_path):
     text = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, text[-3000:]
     assert text.strip() == "", text[-3000:]
+
+
+def test_gdb_with_the_console_on_a_socket(com1_flat):
+    """--serial tcp: and --gdb together: the socket client types, gdb runs the guest."""
+    import socket
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "run", str(com1_flat), "--boot", "flat",
+                             "--serial", "tcp:127.0.0.1:0", "--gdb", "127.0.0.1:0"], cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stderr.readline().decode()
+        com1 = socket.create_connection(("127.0.0.1", int(re.search(r"tcp [\d.]+:(\d+)", line).group(1))))
+        line = proc.stderr.readline().decode()
+        gdb = socket.create_connection(("127.0.0.1", int(re.search(r"remote [\d.]+:(\d+)", line).group(1))))
+        gdb.sendall(b"$c#63")
+        com1.sendall(b"8")
+        gdb.settimeout(30)
+        reply = b""
+        while b"#" not in reply.lstrip(b"+")[1:]:
+            chunk = gdb.recv(100)
+            assert chunk, reply
+            reply += chunk
+        assert reply.lstrip(b"+").startswith(b"$W"), reply
+        gdb.close()                           # as gdb does after the inferior exited
+        com1.close()
+        assert proc.wait(30) == status(ord("8"))
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()

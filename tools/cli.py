@@ -299,7 +299,7 @@ def _live_input(args, stdio):
     return cli_habits.live_input(args, stdio, UsageError)
 
 
-def _progress(m, label: str, total: int | None = None):
+def _progress(m, label: str, total=None):
     """A progress line on stderr (a terminal only) that guest output never shares (tools/cli_habits.py)."""
     return cli_habits.Progress(m, label, total)
 
@@ -510,7 +510,7 @@ def cmd_replay(args) -> int:
             print("vmm: warning: the image differs from the recorded one (sha256); expect a divergence",
                   file=sys.stderr)
         _console(rp.m, args)
-        _progress(rp.m, "replaying", rp.end_icount)
+        _progress(rp.m, "replaying", lambda: rp.end_icount)   # read when first shown
         t0 = time.perf_counter()
         try:
             res = rp.run(args.until)

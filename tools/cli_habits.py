@@ -263,7 +263,7 @@ class Progress:
 
     TICKS = 1_000_000    # virtual time between looks at the host clock (10 ms)
 
-    def __init__(self, m, label: str, total: int | None = None, stream=None):
+    def __init__(self, m, label: str, total=None, stream=None):
         self.m = m
         self.label = label
         self.total = total
@@ -313,11 +313,21 @@ class Progress:
             self.show()
         self.m.clock.schedule_in(self.TICKS, self._tick, "progress")
 
+    def _total(self) -> int | None:
+        """The total, asked for when first shown (a replay's needs the log read to its END)."""
+        if callable(self.total):
+            try:
+                self.total = self.total()
+            except Exception:  # noqa: BLE001 - a damaged log: the replay itself will say so
+                self.total = None
+        return self.total
+
     def line(self) -> str:
         ic = self.m.icount
+        total = self._total()
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        pct = f" ({100 * ic / self.total:.1f}%)" if self.total else ""
-        return (f"vmm: {self.label} {ic:,}" + (f" of {self.total:,}" if self.total else "")
+        pct = f" ({100 * ic / total:.1f}%)" if total else ""
+        return (f"vmm: {self.label} {ic:,}" + (f" of {total:,}" if total else "")
                 + f" instructions{pct}, guest {self.m.clock.now() / 1e8:.2f} s, {ic / dt / 1e6:.1f} MIPS")
 
     def show(self) -> None:
@@ -368,10 +378,16 @@ def _gdb_stub_class():
             try:
                 return super().serve_one()
             finally:
-                if self.stdio is not None:
-                    self.stdio.restore_terminal()
+                _release_terminal(self.stdio)
 
     return TerminalGdbStub
+
+
+def _release_terminal(stdio) -> None:
+    """Give the terminal back to the user as it was (a socket console has none)."""
+    restore = getattr(stdio, "restore_terminal", None)
+    if restore is not None:
+        restore()
 
 
 def _take_terminal(stdio) -> None:
@@ -404,8 +420,7 @@ def serve_gdb(m, args, stdio, parse_hostport, usage_error, exit_status) -> int:
     wait = getattr(args, "gdb_wait", True)
     try:
         if wait:
-            if stdio is not None:
-                stdio.restore_terminal()        # cooked until gdb connects: Ctrl-C ends the wait
+            _release_terminal(stdio)            # cooked until gdb connects: Ctrl-C ends the wait
             print(f"vmm: waiting for gdb: target remote {stub.host}:{stub.port} (Ctrl-C quits)"
                   + gdb_hint(), file=sys.stderr, flush=True)
         else:
