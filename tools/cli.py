@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--events", action="store_true", help="list every event")
     ver = lsub.add_parser("verify", help="check the structure and every checksum")
     ver.add_argument("log", metavar="LOG")
+    from replay.regress import add_parser as add_regress_parser
+
+    add_regress_parser(sub)
     cli_habits.extend_parser(p)
     return p
 
@@ -649,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_replay(args)
         if args.command == "log":
             return cmd_log(args)
+        if args.command == "regress":
+            from replay.regress import RegressUsageError, main as regress_main
+
+            try:
+                return regress_main(args)
+            except RegressUsageError as e:
+                raise UsageError(str(e)) from None
     except UsageError as e:
         print(f"vmm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
