@@ -5,8 +5,9 @@
   instruction and icount as a replay of the same run stops with the same
   watchpoint;
 * the shipped gdb script (tools/vmm.gdb): `vmm-seek N` lands on icount N and
-  gdb shows the registers there (a bare `monitor seek` leaves gdb showing its
-  cached ones); `vmm-icount` says where the machine is.
+  gdb shows the registers there; with the script sourced a bare `monitor seek`
+  refreshes gdb too (without it gdb shows the registers it cached before);
+  `vmm-icount` says where the machine is.
 """
 from __future__ import annotations
 
@@ -125,13 +126,17 @@ def test_the_gdb_script_seeks_and_refreshes(tmp_path):
     try:
         out = run_gdb(stub.port, [
             "vmm-seek 1000000", 'printf "PC=%#x\\n", $pc', "vmm-icount",
-            "monitor seek 5000", 'printf "PC=%#x\\n", $pc',          # gdb still shows its cached $pc
+            "monitor seek 5000", 'printf "PC=%#x\\n", $pc',          # the script's hook refreshes
             "vmm-refresh", 'printf "PC=%#x\\n", $pc',
             "vmm-seek", "vmm-checkpoints"])
+        # without the script, gdb keeps showing the registers it cached before the seek
+        bare = gdb_batch(stub.port, ["monitor seek 1000000", 'printf "PC=%#x\\n", $pc',
+                                     "monitor seek 5000", 'printf "PC=%#x\\n", $pc'])
     finally:
         stub.close()
+    assert pcs(bare) == [pc_5000, pc_5000], bare
     got = pcs(out)
-    assert got == [pc_1m, pc_1m, pc_5000], out
+    assert got == [pc_1m, pc_5000, pc_5000], out
     assert "icount 1000000 of " in out, out
     assert "usage: vmm-seek ICOUNT" in out, out
     assert "checkpoints, " in out, out

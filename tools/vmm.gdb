@@ -9,7 +9,8 @@
 #
 # Why vmm-refresh: `monitor seek N` moves the machine, but gdb does not know a
 # monitor command changed anything and keeps showing the registers it cached
-# before.  vmm-seek does the seek and the refresh together.
+# before.  vmm-seek does the seek and the refresh together, and the
+# hookpost-monitor below refreshes after every `monitor` command.
 
 define vmm-refresh
   maintenance flush register-cache
@@ -52,4 +53,10 @@ define vmm-exits
 end
 document vmm-exits
 VM exits by reason so far.
+end
+
+# After any `monitor` command (seek moves the machine), gdb re-reads registers and memory.
+define hookpost-monitor
+  maintenance flush register-cache
+  maintenance flush dcache
 end
