@@ -274,7 +274,7 @@ class LiveTarget(_Inspect):
     Data watchpoints (Z2/Z3/Z4) are memory hooks, never page protection: a hit
     is noted during the access and the run stops right after the accessing
     instruction (a code hook on every instruction, present only while a
-    watchpoint is set: the guest then runs at a few MIPS); reverse execution
+    watchpoint is set: the guest then runs under 1 MIPS); reverse execution
     needs a recording (`vmm replay --gdb`).
     With several vCPUs a single step runs the machine until the selected vCPU
     retired one instruction (`Schedule.arm` cuts its run there).
