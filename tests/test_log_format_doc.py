@@ -25,8 +25,8 @@ BUNDLED = ROOT / "guests" / "recordings" / "crash.vmlog"
 
 # ---- the independent reader (from docs/log-format.md only) ----------------------------------
 
-REGS = ("rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15 rip rflags es cs ss ds fs gs "
-        "cr0 cr2 cr3 cr4 cpl").split()
+REGS = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
+        "r14", "r15", "rip", "rflags", "es", "cs", "ss", "ds", "fs", "gs", "cr0", "cr2", "cr3", "cr4", "cpl"]
 REASONS = {"exit", "limit", "shutdown", "halted", "error", "host", "reset", "breakpoint", "poweroff"}
 
 
@@ -168,7 +168,7 @@ def test_the_bundled_recording_decodes_by_the_doc():
     reason, status, _ = decoded[-1][3]
     assert (reason, status) == ("exit", 1)      # the recorded crash
     # the image the first event names is the bundled crash guest
-    name, sha = decoded[0][3]
+    _name, sha = decoded[0][3]
     assert hashlib.sha256((ROOT / "guests" / "build" / "crash.bin").read_bytes()).hexdigest() == sha
 
 
@@ -182,8 +182,9 @@ def test_a_fresh_recording_decodes_by_the_doc(tmp_path):
     # the page hash as the doc defines it: the hash of an all-zero page, and the recorder's hashes
     # of the first page of RAM change as the BIOS fills the IVT, so compare a known page: zeros
     assert page_hash(bytes(4096)) == 0
-    from vmm.digest import page_hashes
     import numpy as np
+
+    from vmm.digest import page_hashes
 
     page = bytes(range(256)) * 16
     assert page_hash(page) == int(page_hashes(np.frombuffer(page, dtype=np.uint8).copy())[0])
@@ -194,10 +195,10 @@ def test_a_fresh_recording_decodes_by_the_doc(tmp_path):
 def test_the_docs_example_runs(monkeypatch):
     monkeypatch.chdir(ROOT)
     text = DOC.read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, str(DOC), "exec"), {"__name__": "doc_example"})
+        exec(compile(code, str(DOC), "exec"), {"__name__": "doc_example"})  # noqa: S102 - the doc's own example
     lines = out.getvalue().splitlines()
     _, _, events = read_log(BUNDLED.read_bytes())
     assert len(lines) == len(events)

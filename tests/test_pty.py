@@ -209,7 +209,7 @@ def test_progress_never_shares_a_line_with_guest_output(term, tmp_path):
     assert shown, text[-1500:]
     for m in shown:
         after = text[m.end():m.end() + 4]
-        assert after.startswith("\r\x1b[K") or after.startswith("\r\n"), (m.group(0), after)
+        assert after.startswith(("\r\x1b[K", "\r\n")), (m.group(0), after)
     # every line the demo printed is whole once the erased progress lines are taken out
     clean = re.sub(r"\r\x1b\[K(vmm: recording [^\r\n\x1b]*)?", "", text)
     from guests import build as gb
