@@ -339,3 +339,41 @@ def test_gdb_with_the_console_on_a_socket(com1_flat):
     finally:
         proc.kill()
         proc.wait()
+
+
+class _Tty:
+    """A stream that says it is a terminal, and keeps what was written."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_progress_stays_out_of_a_trace(trace, monkeypatch):
+    """--trace's lines on stderr are its progress: no progress line is drawn among them."""
+    from tools.cli_habits import Progress
+    from vmm.firmware.boot import boot
+    from vmm.platform.pc import PcMachine
+
+    monkeypatch.setenv("VMM_PROGRESS_INTERVAL", "0")
+    m = PcMachine()
+    boot(m, b"\xeb\xfe" + bytes(14), "flat", name="spin.bin")       # jmp $
+    if trace:
+        m.trace = lambda exit_: None
+    err = _Tty()
+    Progress(m, "running", 5_000_000, stream=err)
+    m.run(5_000_000)
+    if trace:
+        assert err.text == ""
+    else:
+        assert "vmm: running 1,000,000 of 5,000,000 instructions (20.0%)" in err.text, err.text[:300]
+        assert err.text.endswith("\r\x1b[K")                        # erased when the run returned

@@ -308,6 +308,9 @@ class Progress:
 
     def _tick(self, now: int) -> None:
         t = time.perf_counter()
+        if self.m.trace is not None:      # --trace: its lines on stderr are the progress
+            self.enabled = False
+            return
         if t - self.t >= self.interval:
             self.t = t
             self.show()
