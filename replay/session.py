@@ -37,11 +37,13 @@ from replay.logfile import LogReader, LogWriter, StreamLogReader
 from host.serial import NullBackend
 from vmm.digest import page_hashes
 from vmm.firmware.boot import attach_firmware, boot
+from vmm.firmware.imagefile import read_file
 from vmm.machine import RunResult, StopReason
 from vmm.platform.pc import DEFAULT_EPOCH, PcConfig, PcMachine
 
 VMM_VERSION = "0.1.0"
 DIGEST_TICKS = 1_000_000        # registers and outputs every 10 ms of virtual time
+MAX_SNAPSHOT = 8 << 30          # the largest snapshot file hashed (RAM is at most 3 GiB)
 MEM_DIGEST_EVERY = 50           # RAM page hashes every 50 register digests (0.5 s virtual)
 
 
@@ -128,8 +130,7 @@ def read_initrd(cfg: dict) -> bytes | None:
     if not ref:
         return None
     try:
-        with open(ref["path"], "rb") as f:
-            data = f.read()
+        data = read_file(ref["path"])
     except OSError as e:
         raise ReplayError(f"cannot read the initrd {ref['path']}: {e.strerror}") from None
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
@@ -246,8 +247,7 @@ def load_snapshot(path, serial=None, image: bytes | None = None) -> tuple[PcMach
     if image is None:
         p = _find_image(cfg)
         try:
-            with open(p, "rb") as f:
-                image = f.read()
+            image = read_file(p)
         except OSError as e:
             raise ReplayError(f"cannot read the snapshot's image {p}: {e.strerror} (pass --image PATH)") from None
     if hashlib.sha256(image).hexdigest() != cfg["image"]["sha256"]:
@@ -428,8 +428,7 @@ class Replayer:
         if image is None:
             path = _find_image(cfg)
             try:
-                with open(path, "rb") as f:
-                    image = f.read()
+                image = read_file(path)
             except OSError as e:
                 raise ReplayError(f"cannot read the recorded image {path}: {e.strerror} (pass --image PATH)") from None
         sha = hashlib.sha256(image).hexdigest()
@@ -448,6 +447,8 @@ class Replayer:
         self._next: Event | None = None
         self.last_event: Event | None = None
         self.events_used = 0
+        if not self._stream:
+            self._fetch_to(1 << 62)  # every event now: damage anywhere is found before the machine runs
         self._advance()
         # the image event comes first
         if self._next is not None and self._next.kind == EventKind.DISK_IMAGE:
@@ -655,8 +656,7 @@ def _machine_from_snapshot_ref(ref: dict, serial, image: bytes) -> PcMachine:
     if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("sha256"), str):
         raise ev.LogFormatError("the log header names its starting snapshot badly")
     try:
-        with open(ref["path"], "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
+        sha = hashlib.sha256(read_file(ref["path"], MAX_SNAPSHOT)).hexdigest()
     except OSError as e:
         raise ReplayError(f"cannot read the snapshot the recording started from, {ref['path']}: {e.strerror}") from None
     if sha != ref["sha256"]:

@@ -70,8 +70,8 @@ def test_cut_log_replayed_only_up_to_before_the_cut_is_a_success(recording, tmp_
 
 
 def test_damage_met_mid_replay_is_a_bad_log_not_a_traceback(recording, tmp_path, capsys):
-    """A chunk whose checksums are fine but whose digest payload is short: found when the
-    replay reaches it, reported as a damaged log (6), as verify does."""
+    """A chunk whose checksums are fine but whose digest payload is short, past the first
+    chunks: found before the machine runs, reported as a damaged log (6), as verify does."""
     case = ROOT / "tests" / "fuzz" / "corpus" / "log" / "issue16-bad-digest-mid-log.vmlog"
     status, err = _replay(capsys, case)
     assert status == EXIT_BAD_LOG and main(["log", "verify", str(case)]) == EXIT_BAD_LOG, err

@@ -28,8 +28,10 @@ import time
 
 from tools import cli_habits
 from tools.cli_bios import DEFAULT_IMAGE, bios_image, bios_quantum, real_bios
+from tools.cli_checks import ArgError, SerialFile, check_args, check_checkpoints
 from tools.exitstatus import EPILOG as EXIT_STATUS_EPILOG
 from tools.exitstatus import guest_status, qemu_status
+from vmm.firmware.imagefile import read_file
 EXIT_USAGE = 2
 EXIT_SHUTDOWN = 3
 EXIT_ERROR = 4
@@ -235,8 +237,7 @@ def _initrd(args) -> tuple[str, bytes] | None:
     if args.initrd is None:
         return None
     try:
-        with open(args.initrd, "rb") as f:
-            return args.initrd, f.read()
+        return args.initrd, read_file(args.initrd)
     except OSError as e:
         raise UsageError(f"cannot read the initrd {args.initrd}: {e.strerror}") from None
 
@@ -244,8 +245,7 @@ def _initrd(args) -> tuple[str, bytes] | None:
 def _load_image(args) -> tuple[str, bytes]:
     path = resolve_image(args.image)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_file(path)       # a regular file of a size an image may have, or OSError
     except OSError as e:
         raise UsageError(f"cannot read image {path}: {e.strerror}") from None
     if not data:
@@ -257,7 +257,7 @@ def _load_image(args) -> tuple[str, bytes]:
 
 def _serial_backend(spec: str):
     """(backend, the terminal backend if the terminal is used)."""
-    from host.serial import FileBackend, NullBackend, StdioBackend
+    from host.serial import NullBackend, StdioBackend
 
     if spec == "stdio":
         b = StdioBackend()
@@ -282,7 +282,7 @@ def _serial_backend(spec: str):
             time.sleep(0.02)
         return b, b  # the client's bytes are console input
     try:
-        return FileBackend(spec), None
+        return SerialFile(spec), None
     except OSError as e:
         raise UsageError(f"cannot open serial output file {spec}: {e.strerror}") from None
 
@@ -372,6 +372,8 @@ def _run_saving(m, cfg, args):
         return run_saving(m, cfg, args.max_instructions, args.save_at,
                           lambda msg: print(f"vmm: {msg}", file=sys.stderr))
     except OSError as e:
+        if e.filename is None:       # not a snapshot's file (e.g. --serial /dev/full): main reports it
+            raise
         raise UsageError(f"cannot write a snapshot: {e.strerror} ({e.filename})") from None
 
 
@@ -486,8 +488,7 @@ def cmd_replay(args) -> int:
     image = None
     if args.image:
         try:
-            with open(args.image, "rb") as f:
-                image = f.read()
+            image = read_file(args.image)
         except OSError as e:
             raise UsageError(f"cannot read image {args.image}: {e.strerror}") from None
     if args.gdb is not None:
@@ -581,6 +582,10 @@ def _replay_gdb(args, image) -> int:
         print(f"vmm: {d}", file=sys.stderr)
         return EXIT_DIVERGED
     try:
+        check_checkpoints(args.checkpoint_interval, tt.end_icount or tt.rp.reader.last_icount)
+    except ArgError as e:
+        raise UsageError(str(e)) from None
+    try:
         stub = GdbStub(ReplayTarget(tt), host, port)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -644,6 +649,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        check_args(args)             # every numeric flag's range, before anything is built
+    except ArgError as e:
+        print(f"vmm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "record":
@@ -668,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vmm: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:             # the host refused a file mid-run (e.g. --serial /dev/full)
+        print(f"vmm: error: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_USAGE
 
 

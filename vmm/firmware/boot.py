@@ -220,6 +220,8 @@ def _load_elf(mem, data: bytes, name: str) -> tuple[int, int]:
         p_type, p_off, _vaddr, p_paddr, p_filesz, p_memsz, _f, _a = struct.unpack_from("<IIIIIIII", data, p)
         if p_type != 1 or p_memsz == 0:
             continue
+        if p_filesz > p_memsz:      # the ELF spec forbids it: the file part would overrun the segment
+            raise BootError(f"{name}: ELF segment {i} has {p_filesz:#x} bytes in the file but {p_memsz:#x} in memory")
         if p_off + p_filesz > len(data) or p_paddr + p_memsz > mem.size:
             raise BootError(f"{name}: ELF segment {i} ({p_paddr:#x}+{p_memsz:#x}) does not fit")
         mem.write(p_paddr, data[p_off:p_off + p_filesz])

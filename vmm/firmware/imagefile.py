@@ -1,0 +1,53 @@
+"""Reading the files a machine is built from (images, kernels, initrds), with
+the limits checked before any byte is read.
+
+Every image is read whole into host memory, so the file must be a regular
+file of a size that fits: ``vmm run /dev/zero`` would grow without end, a
+FIFO would block forever, and a directory or a device is no image.  The file
+is opened without blocking (a FIFO's open waits for a writer otherwise) and
+its type and size come from that open file (fstat), so nothing can swap it in
+between.  A refusal is an ``OSError`` whose ``strerror`` is one line, so the
+callers' existing "cannot read X: <strerror>" messages cover it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+MAX_IMAGE = 4 << 30      # the largest image read into memory (a boot disk; RAM itself is at most 3 GiB)
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_file(path: str, max_size: int = MAX_IMAGE) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_size`` of them; OSError
+    (one-line strerror) for anything else, before reading."""
+    if isinstance(path, str) and "\0" in path:
+        raise OSError(errno.EINVAL, "the path holds a NUL byte", path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_kind(st.st_mode)})", path)
+        if st.st_size > max_size:
+            raise OSError(errno.EFBIG, f"{st.st_size:,} bytes, more than the {max_size:,} an image may have",
+                          path)
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(max_size + 1)
+        if len(data) > max_size:  # it grew while being read
+            raise OSError(errno.EFBIG, f"more than the {max_size:,} bytes an image may have", path)
+        return data
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
