@@ -59,7 +59,7 @@ def test_system_calls_are_trapped_with_their_arguments_read_through_the_page_tab
     # the physical watch sees those stores and the tasks' reads through their user alias
     kinds = {(k, cpl) for k, cpl, _ in seen["phys"]}
     assert ("write", 0) in kinds and ("read", 3) in kinds
-    assert all(lin is None for k, cpl, lin in seen["phys"] if cpl == 3)
+    assert all(lin is None for k, cpl, lin in seen["phys"] if cpl == 3)    # paging on: the alias is not known
 
 
 def test_a_process_page_is_read_through_its_page_tables_and_watched_by_frame():
@@ -70,11 +70,27 @@ def test_a_process_page_is_read_through_its_page_tables_and_watched_by_frame():
     assert spy.read(0x40200000, 4) == m.read(TICKS, 4)
     with pytest.raises(vmm.PageFault):
         spy.read(0x40300000, 4)                       # nothing mapped there
-    reads = []
+    reads, virt = [], []
     spy.watch_physical(spy.translate(0x40200000), 4, lambda a: reads.append(a), kind="read")
+    spy.watch_virtual(0x40200000, 4, lambda a: virt.append(a), kind="read")   # the same frame, by the task's view
     m.run(1_000_000)
     users = [a for a in reads if a.cpl == 3]
-    assert users and all(a.physical == TICKS and a.size == 4 for a in users)
+    assert users and all(a.physical == TICKS and a.size == 4 and a.address is None for a in users)
+    assert [(a.icount, a.cpl) for a in virt] == [(a.icount, a.cpl) for a in reads]
+    assert all(a.address == 0x40200000 and a.physical == TICKS for a in virt)
+
+
+def test_a_kernel_reading_a_task_buffer_is_seen_by_a_watch_on_the_task_address():
+    # sys_write reads the task's line (built on its stack) at ring 0, through the user address
+    m = vmm.boot("demo")
+    m.run(2_000_000)
+    spy = m.introspect
+    seen = []
+    spy.watch_virtual(0x40100000, 0x1000, lambda a: seen.append(a), kind="read")   # task A's stack page
+    m.run()
+    kernel = [a for a in seen if a.cpl == 0]
+    assert kernel and all(0x40100000 <= a.address < 0x40101000 for a in seen)
+    assert all(a.physical == spy.translate(0x40100000) + (a.address - 0x40100000) for a in seen)
 
 
 def test_a_replay_with_introspection_attached_still_matches_the_recording(tmp_path):

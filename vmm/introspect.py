@@ -18,9 +18,10 @@ guest memory or registers would change the run: that is its own business.
     spy.on_cr3_switch(lambda e: print(f"{e.old:#x} -> {e.new:#x}"))
     text = spy.read_string(addr, cr3=some_process_cr3)
 
-User-mode accesses: Unicorn 2.1.4 hands memory hooks an access made at CPL 3
-by its guest-physical address (supervisor accesses by their linear address),
-so ``watch_physical`` sees both and ``watch_virtual`` sees supervisor accesses.
+Memory hooks: Unicorn 2.1.4 calls them with the guest-physical address of an
+access and matches their ranges against it (its memory hooks work on physical
+addresses), so ``watch_physical`` is one bounded hook, and ``watch_virtual``
+hooks the frames the linear range maps to when it is set.
 
 CR3 switches: MOV to CR3 does not leave the CPU core, so a switch is seen at
 the first VM exit after it (an interrupt, a system call, port I/O, a timer
@@ -64,7 +65,7 @@ class MemoryAccess:
     """One guest data access inside a watched range (the callback runs before a store lands)."""
 
     kind: str          # "read" or "write"
-    address: int | None   # linear address (None for a ring-3 access: see watch_physical)
+    address: int | None   # linear address (None from watch_physical with paging on)
     physical: int      # guest-physical address
     size: int
     value: int         # the value stored (writes; 0 for reads)
@@ -113,7 +114,7 @@ class Introspector:
 
     def __init__(self, pc) -> None:
         self.pc = pc
-        self._mem: dict[int, tuple[int, object]] = {}      # handle -> (kind, unicorn hook)
+        self._mem: dict[int, list] = {}      # handle -> its Unicorn memory hooks
         self._syscalls: dict[int, tuple[Callable[[Syscall], None], frozenset[int]]] = {}
         self._cr3: dict[int, Callable[[Cr3Switch], None]] = {}
         self._next = 1
@@ -127,59 +128,56 @@ class Introspector:
         self._next += 1
         return h
 
-    def _access(self, access: int, address: int, size: int, value: int) -> tuple[MemoryAccess, int] | None:
-        pc = self.pc
-        v = pc.current
+    def _event(self, access: int, pa: int, lin: int | None, size: int, value: int) -> MemoryAccess:
+        v = self.pc.current
         write = access == v.ACCESS_WRITE
-        lin: int | None = address
-        if v.cpl == 3 and v.cr0 & CR0_PG:
-            # Unicorn 2.1.4 hands memory hooks a ring-3 access by its physical address
-            pa, lin = address, None
-        else:
-            try:
-                pa = translate(pc, address, vcpu=v.id)
-            except PageFault:
-                return None      # the access itself will fault; nothing reached memory
         return MemoryAccess("write" if write else "read", lin, pa, size, value if write else 0,
-                            v.current_icount(), v.rip, v.id, v.cr3, v.cpl), pa
-
-    def watch_virtual(self, addr: int, length: int, callback: Callable[[MemoryAccess], None],
-                      kind: str = "write") -> int:
-        """Call ``callback`` for every supervisor-mode guest access ("write", "read" or
-        "access") to linear addresses [addr, addr+length), whatever the address space.
-
-        Unicorn 2.1.4 reports an access made at CPL 3 by its physical address, not
-        its linear one, so user-mode accesses are not matched here: watch a process's
-        memory with ``watch_physical`` on the frames ``translate`` gives."""
-        v = self.pc.vcpu
-        kinds = self._kinds(kind)
-
-        def hook(access, address, size, value):
-            got = self._access(access, address, size, value)
-            if got is not None and got[0].address is not None:
-                callback(got[0])
-
-        h = self._handle()
-        self._mem[h] = v.add_watch_hook(kinds, addr, addr + length - 1, hook)
-        return h
+                            v.current_icount(), v.rip, v.id, v.cr3, v.cpl)
 
     def watch_physical(self, addr: int, length: int, callback: Callable[[MemoryAccess], None],
                        kind: str = "write") -> int:
         """Call ``callback`` for every guest CPU access ("write", "read" or "access") that
-        lands in guest-physical [addr, addr+length), through any linear alias.  (Device DMA
-        is not a CPU access and is not seen.)  Hooks every access of the kinds asked and
-        walks its translation: slower than ``watch_virtual``."""
+        lands in guest-physical [addr, addr+length), through whatever linear address, at
+        any privilege level.  (Device DMA is not a CPU access and is not seen.)  The
+        event's ``address`` is None when paging is on: the frame is known, not the alias."""
         v = self.pc.vcpu
         kinds = self._kinds(kind)
-        end = addr + length
 
         def hook(access, address, size, value):
-            got = self._access(access, address, size, value)
-            if got is not None and got[1] < end and got[1] + size > addr:
-                callback(got[0])
+            cur = self.pc.current
+            callback(self._event(access, address, None if cur.cr0 & CR0_PG else address, size, value))
 
         h = self._handle()
-        self._mem[h] = v.add_watch_hook(kinds, 1, 0, hook)
+        self._mem[h] = [v.add_watch_hook(kinds, addr, addr + length - 1, hook)]
+        return h
+
+    def watch_virtual(self, addr: int, length: int, callback: Callable[[MemoryAccess], None],
+                      kind: str = "write", cr3: int | None = None) -> int:
+        """Call ``callback`` for every guest access ("write", "read" or "access") to linear
+        [addr, addr+length) as the page tables at ``cr3`` (default: the ones loaded now)
+        map it when the watch is set: a process's memory, from any privilege level and
+        through any alias of the same frames.  Pages not mapped then are not watched;
+        a watch does not follow a later remapping (set it again)."""
+        v = self.pc.vcpu
+        kinds = self._kinds(kind)
+        hooks = []
+        end = addr + length
+        page = addr
+        while page < end:
+            chunk_end = min(end, (page & ~0xFFF) + 0x1000)
+            try:
+                pa = translate(self.pc, page, cr3)
+            except PageFault:
+                page = chunk_end
+                continue
+
+            def hook(access, address, size, value, lin0=page, pa0=pa):
+                callback(self._event(access, address, lin0 + (address - pa0), size, value))
+
+            hooks.append(v.add_watch_hook(kinds, pa, pa + (chunk_end - page) - 1, hook))
+            page = chunk_end
+        h = self._handle()
+        self._mem[h] = hooks
         return h
 
     def _kinds(self, kind: str) -> int:
@@ -249,8 +247,8 @@ class Introspector:
     # -- handles ----------------------------------------------------------------------------
     def remove(self, handle: int) -> None:
         """Remove one watch or trap."""
-        if handle in self._mem:
-            self.pc.vcpu.remove_hook(self._mem.pop(handle))
+        for hook in self._mem.pop(handle, ()):
+            self.pc.vcpu.remove_hook(hook)
         self._syscalls.pop(handle, None)
         self._cr3.pop(handle, None)
         if not self._syscalls and not self._cr3 and self._installed:
