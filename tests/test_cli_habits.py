@@ -139,6 +139,8 @@ def test_nographic_puts_com1_on_stdio_and_input_on_it():
     assert args.serial == "stdio" and args.input_to == "serial"
     args = cli_habits.apply(parse("run"))
     assert args.serial == "stdio" and args.input_to is None        # the boot kind decides
+    args = cli_habits.apply(parse("run", "-serial", "mon:stdio"))
+    assert args.serial == "stdio" and args.input_to == "serial"
 
 
 def test_no_reboot_is_accepted_and_a_reset_ends_the_run(tmp_path):

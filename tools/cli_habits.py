@@ -40,6 +40,7 @@ QEMU_TABLE: list[tuple[str, str, str]] = [
     ("-cdrom FILE", "--drive file=FILE,media=cdrom", "IDE CD-ROM"),
     ("-drive SPEC", "--drive SPEC", "a drive: file=,if=,media=,format=,index=,readonly=,snapshot="),
     ("-serial DEV", "--serial DEV", "where COM1 goes: stdio, none, tcp:[HOST:]PORT or a file"),
+    ("-serial mon:stdio", "--serial stdio", "COM1 on the terminal (vmm has no monitor to multiplex)"),
     ("-nographic", "--serial stdio --input-to serial", "COM1 on the terminal, typed input to COM1"),
     ("-s", "--gdb :1234", "gdb stub on 127.0.0.1:1234; the guest runs until gdb attaches"),
     ("-gdb tcp::PORT", "--gdb :PORT", "gdb stub on PORT; the guest runs until gdb attaches (unless -S)"),
@@ -137,6 +138,8 @@ def apply(args):
     """Resolve the QEMU spellings into the options the rest of the CLI reads."""
     if not hasattr(args, "serial") or not hasattr(args, "input_to"):
         return args
+    if args.serial == "mon:stdio":         # QEMU's serial and monitor on stdio: vmm has no monitor
+        args.serial = "stdio"
     if getattr(args, "nographic", False):
         if isinstance(args.serial, _Default):
             args.serial = "stdio"
