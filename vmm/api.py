@@ -447,6 +447,14 @@ class Replay(_Guest):
         """The icount at which the recording ends."""
         return self.tt.end_icount
 
+    def events(self):
+        """The recording's events in order (``replay.events.Event``: ``kind``, an
+        ``EventKind`` such as CONSOLE_INPUT or REG_DIGEST, ``icount``, ``payload``,
+        ``vcpu``); docs/log-format.md describes each."""
+        from replay.logfile import LogReader
+
+        return iter(LogReader(self.path))
+
     def run(self, until: int | None = None) -> RunResult:
         """Replay forward to the recording's end (or to exactly ``until``), checking every
         digest; raises Divergence where the replay departs from the recording."""

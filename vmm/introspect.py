@@ -117,6 +117,7 @@ class Introspector:
         self._mem: dict[int, list] = {}      # handle -> its Unicorn memory hooks
         self._syscalls: dict[int, tuple[Callable[[Syscall], None], frozenset[int]]] = {}
         self._cr3: dict[int, Callable[[Cr3Switch], None]] = {}
+        self._exits: dict[int, Callable[[VmExit, int], None]] = {}
         self._next = 1
         self._chained = None
         self._installed = False
@@ -203,6 +204,15 @@ class Introspector:
         self._install()
         return h
 
+    def on_exit(self, callback: Callable[[VmExit, int], None]) -> int:
+        """Call ``callback(exit, vcpu)`` at every VM exit the VMM handles (``exit.reason``:
+        exception, I/O, HLT, SYSCALL, a timer deadline ...; ``exit.rip``, ``exit.icount``,
+        ``exit.vector`` for exceptions), before the VMM handles it."""
+        h = self._handle()
+        self._exits[h] = callback
+        self._install()
+        return h
+
     def on_cr3_switch(self, callback: Callable[[Cr3Switch], None]) -> int:
         """Call ``callback`` when a vCPU's CR3 has changed (seen at the next VM exit)."""
         h = self._handle()
@@ -216,6 +226,8 @@ class Introspector:
             self._chained(x)
         pc = self.pc
         v = pc.current
+        for cb in list(self._exits.values()):
+            cb(x, v.id)
         if self._cr3:
             cr3 = v.cr3
             old = self._last_cr3[v.id]
@@ -251,13 +263,14 @@ class Introspector:
             self.pc.vcpu.remove_hook(hook)
         self._syscalls.pop(handle, None)
         self._cr3.pop(handle, None)
-        if not self._syscalls and not self._cr3 and self._installed:
+        self._exits.pop(handle, None)
+        if not self._syscalls and not self._cr3 and not self._exits and self._installed:
             self.pc.trace = self._chained
             self._installed = False
 
     def close(self) -> None:
         """Remove everything this Introspector installed."""
-        for h in list(self._mem) + list(self._syscalls) + list(self._cr3):
+        for h in list(self._mem) + list(self._syscalls) + list(self._cr3) + list(self._exits):
             self.remove(h)
 
     def stop(self, message: str = "stopped by introspection") -> None:
