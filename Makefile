@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench guests clean
 
-$(STAMP): pyproject.toml setup.py vmm/cpu/native_build.py $(wildcard vmm/cpu/native/*)
+$(STAMP): pyproject.toml setup.py vmm_packaging.py vmm/cpu/native_build.py $(wildcard vmm/cpu/native/*)
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "unicorn==2.1.4" "cffi>=1.16" "setuptools>=68" wheel
