@@ -150,13 +150,18 @@ def _find_image(cfg: dict) -> str:
     return path
 
 
-def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) -> PcMachine:
+def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None,
+                  drive_mode: str = "replay") -> PcMachine:
     """The machine a config describes: booted from ``image``, or, given the ``parts``
-    of a saved state, restored to it (the firmware attached, nothing booted)."""
+    of a saved state, restored to it (the firmware attached, nothing booted).  Its
+    ``drives`` are opened as ``drive_mode`` says (vmm/platform/storage.py: "run",
+    "record", or "replay", which checks each image's hash)."""
     m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial,
                            mmu=cfg.get("mmu", "shadow"), vcpus=cfg.get("vcpus", 1), quantum=cfg.get("quantum"),
                            platform=cfg.get("platform", "pc-1"),
                            debug_exit=tuple(cfg.get("debug_exit", (0x501, 2)))))
+    if cfg.get("drives"):
+        _attach_drives(m, cfg, drive_mode)
     if parts is None:
         info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
                     cmdline=cfg["cmdline"], initrd=read_initrd(cfg))
@@ -174,6 +179,19 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) ->
     if cfg.get("input_to") is not None:   # chosen (vmm run --input-to, -serial stdio, -nographic)
         m.config.input_to = cfg["input_to"]
     return m
+
+
+def _attach_drives(m: PcMachine, cfg: dict, mode: str) -> None:
+    from vmm.platform.storage import DriveError, attach_drives, check_config
+
+    try:
+        check_config(cfg["drives"])
+    except ValueError as e:
+        raise ev.LogFormatError(f"the config's drives: {e}") from None
+    try:
+        attach_drives(m, cfg["drives"], mode)
+    except DriveError as e:
+        raise ReplayError(str(e)) from None
 
 
 def build_recorded_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) -> PcMachine:
@@ -363,8 +381,11 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            report: Callable[[str], None] | None = None,
            entries: list[tuple[int, int]] | None = None, initrd: tuple[str, bytes] | None = None,
            debug_exit: tuple[int, int] = (0x501, 2),
-           input_to: str | None = None) -> tuple[RunResult, PcMachine]:
+           input_to: str | None = None, drives: list[dict] | None = None) -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
+
+    ``drives`` (vmm/platform/storage.py ``describe``, with hashes) go into the log's
+    config; the guest writes to in-memory overlays, so the images stay as named.
 
     ``restore`` starts the recording from a snapshot file instead of a boot
     (the snapshot's own recipe then describes the machine, and the log names
@@ -378,7 +399,9 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
                              cmdline if cmdline is not None else image_name,
                              load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu, entries=entries,
                              initrd=initrd, debug_exit=debug_exit)
-        m = build_machine(cfg, image, serial or NullBackend())
+        if drives:
+            cfg["drives"] = drives
+        m = build_machine(cfg, image, serial or NullBackend(), drive_mode="record")
     if input_to is not None:           # where console input goes: "serial" (COM1) or "keyboard"
         cfg["input_to"] = m.config.input_to = input_to
     initial_hashes = page_hashes(m.memory.ram)

@@ -2,7 +2,7 @@
 time with Debian's mke2fs; the guest mounts it, writes and syncs files, mounts it again to read
 them back from the disk, and powers off; on the host e2fsck -fn finds the file system clean and
 debugfs reads the files back.  Once with PIO only (libata dma=0), once with bus-master DMA and a
-CD-ROM beside the disk (sr_mod over ATAPI, DMA for the reads), once on a qcow2 linked clone
+CD-ROM beside the disk (sr_mod over ATAPI, DMA for the reads, an ISO 9660 image made by xorriso), once on a qcow2 linked clone
 whose base stays byte-identical.
 
 Packages come from tools/debian.py; without them the tests skip and say why.  The ext4 helpers
@@ -11,6 +11,8 @@ are the virtio-blk test's.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 from pathlib import Path
 
 from devices.storage.ide import attach_ide
@@ -28,7 +30,7 @@ from tests.test_linux_virtio_blk import (  # noqa: F401  (e2fsprogs is a fixture
 )
 from tools import debian
 
-MODULES = ["ata_piix", "sd_mod", "sr_mod", "ext4", "crc32c_generic"]
+MODULES = ["ata_piix", "sd_mod", "sr_mod", "isofs", "ext4", "crc32c_generic"]
 CMDLINE = "console=ttyS0 panic=-1"
 LIMIT = 40_000_000_000
 CD_TEXT = b"read from the CD-ROM over ATAPI\n"
@@ -47,7 +49,7 @@ rm -f /mnt/a/gone.txt
 sync
 umount /mnt/a && echo UNMOUNTED
 mount -t ext4 -o ro /dev/sda /mnt/a && echo "again $(md5sum < /mnt/a/numbers.txt)" && umount /mnt/a
-if [ -b /dev/sr0 ]; then mount -t ext4 -o ro /dev/sr0 /mnt/cd && cat /mnt/cd/cd.txt && umount /mnt/cd; fi
+if [ -b /dev/sr0 ]; then mount -t iso9660 -o ro /dev/sr0 /mnt/cd && cat /mnt/cd/cd.txt && umount /mnt/cd; fi
 echo IDE-TEST-DONE
 poweroff -f
 """
@@ -86,6 +88,16 @@ def check_guest(out: str, res, xfer: str) -> None:
         assert marker in out, tail
 
 
+def make_iso(out: Path, content: Path) -> None:
+    """An ISO 9660 image (Rock Ridge) of ``content`` made by Debian's xorriso."""
+    from tools import grubimage
+
+    xo, libs = _available(grubimage.xorriso)
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(str(p) for p in libs), SOURCE_DATE_EPOCH="1767225600")
+    subprocess.run([str(xo), "-as", "mkisofs", "-o", str(out), "-V", "VMMCD", "-R", str(content)], check=True,
+                   capture_output=True, env=env, timeout=120)
+
+
 def check_disk(tools: Path, image: Path) -> None:
     fsck_clean(tools, image)
     assert debugfs_cat(tools, image, "/hello.txt") == b"written by the guest over IDE\n"
@@ -109,8 +121,8 @@ def test_linux_on_ide_dma_with_a_cdrom(debian_kernel, debian_modules, e2fsprogs,
     content = tmp_path / "cd-content"
     content.mkdir()
     (content / "cd.txt").write_bytes(CD_TEXT)
-    media = tmp_path / "cd.img"
-    make_ext4(e2fsprogs, media, 4, content)
+    media = tmp_path / "cd.iso"
+    make_iso(media, content)
     media_hash = hashlib.sha256(media.read_bytes()).hexdigest()
     with open_image(raw, writable=True) as disk, open_image(media) as cd:
         res, out, ide = boot(debian_kernel, {(0, 0): ("disk", disk), (0, 1): ("cdrom", cd)})

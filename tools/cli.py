@@ -26,7 +26,7 @@ import re
 import sys
 import time
 
-from tools import cli_habits
+from tools import cli_disk, cli_habits
 from tools.cli_bios import DEFAULT_IMAGE, bios_image, bios_quantum, real_bios
 from tools.cli_checks import ArgError, SerialFile, check_args, check_checkpoints
 from tools.exitstatus import EPILOG as EXIT_STATUS_EPILOG
@@ -153,6 +153,7 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--save-at", type=parse_save_at, action="append", default=None, metavar="ICOUNT:FILE",
                    help="write a snapshot when the vCPUs together have retired ICOUNT instructions, then "
                         "go on (repeatable)")
+    cli_disk.add_drive_options(r)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--events", action="store_true", help="list every event")
     ver = lsub.add_parser("verify", help="check the structure and every checksum")
     ver.add_argument("log", metavar="LOG")
+    cli_disk.add_disk_parser(sub)
     from replay.regress import add_parser as add_regress_parser
 
     add_regress_parser(sub)
@@ -358,9 +360,14 @@ def _machine(args, backend):
     cfg["image"]["name"] = args.image     # as the user named it, in messages
     if getattr(args, "input_to", None) is not None:
         cfg["input_to"] = args.input_to
+    drives = cli_disk.drives_from_args(args, with_hash=bool(args.save_at))
+    if drives:
+        cfg["drives"] = drives
     try:
-        return build_machine(cfg, data, backend), cfg
+        return build_machine(cfg, data, backend, drive_mode="run"), cfg
     except BootError as e:
+        raise UsageError(str(e)) from None
+    except ReplayError as e:
         raise UsageError(str(e)) from None
 
 
@@ -379,6 +386,7 @@ def _run_saving(m, cfg, args):
 
 def cmd_run(args) -> int:
     backend, stdio = _serial_backend(args.serial)
+    m = None
     try:
         m, cfg = _machine(args, backend)
         _console(m, args)
@@ -394,6 +402,8 @@ def cmd_run(args) -> int:
         res = _run_saving(m, cfg, args)
         dt = time.perf_counter() - t0
     finally:
+        if m is not None:
+            cli_disk.close(m)
         if stdio is not None:
             stdio.close()
     if args.stats or args.trace:
@@ -426,6 +436,9 @@ def cmd_record(args) -> int:
         path, data = args.restore, None
     else:
         path, data = bios_image(args, UsageError) if args.bios else _load_image(args)
+    drives = cli_disk.drives_from_args(args, with_hash=True, recording=True)
+    if drives and args.restore is not None:
+        raise UsageError("--restore takes the snapshot's disks; drive options cannot be added")
     backend, stdio = _serial_backend(args.serial)
     ref: dict = {}
     try:
@@ -456,7 +469,7 @@ def cmd_record(args) -> int:
                             restore=args.restore, save_at=args.save_at, initrd=_initrd(args),
                             debug_exit=args.debug_exit, quantum=bios_quantum(args),
                             input_to=getattr(args, "input_to", None),
-                            report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
+                            drives=drives, report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
             raise UsageError(str(e)) from None
         except SnapshotError as e:
@@ -469,6 +482,7 @@ def cmd_record(args) -> int:
     finally:
         if stdio is not None:
             stdio.close()
+    cli_disk.close(m)
     print(f"\nvmm: recorded {res.icount:,} instructions ({m.clock.now() / 1e8:.3f} guest s) in {dt:.2f} s "
           f"({res.icount / max(dt, 1e-9) / 1e6:.1f} MIPS); {_count_events(args.output)} events, "
           f"{os.path.getsize(args.output):,} log bytes -> {args.output}", file=sys.stderr)
@@ -662,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_replay(args)
         if args.command == "log":
             return cmd_log(args)
+        if args.command == "disk":
+            return cli_disk.cmd_disk(args)
         if args.command == "regress":
             from replay.regress import RegressUsageError, main as regress_main
 
