@@ -381,8 +381,12 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            report: Callable[[str], None] | None = None,
            entries: list[tuple[int, int]] | None = None, initrd: tuple[str, bytes] | None = None,
            debug_exit: tuple[int, int] = (0x501, 2),
-           input_to: str | None = None, drives: list[dict] | None = None) -> tuple[RunResult, PcMachine]:
+           input_to: str | None = None, drives: list[dict] | None = None,
+           on_writer: Callable[[LogWriter], None] | None = None) -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
+
+    ``on_writer`` is handed the log writer once the header is written (lockstep
+    FT flushes it at points of its own: replay/ft/primary.py).
 
     ``drives`` (vmm/platform/storage.py ``describe``, with hashes) go into the log's
     config; the guest writes to in-memory overlays, so the images stay as named.
@@ -408,6 +412,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
     writer = LogWriter(out_path, cfg, state_digest(m, initial_hashes),
                        **({"chunk_events": chunk_events} if chunk_events else {}))
     writer.append(Event(EventKind.DISK_IMAGE, 0, ev.encode_disk_image(image_name, cfg["image"]["sha256"])))
+    if on_writer is not None:
+        on_writer(writer)
 
     def emit(events: list[Event]) -> None:
         for e in events:

@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--events", action="store_true", help="list every event")
     ver = lsub.add_parser("verify", help="check the structure and every checksum")
     ver.add_argument("log", metavar="LOG")
+    from tools import cli_ft
+
+    cli_ft.add_ft_parser(sub)
     cli_disk.add_disk_parser(sub)
     from replay.regress import add_parser as add_regress_parser
 
@@ -676,6 +679,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_replay(args)
         if args.command == "log":
             return cmd_log(args)
+        if args.command == "ft":
+            from tools import cli_ft
+
+            return cli_ft.cmd_ft(args)
         if args.command == "disk":
             return cli_disk.cmd_disk(args)
         if args.command == "regress":

@@ -1,0 +1,393 @@
+"""The backup of a fault-tolerant pair: a ``Replayer`` reading the primary's
+log from the link, held a horizon behind it, that goes live where the
+primary's last horizon was.
+
+The replay may pass a horizon tick only once a later horizon has arrived, so
+it is never beyond the last point where the log is known to be whole.  When
+the link fails, the backup tries the arbiter; won, it replays to the last
+horizon it holds (every event before it is there), stops exactly there, and
+continues the same machine live: input from the console's clients, output to
+them at the same console address, from the output position each client says
+it holds.  Lost, the primary is live and the backup stops.
+"""
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from replay import events as ev
+from replay.boundary import InputMismatch
+from replay.events import EventKind
+from replay.ft import wire
+from replay.ft.arbiter import LOST, UNREACHABLE, WON, Arbiter
+from replay.ft.console import ConsoleServer
+from replay.ft.primary import FLUSH_TICKS, FORMING_PATIENCE, Fenced, FtError
+from replay.logfile import StreamLogReader
+from replay.session import VMM_VERSION, Replayer
+from vmm.boundary import CONSOLE, Boundary
+from vmm.machine import RunResult, StopReason
+
+
+class _Feed:
+    """A binary stream the link's receiver fills; read() blocks until bytes come or the link ends."""
+
+    name = "<ft link>"
+    closed = False
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._cv = threading.Condition()
+        self._ended = False
+        self._kept: bytearray | None = None
+
+    def mark(self) -> None:
+        """Keep what is read from now on, for ``rewind``."""
+        with self._cv:
+            self._kept = bytearray()
+
+    def rewind(self) -> None:
+        """Put back what was read since ``mark`` (the handshake reads the log header twice)."""
+        with self._cv:
+            self._buf[:0] = self._kept
+            self._kept = None
+            self._cv.notify_all()
+
+    def put(self, data: bytes) -> None:
+        with self._cv:
+            self._buf += data
+            self._cv.notify_all()
+
+    def end(self) -> None:
+        with self._cv:
+            self._ended = True
+            self._cv.notify_all()
+
+    def read(self, n: int = -1) -> bytes:
+        with self._cv:
+            while not self._buf and not self._ended:
+                self._cv.wait()
+            if n < 0:
+                n = len(self._buf)
+            out = bytes(self._buf[:n])
+            del self._buf[:n]
+            if self._kept is not None:
+                self._kept += out
+            return out
+
+
+class LiveReplica(Replayer):
+    """A replay that checks every digest like any other while the primary lives,
+    stops at the tick ``stop_at`` when told to, and then runs live."""
+
+    def __init__(self, feed: _Feed, image: bytes | None, serial, gate: Callable[[int], None]):
+        self.live = False
+        self.stop_at: int | None = None
+        super().__init__(feed, image=image, serial=serial, verify=True)
+        self._gate = gate
+        self.position = 0
+
+    def start_ticks(self) -> None:
+        self.m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
+
+    def _tick(self, now: int) -> None:
+        # the same timer, at the same ticks, as the primary's horizon timer
+        if self.live:
+            return
+        self.position = now
+        self._gate(now)
+        if self.stop_at is not None and now >= self.stop_at:
+            self.m.request_host_stop("takeover")
+            return
+        self.m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
+
+    def _check(self, snapshot) -> None:
+        if self.live or (self.stop_at is not None and self.m.clock.now() >= self.stop_at):
+            return   # at or past the last horizon: the primary's log may not hold these
+        super()._check(snapshot)
+
+    def replay(self) -> RunResult:
+        """Replay until the takeover stop (reason HOST) or the guest's end (checked against the END)."""
+        m = self.m
+        try:
+            res = m.run(None)
+        except InputMismatch as e:
+            raise self._diverge(str(e)) from None
+        if res.reason is StopReason.HOST:
+            return res      # the takeover point, or the primary holds the arbiter
+        self._check(self._digests.snapshot(True))
+        e = self._next
+        if e is None or e.kind != EventKind.END:
+            raise self._diverge(f"the replay ended ({res.reason.value}) where the primary's log does not")
+        end = self._take()
+        reason, status, _msg = ev.decode_end(end.payload)
+        if end.icount != m.icount or reason != res.reason.value or status != res.status:
+            raise self._diverge(f"the run ended differently: primary {reason} (status {status}) at icount "
+                                f"{end.icount}, backup {res.reason.value} (status {res.status}) at {m.icount}")
+        return res
+
+    def input_position(self) -> int:
+        """Console input bytes the replayed machine took (the live side's input position)."""
+        return sum(len(e.payload) for e in self.events[:self._pos] if e.kind == EventKind.CONSOLE_INPUT)
+
+    def go_live(self, console: ConsoleServer) -> None:
+        self.live = True
+        m = self.m
+        m.set_boundary(Boundary())
+        m.boundary.attach(CONSOLE, console.poll_input)
+        m.pace_idle = True
+
+
+@dataclass
+class BackupResult:
+    result: RunResult
+    outcome: str            # "primary-finished" | "took-over" | "fenced"
+    detected_after: float | None = None   # seconds from the last thing heard to the declaration
+    takeover_tick: int | None = None
+
+
+class Backup:
+    def __init__(self, listen: tuple[str, int], *, image: bytes | None = None, arbiter: str | None = None,
+                 console: tuple[str, int] | None = None, heartbeat: float = 0.05,
+                 say: Callable[[str], None] = lambda s: None):
+        self.listen_addr = listen
+        self.image = image
+        self.arbiter_path = arbiter
+        self.console_addr = console
+        self.heartbeat = heartbeat
+        self.say = say
+        self.cv = threading.Condition()
+        self.hello: dict | None = None
+        self.horizon = 0
+        self.lost: str | None = None
+        self.lost_at: float | None = None
+        self.heard_last: float | None = None
+        self.bye = False
+        self.decision: str | None = None      # WON / LOST once the arbiter answered
+        self.feed = _Feed()
+        self.link: wire.Link | None = None
+        self.replica: LiveReplica | None = None
+        self._srv: socket.socket | None = None
+
+    def bind(self) -> tuple[str, int]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(self.listen_addr)
+        s.listen(1)
+        self._srv = s
+        return s.getsockname()[:2]
+
+    # -- the link's side ----------------------------------------------------------------
+    def _on_message(self, kind: bytes, payload: bytes) -> None:
+        if kind == wire.LOG:
+            self.feed.put(payload)
+        elif kind == wire.HORIZON:
+            with self.cv:
+                self.horizon = max(self.horizon, wire.read_u64(payload))
+                self.cv.notify_all()
+            self.link.send(wire.ACK, payload)     # the log up to it is here (it came first)
+        elif kind == wire.HELLO:
+            with self.cv:
+                try:
+                    import json
+
+                    self.hello = json.loads(payload)
+                except ValueError:
+                    self.hello = {}
+                self.cv.notify_all()
+        elif kind == wire.BYE:
+            with self.cv:
+                self.bye = True
+                self.cv.notify_all()
+
+    def _on_lost(self, reason: str) -> None:
+        with self.cv:
+            self.lost_at = time.monotonic()
+            self.heard_last = self.link.last_heard if self.link else None
+            if self.bye:
+                self.feed.end()
+                self.cv.notify_all()
+                return
+            self.lost = reason
+            self.cv.notify_all()
+        self.feed.end()
+        threading.Thread(target=self._contend, name="ft-arbiter", daemon=True).start()
+
+    def _contend(self) -> None:
+        arb = Arbiter(self.arbiter_path)
+        warned = False
+        while True:
+            outcome, detail = arb.try_acquire("backup")
+            if outcome in (WON, LOST):
+                with self.cv:
+                    self.decision = outcome
+                    if outcome == WON:
+                        self.stop_tick = self.horizon
+                        if self.replica is not None:
+                            self.replica.stop_at = self.horizon
+                    self.cv.notify_all()
+                if outcome == LOST:
+                    self.say(f"the primary is lost ({self.lost}) but holds the arbiter ({detail}): stopping")
+                return
+            if outcome == UNREACHABLE and not warned:
+                self.say(f"the primary is lost ({self.lost}); the arbiter cannot be reached ({detail}): retrying")
+                warned = True
+            time.sleep(self.heartbeat)
+
+    def _gate(self, now: int) -> None:
+        """At each horizon tick of the replay: go on only once the log is known whole past it."""
+        with self.cv:
+            self.link.send(wire.PROGRESS, wire.u64(now))
+            while self.horizon <= now and self.decision is None:
+                self.cv.wait(self.heartbeat)
+            if self.decision == LOST:
+                self.replica.m.request_host_stop("the primary holds the arbiter")
+
+    # -- the run -----------------------------------------------------------------------
+    def serve(self, wait: float | None = None, linger: float = 10.0) -> BackupResult:
+        from replay.events import LogFormatError
+        from replay.session import Divergence, ReplayError
+
+        if self._srv is None:
+            self.bind()
+        self._srv.settimeout(wait)
+        try:
+            conn, peer = self._srv.accept()
+        except TimeoutError:
+            raise FtError(f"no primary connected within {wait} s") from None
+        self._srv.close()
+        conn.settimeout(None)
+        self.link = wire.Link(conn, self.heartbeat, self._on_message, self._on_lost)
+        self.link.patience = FORMING_PATIENCE
+        self.link.start()
+        with self.cv:
+            self.cv.wait_for(lambda: self.hello is not None or self.lost is not None, timeout=60)
+        hello = self.hello
+        if hello is None:
+            raise FtError("the primary said nothing")
+
+        def refuse(why: str) -> FtError:
+            self.link.send(wire.REFUSE, why.encode())
+            self.link.close()
+            return FtError(why)
+
+        if hello.get("protocol") != wire.PROTOCOL:
+            raise refuse(f"FT protocol {hello.get('protocol')!r}, this backup speaks {wire.PROTOCOL}")
+        if self.arbiter_path is not None and not hello.get("arbiter"):
+            raise refuse("this backup has an arbiter (--arbiter) and the primary none: both or neither")
+        if self.arbiter_path is None:
+            self.arbiter_path = hello.get("arbiter")
+        held = Arbiter(self.arbiter_path).check_free()
+        if held:
+            raise refuse(held)
+        hb = hello.get("heartbeat")
+        if isinstance(hb, (int, float)) and 0.001 <= hb <= 60:
+            self.heartbeat = self.link.heartbeat = float(hb)
+        # the handshake reads the log header (image hashes, configuration) and answers before
+        # the primary runs an instruction; the replay then reads the header again
+        self.feed.mark()
+        try:
+            cfg = StreamLogReader(self.feed).header.config
+        except LogFormatError as e:
+            raise refuse(f"the primary's log header: {e}") from None
+        self.feed.rewind()
+        why = self._disagreement(cfg)
+        if why:
+            raise refuse(why)
+        self.link.send(wire.ACCEPT, wire.pack_json({"vmm_version": VMM_VERSION}))
+        console = ConsoleServer("backup")
+        try:
+            rp = LiveReplica(self.feed, self.image, console, self._gate)
+        except (LogFormatError, ReplayError, Divergence, OSError) as e:
+            self.link.close(drain=0)
+            raise FtError(f"the backup cannot follow the primary: {str(e).splitlines()[0]}") from None
+        self.replica = rp
+        with self.cv:
+            if self.decision == WON:
+                rp.stop_at = self.horizon
+        self.say(f"paired with the primary at {peer[0]}:{peer[1]}; replaying "
+                 f"{rp.cfg['image']['name']} ({rp.cfg.get('vcpus', 1)} vCPU)")
+        rp.start_ticks()
+        self.link.patience = None
+        try:
+            res = rp.replay()
+        except Divergence as d:
+            self.link.close(drain=0)
+            raise FtError(f"the backup's replay diverged from the primary: {str(d).splitlines()[0]}") from None
+        if self.decision == LOST:
+            raise Fenced()
+        addr = self.console_addr or tuple(hello.get("console") or ("127.0.0.1", 0))
+        if res.reason is StopReason.HOST and rp.stop_at is not None:
+            rp.go_live(console)
+            console.go_alone(rp.input_position())
+            self._listen_console(console, addr)
+            detected = (self.lost_at - self.heard_last) if self.lost_at and self.heard_last else None
+            self.say(f"the primary is lost ({self.lost}); live from tick {rp.stop_at} (icount {rp.m.icount}), "
+                     f"console on {console.address[0]}:{console.address[1]}")
+            res = rp.m.run(None)
+            console.finish(_status(res))
+            _linger(console, linger)
+            return BackupResult(res, "took-over", detected, rp.stop_at)
+        # the guest ended, as it did on the primary
+        status = _status(res)
+        with self.cv:
+            self.cv.wait_for(lambda: self.bye or self.decision is not None)
+        if self.bye:
+            self.link.close(drain=0)
+            return BackupResult(res, "primary-finished")
+        with self.cv:
+            self.cv.wait_for(lambda: self.decision is not None)
+        if self.decision == LOST:
+            raise Fenced()
+        # the primary died after the end, perhaps before every output was out: serve them
+        console.go_alone(rp.input_position())
+        self._listen_console(console, addr)
+        console.finish(status)
+        _linger(console, linger)
+        return BackupResult(res, "took-over")
+
+    def _disagreement(self, cfg: dict) -> str | None:
+        """Why this backup cannot replay the machine the primary's header describes (None if it can)."""
+        from replay.session import _find_image
+
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("image"), dict):
+            return "the primary's log header does not describe its image"
+        if cfg.get("vmm_version") != VMM_VERSION:
+            return f"the primary runs vmm {cfg.get('vmm_version')}, this backup {VMM_VERSION}"
+        if self.image is None:
+            path = _find_image(cfg)
+            try:
+                with open(path, "rb") as f:
+                    self.image = f.read()
+            except OSError as e:
+                return f"this backup cannot read the image {path}: {e.strerror} (give it --image PATH)"
+        sha = hashlib.sha256(self.image).hexdigest()
+        want = cfg["image"].get("sha256")
+        if sha != want:
+            return (f"the image differs: the primary's {cfg['image'].get('name')} has sha256 {str(want)[:16]}..., "
+                    f"this backup's {sha[:16]}...")
+        return None
+
+    def _listen_console(self, console: ConsoleServer, addr) -> None:
+        end = time.monotonic() + 5.0
+        while True:
+            try:
+                console.listen(addr[0], int(addr[1]))
+                return
+            except OSError as e:
+                if time.monotonic() > end:
+                    raise FtError(f"cannot serve the console on {addr[0]}:{addr[1]}: {e.strerror}") from None
+                time.sleep(0.02)
+
+
+def _status(res: RunResult) -> int:
+    return res.status & 0xFF if res.reason is StopReason.EXIT else 0
+
+
+def _linger(console: ConsoleServer, linger: float) -> None:
+    end = time.monotonic() + linger
+    while time.monotonic() < end and not (console.all_sent() and console.ever_ended()):
+        time.sleep(0.02)

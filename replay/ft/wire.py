@@ -1,0 +1,175 @@
+"""The link between a primary and its backup: framed messages on one TCP
+connection, a sender thread that batches them and fills silences with
+heartbeats, and a receiver thread that declares the peer lost after
+``MISSED_BEATS`` heartbeat intervals of silence or when the connection ends.
+
+A frame is one type byte, a u32 payload length and the payload.  The receiver
+hands a message on only once it is whole, so a peer that dies mid-frame
+leaves nothing half-read behind.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+PROTOCOL = 1
+MISSED_BEATS = 3
+
+HELLO = b"H"      # primary -> backup: FT parameters (JSON)
+ACCEPT = b"A"     # backup -> primary: the handshake passed (JSON)
+REFUSE = b"R"     # backup -> primary: one line saying why not
+LOG = b"L"        # primary -> backup: bytes of the event log (header, whole chunks)
+HORIZON = b"T"    # primary -> backup: u64 tick: every event before it has been sent
+ACK = b"K"        # backup -> primary: u64 tick: the log up to this horizon is held
+PROGRESS = b"P"   # backup -> primary: u64 tick the replay has reached
+BEAT = b"B"       # either way: still here
+BYE = b"E"        # primary -> backup: the run ended and every output was released
+
+_FRAME = struct.Struct("<cI")
+_U64 = struct.Struct("<Q")
+MAX_FRAME = 64 << 20
+END_OF_LOG = (1 << 63) - 1   # the horizon after the END: the whole log
+
+
+def u64(v: int) -> bytes:
+    return _U64.pack(v)
+
+
+def read_u64(payload: bytes) -> int:
+    return _U64.unpack(payload)[0]
+
+
+def pack_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+def parse_hostport(text: str, what: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """'[HOST:]PORT' -> (host, port); ValueError with one line if it is not that."""
+    host, _, port = text.rpartition(":")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"{what} wants [HOST:]PORT, not {text!r}") from None
+    if not 0 <= p < 65536:
+        raise ValueError(f"{what}: port {p} is out of range")
+    return host or default_host, p
+
+
+class Link:
+    """One end of the connection.  ``on_message(kind, payload)`` runs on the
+    receiver thread; ``on_lost(reason)`` runs once, when the peer is gone."""
+
+    def __init__(self, sock: socket.socket, heartbeat: float,
+                 on_message: Callable[[bytes, bytes], None], on_lost: Callable[[str], None]):
+        self.sock = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.heartbeat = heartbeat
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self._out: list[bytes] = []
+        self._cv = threading.Condition()
+        self.lost: str | None = None
+        self.closing = False
+        self.last_heard = time.monotonic()
+        # silence allowed before the peer is declared lost; while a pair forms (the backup
+        # builds its machine, the primary waits for its answer) the ``patience`` is longer
+        self.patience: float | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._threads = [threading.Thread(target=self._send_loop, name="ft-send", daemon=True),
+                         threading.Thread(target=self._recv_loop, name="ft-recv", daemon=True)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        frame = _FRAME.pack(kind, len(payload)) + payload
+        with self._cv:
+            if self.lost is not None or self.closing:
+                return
+            self._out.append(frame)
+            self._cv.notify()
+
+    def close(self, drain: float = 1.0) -> None:
+        """Send what is queued (for up to ``drain`` seconds), then close."""
+        end = time.monotonic() + drain
+        with self._cv:
+            while self._out and self.lost is None and time.monotonic() < end:
+                self._cv.wait(0.01)
+            self.closing = True
+            self._cv.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _lose(self, reason: str) -> None:
+        with self._cv:
+            if self.lost is not None or self.closing:
+                return
+            self.lost = reason
+            self._out.clear()
+            self._cv.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.on_lost(reason)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                if not self._out and self.lost is None and not self.closing:
+                    self._cv.wait(self.heartbeat)
+                if self.lost is not None or self.closing:
+                    return
+                batch = b"".join(self._out) or _FRAME.pack(BEAT, 0)
+                self._out.clear()
+                self._cv.notify_all()
+            try:
+                self.sock.sendall(batch)
+                self.bytes_sent += len(batch)
+            except OSError as e:
+                self._lose(f"sending failed: {e.strerror or e}")
+                return
+
+    def _recv_loop(self) -> None:
+        buf = bytearray()
+        self.sock.settimeout(min(self.heartbeat, 0.05))
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                limit = self.patience or self.heartbeat * MISSED_BEATS
+                if time.monotonic() - self.last_heard > limit:
+                    self._lose(f"no heartbeat for {limit:.3g} s")
+                    return
+                continue
+            except OSError as e:
+                self._lose(f"the connection failed: {e.strerror or e}")
+                return
+            if self.closing:
+                return
+            if not data:
+                self._lose("the connection closed")
+                return
+            self.last_heard = time.monotonic()
+            self.bytes_received += len(data)
+            buf += data
+            while len(buf) >= _FRAME.size:
+                kind, n = _FRAME.unpack_from(buf)
+                if n > MAX_FRAME:
+                    self._lose(f"a frame of {n} bytes (the limit is {MAX_FRAME})")
+                    return
+                if len(buf) < _FRAME.size + n:
+                    break
+                payload = bytes(buf[_FRAME.size:_FRAME.size + n])
+                del buf[:_FRAME.size + n]
+                if kind != BEAT:
+                    self.on_message(kind, payload)

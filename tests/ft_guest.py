@@ -1,0 +1,186 @@
+"""The guest the fault-tolerance tests and benchmark run: a flat 32-bit binary
+that prints a numbered line at a steady pace and, every ASK lines, prints a
+"?" line and waits (polling the UART, never halting) for one console byte,
+which it echoes as "got X".  Its transcript is a function of the bytes typed,
+not of when they arrive, so a run with failovers can be held against a run
+without.  With SMP=1 the BSP starts the application processor through the
+LAPIC (INIT, then a start-up IPI to a real-mode loop that counts in memory)
+and prints that counter on every line: a transcript that shows the vCPU
+interleaving exactly.
+
+Built with nasm (skip where it is missing), cached per source and options.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = r"""
+bits 32
+org 0x100000
+COM1 equ 0x3f8
+start:
+    mov esp, 0x90000
+%if SMP
+    mov esi, ap_tramp
+    mov edi, 0x8000
+    mov ecx, ap_tramp_end - ap_tramp
+    rep movsb
+    mov dword [0xFEE00310], 0
+    mov dword [0xFEE00300], 0x000C4500
+    mov dword [0xFEE00300], 0x000C4608
+%endif
+    xor ebx, ebx
+line:
+    inc ebx
+    mov eax, ebx
+    call print_dec
+%if SMP
+    mov al, ' '
+    call putc
+    mov eax, [0x7000]
+    call print_hex
+%endif
+    mov al, 10
+    call putc
+%if ASK
+    mov eax, ebx
+    xor edx, edx
+    mov ecx, ASK
+    div ecx
+    test edx, edx
+    jnz no_ask
+    mov al, '?'
+    call putc
+    mov al, 10
+    call putc
+wait_rx:
+    mov ecx, 20000
+    loop $
+    mov dx, COM1 + 5
+    in al, dx
+    test al, 1
+    jz wait_rx
+    mov dx, COM1
+    in al, dx
+    mov cl, al
+    mov al, 'g'
+    call putc
+    mov al, 'o'
+    call putc
+    mov al, 't'
+    call putc
+    mov al, ' '
+    call putc
+    mov al, cl
+    call putc
+    mov al, 10
+    call putc
+no_ask:
+%endif
+    mov ecx, DELAY
+    loop $
+    cmp ebx, LINES
+    jb line
+    mov dx, 0x501
+    mov ax, 0
+    out dx, ax
+    cli
+    hlt
+
+putc:                       ; al
+    push edx
+    mov dx, COM1
+    out dx, al
+    pop edx
+    ret
+
+print_dec:                  ; eax, six digits
+    push ebx
+    push ecx
+    push edx
+    mov ecx, 6
+    mov ebx, 10
+    sub esp, 8
+.d: xor edx, edx
+    div ebx
+    add dl, '0'
+    mov [esp + ecx - 1], dl
+    loop .d
+    mov ecx, 0
+.p: mov al, [esp + ecx]
+    call putc
+    inc ecx
+    cmp ecx, 6
+    jb .p
+    add esp, 8
+    pop edx
+    pop ecx
+    pop ebx
+    ret
+
+print_hex:                  ; eax, eight digits
+    push ecx
+    push edx
+    mov edx, eax
+    mov ecx, 8
+.h: rol edx, 4
+    mov al, dl
+    and al, 15
+    add al, '0'
+    cmp al, '9'
+    jbe .o
+    add al, 7
+.o: call putc
+    loop .h
+    pop edx
+    pop ecx
+    ret
+
+%if SMP
+bits 16
+ap_tramp:
+    xor ax, ax
+    mov ds, ax
+.l: inc dword [0x7000]
+    jmp .l
+ap_tramp_end:
+%endif
+"""
+
+_CACHE = Path(tempfile.gettempdir()) / "vmm-ft-guests"
+
+
+def have_nasm() -> bool:
+    return shutil.which("nasm") is not None
+
+
+def build(lines: int = 300, ask: int = 0, smp: bool = False, delay: int = 20000) -> Path:
+    """The guest image (a flat binary for `--boot flat`), built once per option set."""
+    defs = {"LINES": lines, "ASK": ask, "SMP": int(smp), "DELAY": delay}
+    key = hashlib.sha256((SOURCE + repr(sorted(defs.items()))).encode()).hexdigest()[:16]
+    out = _CACHE / f"ft-{key}.bin"
+    if out.exists():
+        return out
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    src = _CACHE / f"ft-{key}.asm"
+    src.write_text(SOURCE)
+    tmp = out.with_suffix(".tmp")
+    subprocess.run(["nasm", "-f", "bin", *(f"-D{k}={v}" for k, v in defs.items()), "-o", str(tmp), str(src)],
+                   check=True, capture_output=True)
+    tmp.replace(out)
+    return out
+
+
+def expected(lines: int, ask: int, typed: bytes) -> bytes:
+    """The transcript of a uniprocessor run: numbered lines, a "?" and the echo every ``ask`` lines."""
+    out = bytearray()
+    it = iter(typed)
+    for n in range(1, lines + 1):
+        out += b"%06d\n" % n
+        if ask and n % ask == 0:
+            out += b"?\ngot %c\n" % next(it)
+    return bytes(out)

@@ -1,0 +1,355 @@
+"""Lockstep fault tolerance (replay/ft/) with real processes: `vmm ft primary`,
+`vmm ft backup`, and a console consumer that follows the pair by output and
+input position.  Each test checks what a user of the console sees: the
+transcript of a run with a failure equals that of a run without one, byte
+for byte (nothing lost, nothing repeated), and a partition never leaves two
+sides producing output.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ft_guest
+
+from replay.ft.console import ConsoleClient
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not ft_guest.have_nasm(), reason="nasm builds the FT test guest")
+
+LINES, ASK = 1200, 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vmm(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())", *args],
+                            cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    try:
+        _out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _out, err = p.communicate()
+        raise AssertionError(f"vmm did not end in {timeout} s: {err.decode(errors='replace')}") from None
+    return p.returncode, err.decode(errors="replace")
+
+
+class Pair:
+    """A backup, a primary and the ports between them (the primary may talk through a proxy)."""
+
+    def __init__(self, tmp: Path, guest: Path, smp: int = 1, arbiter: tuple[str, str] | None = None,
+                 backup_console: bool = False, via=None, heartbeat: str = "50ms"):
+        self.listen = free_port()
+        self.console = free_port()
+        self.backup_console = free_port() if backup_console else self.console
+        arb_p = arb_b = str(tmp / "arbiter.lock")
+        if arbiter:
+            arb_p, arb_b = arbiter
+        battrs = ["--console", f"127.0.0.1:{self.backup_console}"] if backup_console else []
+        self.backup = vmm("ft", "backup", "--listen", f"127.0.0.1:{self.listen}", "--arbiter", arb_b,
+                          "--linger", "5", "--heartbeat", heartbeat, *battrs)
+        target = via(self.listen) if via else self.listen
+        self.primary = vmm("ft", "primary", str(guest), "--boot", "flat", "--smp", str(smp),
+                           "--backup", f"127.0.0.1:{target}", "--console", f"127.0.0.1:{self.console}",
+                           "--arbiter", arb_p, "--linger", "5", "--heartbeat", heartbeat)
+
+    def close(self) -> None:
+        for p in (self.primary, self.backup):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+def typist(c: ConsoleClient) -> None:
+    """Answer each "?" prompt with the next letter, once."""
+    asked = c.transcript.count(b"?\n")
+    while len(c.typed) < asked:
+        c.type(bytes([ord("a") + len(c.typed) % 26]))
+
+
+def reference(guest: Path, smp: int, typed: bytes, tmp: Path) -> bytes:
+    """The transcript of a plain `vmm run` with the same input."""
+    inp = tmp / "typed"
+    inp.write_bytes(typed)
+    out = tmp / "plain.serial"
+    p = vmm("run", str(guest), "--boot", "flat", "--smp", str(smp), "--serial", str(out), "--input", str(inp))
+    rc, err = finish(p)
+    assert rc == 0, err
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def ask_guest() -> Path:
+    return ft_guest.build(lines=LINES, ask=ASK)
+
+
+@pytest.fixture(scope="module")
+def smp_guest() -> Path:
+    return ft_guest.build(lines=600, smp=True)
+
+
+def test_pair_without_faults_prints_what_a_plain_run_prints(ask_guest, tmp_path):
+    pair = Pair(tmp_path, ask_guest)
+    try:
+        c = ConsoleClient([("127.0.0.1", pair.console)], typist)
+        assert c.run(timeout=120) == 0
+        rc_p, err_p = finish(pair.primary)
+        rc_b, err_b = finish(pair.backup)
+    finally:
+        pair.close()
+    assert rc_p == 0, err_p
+    assert rc_b == 0, err_b
+    assert "the primary finished; the replay ended the same way" in err_b
+    want = ft_guest.expected(LINES, ASK, bytes(c.typed))
+    assert bytes(c.transcript) == want
+    assert want == reference(ask_guest, 1, bytes(c.typed), tmp_path)
+    assert c.served_by == ["primary"]
+    assert not (tmp_path / "arbiter.lock").exists()
+
+
+def _kill_primary_run(guest: Path, tmp: Path, at: float, delay: float, smp: int, want_of) -> None:
+    pair = Pair(tmp, guest, smp=smp)
+    killed = threading.Event()
+    total = len(want_of(b"a" * 100))
+
+    def on_output(c: ConsoleClient) -> None:
+        typist(c)
+        if not killed.is_set() and len(c.transcript) >= at * total:
+            killed.set()
+            threading.Timer(delay, pair.primary.send_signal, (signal.SIGKILL,)).start()
+
+    try:
+        c = ConsoleClient([("127.0.0.1", pair.console)], on_output)
+        assert c.run(timeout=120, reconnect_for=30) == 0
+        rc_b, err_b = finish(pair.backup)
+        rc_p, _ = finish(pair.primary)
+    finally:
+        pair.close()
+    assert rc_b == 0, err_b
+    assert bytes(c.transcript) == want_of(bytes(c.typed))
+    if rc_p == -signal.SIGKILL and "the primary finished" not in err_b:
+        # the backup went live where the primary's log ended and served the rest at the same address
+        assert "live from tick" in err_b, err_b
+        assert c.served_by[0] == "primary" and c.served_by[-1] == "backup"
+        assert '"role": "backup"' in (tmp / "arbiter.lock").read_text()
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(at=st.floats(0.0, 0.85), delay=st.floats(0.0, 0.3))
+def test_kill_primary_the_consumer_sees_an_uninterrupted_run(ask_guest, tmp_path_factory, at, delay):
+    tmp = tmp_path_factory.mktemp("kill")
+    _kill_primary_run(ask_guest, tmp, at, delay, 1, lambda typed: ft_guest.expected(LINES, ASK, typed))
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@given(at=st.floats(0.0, 0.85), delay=st.floats(0.0, 0.3))
+def test_kill_primary_with_two_vcpus(smp_guest, tmp_path_factory, at, delay):
+    tmp = tmp_path_factory.mktemp("kill-smp")
+    want = reference(smp_guest, 2, b"", tmp)
+    assert len({line.split()[1] for line in want.splitlines()}) > 10   # the AP's counter moves
+    _kill_primary_run(smp_guest, tmp, at, delay, 2, lambda typed: want)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@given(at=st.floats(0.0, 0.85))
+def test_kill_backup_the_primary_goes_on_alone(ask_guest, tmp_path_factory, at):
+    tmp = tmp_path_factory.mktemp("kill-backup")
+    pair = Pair(tmp, ask_guest)
+    killed = threading.Event()
+    total = len(ft_guest.expected(LINES, ASK, b"a" * 100))
+
+    def on_output(c: ConsoleClient) -> None:
+        typist(c)
+        if not killed.is_set() and len(c.transcript) >= at * total:
+            killed.set()
+            pair.backup.send_signal(signal.SIGKILL)
+
+    try:
+        c = ConsoleClient([("127.0.0.1", pair.console)], on_output)
+        assert c.run(timeout=120) == 0
+        rc_p, err_p = finish(pair.primary)
+    finally:
+        pair.close()
+    assert rc_p == 0, err_p
+    assert bytes(c.transcript) == ft_guest.expected(LINES, ASK, bytes(c.typed))
+    if "going on alone" in err_p:
+        assert '"role": "primary"' in (tmp / "arbiter.lock").read_text()
+    assert c.served_by == ["primary"]
+
+
+class Proxy:
+    """A TCP relay between the primary and the backup that can be cut: both
+    connections stay open, and nothing gets through either way (a partition)."""
+
+    def __init__(self):
+        self.cut = threading.Event()
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(1)
+        self.port = self.srv.getsockname()[1]
+
+    def to(self, backend: int) -> int:
+        threading.Thread(target=self._serve, args=(backend,), daemon=True).start()
+        return self.port
+
+    def _serve(self, backend: int) -> None:
+        a, _ = self.srv.accept()
+        end = time.monotonic() + 30
+        while True:   # the backup may not listen yet
+            try:
+                b = socket.create_connection(("127.0.0.1", backend))
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    a.close()
+                    return
+                time.sleep(0.05)
+        for x, y in ((a, b), (b, a)):
+            threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            if not self.cut.is_set():
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+
+@pytest.mark.parametrize("reach", ["both", "backup-first", "primary-first"])
+def test_partition_never_two_live_sides(ask_guest, tmp_path, reach):
+    """The link is cut while both sides live.  The arbiter is reachable by both, or first by one
+    side only and then by both: exactly one side goes on, the other stops, the output never forks."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    view_p, view_b = tmp_path / "view-p", tmp_path / "view-b"   # each side's mount of the shared storage
+    view_p.symlink_to(shared)
+    view_b.symlink_to(shared)
+    proxy = Proxy()
+    pair = Pair(tmp_path, ask_guest, arbiter=(str(view_p / "lock"), str(view_b / "lock")),
+                backup_console=True, via=proxy.to)
+    cut_done = threading.Event()
+    total = len(ft_guest.expected(LINES, ASK, b"a" * 100))
+
+    def on_output(c: ConsoleClient) -> None:
+        typist(c)
+        if not cut_done.is_set() and len(c.transcript) >= total // 3:
+            cut_done.set()
+            if reach == "backup-first":
+                view_p.unlink()
+            elif reach == "primary-first":
+                view_b.unlink()
+            proxy.cut.set()
+
+    primary_view: list[bytes] = []
+    watcher = ConsoleClient([("127.0.0.1", pair.backup_console)], None)
+    try:
+        c = ConsoleClient([("127.0.0.1", pair.console), ("127.0.0.1", pair.backup_console)], on_output)
+        t = threading.Thread(target=lambda: primary_view.append(_follow_once(pair.console)), daemon=True)
+        t.start()
+        if reach != "both":
+            def heal() -> None:
+                cut_done.wait()
+                time.sleep(1.0)   # one side alone can reach the arbiter for a second, then both
+                for v in (view_p, view_b):
+                    if not v.exists():
+                        v.symlink_to(shared)
+            threading.Thread(target=heal, daemon=True).start()
+        assert c.run(timeout=120, reconnect_for=30) == 0
+        rc_p, err_p = finish(pair.primary)
+        rc_b, err_b = finish(pair.backup)
+        t.join(10)
+    finally:
+        pair.close()
+        watcher.status = 0
+    want = ft_guest.expected(LINES, ASK, bytes(c.typed))
+    assert bytes(c.transcript) == want
+    codes = sorted([rc_p, rc_b])
+    assert codes == [0, 11], (rc_p, err_p, rc_b, err_b)       # one finished the guest, one was fenced
+    holder = (shared / "lock").read_text()
+    if rc_p == 0:
+        assert '"role": "primary"' in holder and "going on alone" in err_p
+        assert "holds the arbiter" in err_b
+    else:
+        assert '"role": "backup"' in holder and "live from tick" in err_b
+        assert "holds the arbiter" in err_p
+    if reach == "backup-first":
+        assert rc_b == 0          # the primary could not reach the arbiter: it held its output
+    if reach == "primary-first":
+        assert rc_p == 0
+    # what a client of the primary's own address saw is a prefix of the one true transcript
+    assert primary_view and want.startswith(primary_view[0])
+
+
+def _follow_once(port: int) -> bytes:
+    """Read one console connection to its end (no reconnection): what that side released."""
+    c = ConsoleClient([("127.0.0.1", port)], typist_passive)
+    try:
+        c.run(timeout=60, reconnect_for=0)
+    except (TimeoutError, OSError):
+        pass
+    return bytes(c.transcript)
+
+
+def typist_passive(c: ConsoleClient) -> None:
+    pass
+
+
+def test_handshake_refuses_another_image(ask_guest, tmp_path):
+    other = tmp_path / "other.bin"
+    data = bytearray(ask_guest.read_bytes())
+    data[-1] ^= 0xFF
+    other.write_bytes(bytes(data))
+    port = free_port()
+    backup = vmm("ft", "backup", "--listen", f"127.0.0.1:{port}", "--image", str(other))
+    primary = vmm("ft", "primary", str(ask_guest), "--boot", "flat", "--backup", f"127.0.0.1:{port}")
+    rc_p, err_p = finish(primary)
+    rc_b, err_b = finish(backup)
+    assert rc_p == 10 and rc_b == 10
+    line = [x for x in err_p.splitlines() if "error" in x]
+    assert len(line) == 1 and "the backup refused: the image differs" in line[0], err_p
+    assert "Traceback" not in err_p + err_b
+
+
+def test_a_held_arbiter_refuses_a_new_pair(ask_guest, tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text('{"role": "backup"}\n')
+    p = vmm("ft", "primary", str(ask_guest), "--boot", "flat", "--backup", "127.0.0.1:1", "--arbiter", str(lock))
+    rc, err = finish(p)
+    assert rc == 10
+    assert "already held" in err and "Traceback" not in err
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for args in (["ft", "primary", "hello", "--backup", "nohost"],
+                 ["ft", "primary", "hello", "--backup", ":1", "--max-lag", "1us"],
+                 ["ft", "backup", "--listen", "x:y"]):
+        rc, err = finish(vmm(*args))
+        assert rc == 2, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

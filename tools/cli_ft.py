@@ -1,0 +1,273 @@
+"""`vmm ft`: lockstep fault tolerance from the command line (replay/ft/).
+
+    vmm ft primary [IMAGE and run options] --backup HOST:PORT [--console [HOST:]PORT]
+                   [--arbiter PATH] [--heartbeat SECONDS] [--max-lag DURATION] [--linger SECONDS]
+    vmm ft backup --listen [HOST:]PORT [--image PATH] [--arbiter PATH] [--console [HOST:]PORT]
+    vmm ft console HOST:PORT [HOST:PORT ...]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+EXIT_FT_REFUSED = 10   # the pair could not form: no backup, a refused handshake, a diverged replay
+EXIT_FT_FENCED = 11    # this side lost the arbiter to its peer and stopped
+
+FT_EPILOG = """\
+the pair:
+  the primary runs the guest and streams its event log to the backup, which
+  replays it a bounded lag behind (--max-lag, in virtual time; the primary
+  waits, never the backup).  Console output leaves the primary only once the
+  backup holds the log up to the instruction that produced it.  Heartbeats
+  (--heartbeat) detect a failure; the side that then wins the arbiter
+  (--arbiter PATH: a lock file on storage both reach, created atomically) is
+  the one live side: a backup goes live at the primary's last horizon and
+  serves the console at the same address; a primary goes on alone.
+
+the console (--console) speaks a small protocol in which every output and
+input carries its stream position, so a client that reconnects after a
+failover loses and repeats nothing: use `vmm ft console HOST:PORT`.
+
+exit status: as `vmm run` for the guest; 10 when the pair cannot form (no
+backup, a refused handshake, a replay that diverged); 11 when this side lost
+the arbiter to its peer and stopped; 2 for a usage error.
+"""
+
+
+def parse_duration(text: str) -> float:
+    """'100ms', '0.5s', '2' (seconds) -> seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 100ms, 0.5s)")
+    v = float(m.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1.0}[m.group(2)]
+    return v
+
+
+def add_ft_parser(sub) -> None:
+    from tools.cli import add_machine_options
+
+    ft = sub.add_parser("ft", help="lockstep fault tolerance: a primary and a backup that takes over",
+                        description="Run a guest as a fault-tolerant pair of processes.",
+                        epilog=FT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fsub = ft.add_subparsers(dest="ft_command", metavar="SUBCOMMAND")
+    p = fsub.add_parser("primary", help="run the guest, streaming its log to a backup",
+                        epilog=FT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_machine_options(p)
+    p.add_argument("--backup", required=True, metavar="HOST:PORT", help="the backup's --listen address")
+    _common(p)
+    p.add_argument("--max-lag", type=parse_duration, default=0.1, metavar="DURATION",
+                   help="the most virtual time the backup's replay may be behind (default 100ms)")
+    p.add_argument("--connect-timeout", type=parse_duration, default=30.0, metavar="SECONDS",
+                   help="how long to keep trying to reach the backup (default 30)")
+    b = fsub.add_parser("backup", help="replay a primary's log live and take over when it dies",
+                        epilog=FT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--listen", required=True, metavar="[HOST:]PORT", help="where the primary connects")
+    b.add_argument("--image", default=None, metavar="PATH",
+                   help="this host's copy of the image (default: the primary's path, or the bundled guest)")
+    b.add_argument("--exit-code", choices=["guest", "qemu"], default="guest")
+    b.add_argument("--wait", type=parse_duration, default=None, metavar="SECONDS",
+                   help="give up when no primary connects within this time (default: wait)")
+    _common(b)
+    c = fsub.add_parser("console", help="a console client that follows a pair across a failover")
+    c.add_argument("address", nargs="+", metavar="HOST:PORT")
+    c.add_argument("--timeout", type=parse_duration, default=30.0, metavar="SECONDS",
+                   help="how long to keep reconnecting after the console goes away (default 30)")
+
+
+def _common(p) -> None:
+    p.add_argument("--console", default=None, metavar="[HOST:]PORT",
+                   help="the console endpoint (default on the primary 127.0.0.1 and a free port; "
+                        "on the backup: the primary's address)")
+    p.add_argument("--arbiter", default=None, metavar="PATH",
+                   help="a lock file on storage both sides reach; it must not exist when the pair starts")
+    p.add_argument("--heartbeat", type=parse_duration, default=0.05, metavar="SECONDS",
+                   help="heartbeat interval; 3 missed ones are a failure (default 50ms)")
+    p.add_argument("--linger", type=parse_duration, default=10.0, metavar="SECONDS",
+                   help="after the guest ends, how long to wait for console clients to read the rest "
+                        "(default 10)")
+
+
+def cmd_ft(args) -> int:
+    from tools.cli import UsageError
+
+    if args.ft_command == "primary":
+        return _primary(args)
+    if args.ft_command == "backup":
+        return _backup(args)
+    if args.ft_command == "console":
+        return _console_client(args)
+    raise UsageError("ft needs a subcommand: primary, backup or console")
+
+
+def _say(role: str):
+    def say(msg: str) -> None:
+        print(f"vmm ft {role}: {msg}", file=sys.stderr, flush=True)
+    return say
+
+
+def _addr(text: str | None, what: str, default=("127.0.0.1", 0)):
+    from replay.ft.wire import parse_hostport
+    from tools.cli import UsageError
+
+    if text is None:
+        return default
+    try:
+        return parse_hostport(text, what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_heartbeat(args) -> None:
+    from tools.cli import UsageError
+
+    if not 0.001 <= args.heartbeat <= 60:
+        raise UsageError("--heartbeat must be between 1ms and 60s")
+
+
+def _primary(args) -> int:
+    from replay.ft.console import ConsoleServer
+    from replay.ft.primary import FLUSH_TICKS, Fenced, FtError, LinkSink, Primary
+    from replay.session import VMM_VERSION, ReplayError, record
+    from tools.cli import UsageError, _cmdline, _exit_status, _initrd, _load_image
+    from vmm.firmware.boot import BootError
+    from vmm.platform.pc import DEFAULT_EPOCH
+
+    for opt, default in (("serial", "stdio"), ("input", None), ("restore", None), ("save_at", None)):
+        if getattr(args, opt) != default:
+            raise UsageError(f"vmm ft primary: --{opt.replace('_', '-')} is not for a pair "
+                             f"(the console is --console)")
+    _check_heartbeat(args)
+    max_lag = int(args.max_lag * 1e8)
+    if max_lag < 4 * FLUSH_TICKS:
+        raise UsageError(f"--max-lag must be at least {4 * FLUSH_TICKS / 1e5:g}ms of virtual time")
+    backup = _addr(args.backup, "--backup")
+    path, data = _load_image(args)
+    say = _say("primary")
+    ref: dict = {}
+    console = ConsoleServer("primary", stamp=lambda: ref["m"].clock.now())
+    try:
+        chost, cport = console.listen(*_addr(args.console, "--console"))
+    except OSError as e:
+        raise UsageError(f"cannot serve the console on {args.console}: {e.strerror}") from None
+    say(f"console on {chost}:{cport} (`vmm ft console {chost}:{cport}`)")
+    p = Primary(backup, console, heartbeat=args.heartbeat, max_lag=max_lag, arbiter=args.arbiter, say=say)
+
+    def setup(m) -> None:
+        ref["m"] = m
+        p.setup(m)
+
+    t0 = time.perf_counter()
+    try:
+        p.connect(args.connect_timeout, {"vmm_version": VMM_VERSION, "console": [chost, cport]})
+        res, m = record(path, data, LinkSink(p), mem_size=args.mem,
+                        epoch=DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch,
+                        boot_kind=args.boot, cmdline=_cmdline(args, data), load_addr=args.load_addr,
+                        live_input=console.poll_input, input_kind="ft", max_instructions=args.max_instructions,
+                        serial=console, pace_idle=True, setup=setup, mmu=args.mmu, vcpus=args.smp,
+                        initrd=_initrd(args), debug_exit=args.debug_exit, on_writer=p.on_writer)
+        if p.fenced:
+            raise Fenced()
+        dt = time.perf_counter() - t0
+        status = _exit_status(res, args)
+        p.finish(status, args.linger)
+    except FtError as e:
+        print(f"vmm ft primary: error: {e}", file=sys.stderr)
+        return EXIT_FT_REFUSED
+    except Fenced:
+        console.stop()
+        return EXIT_FT_FENCED
+    except BootError as e:
+        raise UsageError(str(e)) from None
+    except ReplayError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        console.stop()
+    if args.stats:
+        _primary_stats(p, res, dt, m)
+    return status
+
+
+def _primary_stats(p, res, dt: float, m) -> None:
+    s = p.stats
+    guest_s = m.clock.now() / 1e8
+    lags = sorted(s.lag_samples) or [0]
+
+    def pct(q: float) -> float:
+        return lags[min(len(lags) - 1, int(q * len(lags)))] / 1e5
+
+    print(f"vmm ft primary: {res.icount:,} instructions in {dt:.2f} s ({res.icount / max(dt, 1e-9) / 1e6:.1f} MIPS), "
+          f"guest {guest_s:.3f} s; log {s.log_bytes:,} bytes ({s.log_bytes / max(guest_s, 1e-9):,.0f} B per guest s); "
+          f"lag ms p50 {pct(0.5):.2f} p99 {pct(0.99):.2f} max {lags[-1] / 1e5:.2f}; "
+          f"max-lag waits {s.waits} ({s.wait_seconds:.3f} s); {s.outcome}", file=sys.stderr)
+
+
+def _backup(args) -> int:
+    from replay.ft.backup import Backup
+    from replay.ft.primary import Fenced, FtError
+    from tools.cli import UsageError, _exit_status
+
+    _check_heartbeat(args)
+    listen = _addr(args.listen, "--listen")
+    image = None
+    if args.image:
+        try:
+            with open(args.image, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read image {args.image}: {e.strerror}") from None
+    say = _say("backup")
+    b = Backup(listen, image=image, arbiter=args.arbiter,
+               console=_addr(args.console, "--console") if args.console else None,
+               heartbeat=args.heartbeat, say=say)
+    try:
+        host, port = b.bind()
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.listen}: {e.strerror}") from None
+    say(f"waiting for a primary on {host}:{port}")
+    try:
+        r = b.serve(wait=args.wait, linger=args.linger)
+    except FtError as e:
+        print(f"vmm ft backup: error: {e}", file=sys.stderr)
+        return EXIT_FT_REFUSED
+    except Fenced:
+        return EXIT_FT_FENCED
+    if r.outcome == "primary-finished":
+        say(f"the primary finished; the replay ended the same way at icount {r.result.icount:,}")
+    elif r.detected_after is not None:
+        say(f"failure detected {r.detected_after * 1e3:.0f} ms after the primary was last heard")
+    return _exit_status(r.result, args)
+
+
+def _console_client(args) -> int:
+    import threading
+
+    from replay.ft.console import ConsoleClient
+
+    addrs = [_addr(a, "console address") for a in args.address]
+    out = sys.stdout.buffer
+    shown = [0]
+
+    def on_output(c) -> None:
+        out.write(bytes(c.transcript[shown[0]:]))
+        out.flush()
+        shown[0] = len(c.transcript)
+
+    client = ConsoleClient(addrs, on_output)
+
+    def pump() -> None:
+        import os
+
+        while True:
+            data = os.read(sys.stdin.fileno(), 4096)
+            if not data:
+                return
+            client.type(data)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        return client.run(timeout=1e9, reconnect_for=args.timeout)
+    except TimeoutError as e:
+        print(f"vmm ft console: {e}", file=sys.stderr)
+        return EXIT_FT_REFUSED
