@@ -162,6 +162,8 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None,
                            debug_exit=tuple(cfg.get("debug_exit", (0x501, 2)))))
     if cfg.get("drives"):
         _attach_drives(m, cfg, drive_mode)
+    if cfg.get("nics"):
+        _attach_nics(m, cfg)
     if parts is None:
         info = boot(m, image, cfg["boot"], name=cfg["image"]["name"], load_addr=cfg["load_addr"],
                     cmdline=cfg["cmdline"], initrd=read_initrd(cfg))
@@ -192,6 +194,16 @@ def _attach_drives(m: PcMachine, cfg: dict, mode: str) -> None:
         attach_drives(m, cfg["drives"], mode)
     except DriveError as e:
         raise ReplayError(str(e)) from None
+
+
+def _attach_nics(m: PcMachine, cfg: dict) -> None:
+    """The config's network cards, without backends (vmm/platform/net.py): a replay needs none."""
+    from vmm.platform.net import attach_nics
+
+    try:
+        attach_nics(m, cfg["nics"])
+    except ValueError as e:
+        raise ev.LogFormatError(f"the config's nics: {e}") from None
 
 
 def build_recorded_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) -> PcMachine:
@@ -381,7 +393,7 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            report: Callable[[str], None] | None = None,
            entries: list[tuple[int, int]] | None = None, initrd: tuple[str, bytes] | None = None,
            debug_exit: tuple[int, int] = (0x501, 2),
-           input_to: str | None = None, drives: list[dict] | None = None,
+           input_to: str | None = None, drives: list[dict] | None = None, nics: list[dict] | None = None,
            on_writer: Callable[[LogWriter], None] | None = None) -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
 
@@ -405,6 +417,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
                              initrd=initrd, debug_exit=debug_exit)
         if drives:
             cfg["drives"] = drives
+        if nics:
+            cfg["nics"] = nics         # vmm/platform/net.py describe_nics; backends join in ``setup``
         m = build_machine(cfg, image, serial or NullBackend(), drive_mode="record")
     if input_to is not None:           # where console input goes: "serial" (COM1) or "keyboard"
         cfg["input_to"] = m.config.input_to = input_to

@@ -26,7 +26,7 @@ import re
 import sys
 import time
 
-from tools import cli_disk, cli_habits
+from tools import cli_disk, cli_habits, cli_net
 from tools.cli_bios import DEFAULT_IMAGE, bios_image, bios_quantum, real_bios
 from tools.cli_checks import ArgError, SerialFile, check_args, check_checkpoints
 from tools.exitstatus import EPILOG as EXIT_STATUS_EPILOG
@@ -154,6 +154,7 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
                    help="write a snapshot when the vCPUs together have retired ICOUNT instructions, then "
                         "go on (repeatable)")
     cli_disk.add_drive_options(r)
+    cli_net.add_nic_options(r)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +367,9 @@ def _machine(args, backend):
     drives = cli_disk.drives_from_args(args, with_hash=bool(args.save_at))
     if drives:
         cfg["drives"] = drives
+    nics = cli_net.nics_from_args(args)
+    if nics:
+        cfg["nics"] = nics
     try:
         return build_machine(cfg, data, backend, drive_mode="run"), cfg
     except BootError as e:
@@ -392,6 +396,7 @@ def cmd_run(args) -> int:
     m = None
     try:
         m, cfg = _machine(args, backend)
+        cli_net.connect(m, args)
         _console(m, args)
         kind, source = _live_input(args, stdio)
         if source is not None:
@@ -407,6 +412,7 @@ def cmd_run(args) -> int:
     finally:
         if m is not None:
             cli_disk.close(m)
+            cli_net.close(m)
         if stdio is not None:
             stdio.close()
     if args.stats or args.trace:
@@ -440,6 +446,7 @@ def cmd_record(args) -> int:
     else:
         path, data = bios_image(args, UsageError) if args.bios else _load_image(args)
     drives = cli_disk.drives_from_args(args, with_hash=True, recording=True)
+    nics = cli_net.nics_from_args(args)
     if drives and args.restore is not None:
         raise UsageError("--restore takes the snapshot's disks; drive options cannot be added")
     backend, stdio = _serial_backend(args.serial)
@@ -456,6 +463,7 @@ def cmd_record(args) -> int:
 
         def setup(m) -> None:
             ref["m"] = m
+            cli_net.connect(m, args)
             _console(m, args)
             _progress(m, "recording", args.max_instructions)
             if args.trace:
@@ -472,7 +480,7 @@ def cmd_record(args) -> int:
                             restore=args.restore, save_at=args.save_at, initrd=_initrd(args),
                             debug_exit=args.debug_exit, quantum=bios_quantum(args),
                             input_to=getattr(args, "input_to", None),
-                            drives=drives, report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
+                            drives=drives, nics=nics, report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
             raise UsageError(str(e)) from None
         except SnapshotError as e:
@@ -486,6 +494,7 @@ def cmd_record(args) -> int:
         if stdio is not None:
             stdio.close()
     cli_disk.close(m)
+    cli_net.close(m)
     print(f"\nvmm: recorded {res.icount:,} instructions ({m.clock.now() / 1e8:.3f} guest s) in {dt:.2f} s "
           f"({res.icount / max(dt, 1e-9) / 1e6:.1f} MIPS); {_count_events(args.output)} events, "
           f"{os.path.getsize(args.output):,} log bytes -> {args.output}", file=sys.stderr)
