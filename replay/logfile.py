@@ -86,6 +86,7 @@ from replay.events import (
     decode_end,
     summarize,
 )
+from vmm.firmware.imagefile import open_regular   # a log path must be a regular file (a FIFO would block)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -220,7 +221,7 @@ def _read_header(f) -> LogHeader:
 
 def read_header(path: str | os.PathLike) -> LogHeader:
     """Only the header (cheap: the chunks are not read)."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         return _read_header(f)
 
 
@@ -495,7 +496,7 @@ class LogReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             self.header = _read_header(f)
             size = os.fstat(f.fileno()).st_size
             scan = _scan(f, self.header, size)
@@ -536,7 +537,7 @@ class LogReader:
 
     def _chunk_events(self, start_chunk: int = 0) -> Iterator[tuple[ChunkInfo, list[Event], int]]:
         seq = _Sequence()
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             for c in self.chunks[start_chunk:]:
                 events, raw_size = _decode_chunk(c, self._payload(f, c), self.header.version)
                 seq.check(c, events)
@@ -806,7 +807,7 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     from replay.config import check_config
 
     rep = VerifyReport(ok=False)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         try:
             rep.header = _read_header(f)
         except LogFormatError as e:

@@ -77,6 +77,16 @@ def test_initrd_and_replay_image_are_checked_too(tmp_path, capsys):
     assert "not a regular file" in line
 
 
+@pytest.mark.parametrize("argv", [["log", "verify"], ["log", "show"], ["replay"]])
+def test_a_fifo_or_device_as_the_log_is_refused_without_blocking(tmp_path, argv):
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        proc = _vmm(*argv, path, timeout=60)
+        err = proc.stderr.decode()
+        assert proc.returncode == USAGE and "not a regular file" in err and "Traceback" not in err, (path, err)
+
+
 def test_a_log_whose_recorded_image_is_dev_zero_is_refused_at_once(tmp_path):
     from tests.fuzz.harness import hello_recording, write_log
 

@@ -28,9 +28,9 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_file(path: str, max_size: int = MAX_IMAGE) -> bytes:
-    """The bytes of the regular file ``path``, at most ``max_size`` of them; OSError
-    (one-line strerror) for anything else, before reading."""
+def open_regular(path):
+    """``path`` opened for binary reading, if it is a regular file (OSError otherwise, with a
+    one-line strerror).  Opened without blocking, so a FIFO is refused, not waited on."""
     if isinstance(path, str) and "\0" in path:
         raise OSError(errno.EINVAL, "the path holds a NUL byte", path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -38,16 +38,21 @@ def read_file(path: str, max_size: int = MAX_IMAGE) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, f"not a regular file ({_kind(st.st_mode)})", path)
-        if st.st_size > max_size:
-            raise OSError(errno.EFBIG, f"{st.st_size:,} bytes, more than the {max_size:,} an image may have",
-                          path)
-        with os.fdopen(fd, "rb", closefd=True) as f:
-            fd = -1
-            data = f.read(max_size + 1)
-        if len(data) > max_size:  # it grew while being read
-            raise OSError(errno.EFBIG, f"more than the {max_size:,} bytes an image may have", path)
-        return data
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return f
 
+
+def read_file(path: str, max_size: int = MAX_IMAGE) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_size`` of them; OSError
+    (one-line strerror) for anything else, before reading."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_size:
+            raise OSError(errno.EFBIG, f"{size:,} bytes, more than the {max_size:,} an image may have", path)
+        data = f.read(max_size + 1)
+    if len(data) > max_size:  # it grew while being read
+        raise OSError(errno.EFBIG, f"more than the {max_size:,} bytes an image may have", path)
+    return data
