@@ -774,3 +774,20 @@ def test_cli_bios_not_a_bios(tmp_path):
     r = vmm("run", "--bios", str(tmp_path / "missing.bin"))
     assert r.returncode == 2 and "cannot read the BIOS image" in r.stderr.decode()
 
+
+def test_cli_bios_boots_an_ide_disk_recorded_and_replayed(debian_seabios, tmp_path):  # noqa: F811
+    """`vmm record --bios bios.bin -hda disk.img`: SeaBIOS boots the disk through INT 13h (the boot
+    sector prints its drive number and a sector it read on COM1); the replay matches byte for byte."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(boot_disk(64 * KIB))
+    log, first, again = tmp_path / "boot.vmlog", tmp_path / "com1.txt", tmp_path / "com1-replay.txt"
+    r = vmm("record", "--bios", str(debian_seabios), "-hda", str(disk), "--serial", str(first), "-o", str(log))
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "HLT with IF=0" in err, err
+    com1 = first.read_bytes()
+    assert b"SeaBIOS (version 1." in com1 and b"Booting from Hard Disk.." in com1
+    assert com1.endswith(BOOTED), com1[-200:]
+    r = vmm("replay", str(log), "--serial", str(again))
+    assert r.returncode == 0 and "every digest matched" in r.stderr.decode(), r.stderr.decode()
+    assert again.read_bytes() == com1
+    assert disk.read_bytes() == boot_disk(64 * KIB)       # a recording keeps the image as it was
