@@ -61,6 +61,11 @@ class _Feed:
             self._buf += data
             self._cv.notify_all()
 
+    def ready(self) -> bool:
+        """A read would not block: bytes are here (whole chunks: the link carries nothing less), or the end."""
+        with self._cv:
+            return bool(self._buf) or self._ended
+
     def end(self) -> None:
         with self._cv:
             self._ended = True
@@ -86,9 +91,26 @@ class LiveReplica(Replayer):
     def __init__(self, feed: _Feed, image: bytes | None, serial, gate: Callable[[int], None]):
         self.live = False
         self.stop_at: int | None = None
+        self._feed = feed
         super().__init__(feed, image=image, serial=serial, verify=True)
         self._gate = gate
         self.position = 0
+
+    def _fetch_to(self, i: int) -> bool:
+        """As the Replayer's, except that it never waits for a chunk that has not come: the
+        horizon gate guarantees every event before the next stop is here by then, so an
+        empty link means no event before it (the base class would block here on the next
+        chunk, holding the replay a whole digest interval behind)."""
+        while len(self.events) <= i and not self._exhausted:
+            if not self._feed.ready():
+                return False
+            chunk = self.reader._next_chunk()
+            if chunk is None:
+                self.reader._done = True
+                self._exhausted = True
+            else:
+                self.events.extend(chunk)
+        return i < len(self.events)
 
     def start_ticks(self) -> None:
         self.m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
@@ -99,6 +121,8 @@ class LiveReplica(Replayer):
             return
         self.position = now
         self._gate(now)
+        if self._next is None:
+            self._advance()         # the events up to the next horizon are here now
         if self.stop_at is not None and now >= self.stop_at:
             self.m.request_host_stop("takeover")
             return
@@ -161,7 +185,7 @@ class Backup:
         self.say = say
         self.cv = threading.Condition()
         self.hello: dict | None = None
-        self.horizon = 0
+        self.horizon = -1     # HORIZON 0 follows the initial events: the replay can be built then
         self.lost: str | None = None
         self.lost_at: float | None = None
         self.heard_last: float | None = None
@@ -288,6 +312,10 @@ class Backup:
             self.heartbeat = self.link.heartbeat = float(hb)
         # the handshake reads the log header (image hashes, configuration) and answers before
         # the primary runs an instruction; the replay then reads the header again
+        with self.cv:
+            self.cv.wait_for(lambda: self.horizon >= 0 or self.lost is not None, timeout=FORMING_PATIENCE)
+        if self.horizon < 0:
+            raise FtError("the primary sent no initial state")
         self.feed.mark()
         try:
             cfg = StreamLogReader(self.feed).header.config

@@ -275,6 +275,16 @@ class ConsoleClient:
             except OSError:
                 pass
 
+    def drop(self) -> None:
+        """Close the current connection (the client reconnects, by position)."""
+        with self._lock:
+            s = self._sock
+        if s is not None:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _connect(self, deadline: float) -> socket.socket:
         while True:
             for host, port in self.addresses:

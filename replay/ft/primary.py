@@ -26,7 +26,7 @@ from replay.ft import wire
 from replay.ft.arbiter import LOST, UNREACHABLE, WON, Arbiter
 from replay.ft.console import ConsoleServer
 
-FLUSH_TICKS = 50_000      # 0.5 ms of virtual time between horizons
+FLUSH_TICKS = 100_000     # 1 ms of virtual time between horizons
 FORMING_PATIENCE = 30.0   # seconds of silence allowed while the pair forms (the backup builds its machine)
 
 
@@ -121,6 +121,7 @@ class Primary:
         """Called by record() before the first instruction: the handshake, then the horizon timer."""
         self.machine = m
         self.writer.flush()           # the DISK_IMAGE and the initial digests: the backup checks them
+        self.link.send(wire.HORIZON, wire.u64(0))
         with self.cv:
             self.cv.wait_for(lambda: self.handshake is not None, timeout=120)
         if self.handshake != "accepted":
@@ -153,13 +154,13 @@ class Primary:
     def _on_message(self, kind: bytes, payload: bytes) -> None:
         if kind == wire.ACK:
             tick = wire.read_u64(payload)
-            self.link.patience = None      # the backup's replay runs: heartbeats rule from now on
             with self.cv:
                 self.acked = max(self.acked, tick)
                 self.cv.notify_all()
             if not self.alone and not self.fenced:
                 self.console.release_through(tick)
         elif kind == wire.PROGRESS:
+            self.link.patience = None      # the backup's replay runs: heartbeats rule from now on
             with self.cv:
                 self.progress = max(self.progress, wire.read_u64(payload))
                 self.cv.notify_all()

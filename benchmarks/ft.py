@@ -1,0 +1,223 @@
+"""Lockstep fault tolerance (replay/ft/): what the pair costs and how fast it fails over.
+
+    python benchmarks/ft.py [--rounds N] [--kills N]
+
+- throughput: the same guest (numbered lines, printed continuously) under a plain
+  `vmm run` and as `vmm ft primary` with a backup, each reporting its own MIPS
+  (--stats); the variants alternate so host load hits them alike;
+- log bandwidth (bytes per second of guest time) and the backup's lag behind the
+  primary (virtual ms, sampled at every horizon), from the primary's --stats;
+- output latency: a guest that asks for a byte on every line; the round trip
+  from typing the byte to reading its echo, plain (`--serial tcp:`) against the
+  FT console (where the echo also waits for the backup's acknowledgement);
+- failover: the time from the primary's death to the console client's first new
+  byte from the backup, after SIGKILL (the link closes) and after SIGSTOP (only
+  the heartbeats can tell), with the backup's own detection time.
+
+Needs nasm (the guest is tests/ft_guest.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import ft_guest
+
+from replay.ft.console import ConsoleClient
+
+CLI = "import sys; from tools.cli import main; sys.exit(main())"
+
+
+def vmm(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mips(err: str) -> float:
+    m = re.search(r"\(([\d.]+) MIPS\)", err)
+    if not m:
+        raise RuntimeError(err)
+    return float(m.group(1))
+
+
+def start_pair(guest: Path, tmp: Path, heartbeat: str = "50ms", backup_console: int | None = None):
+    """(primary, backup, console port); ``backup_console``: the backup serves the console there
+    (a stopped primary still holds its own port, as on another host it would not)."""
+    lp, cp = port(), port()
+    arb = tmp / f"arb-{lp}"
+    extra = ["--console", f"127.0.0.1:{backup_console}"] if backup_console else []
+    b = vmm("ft", "backup", "--listen", f"127.0.0.1:{lp}", "--arbiter", str(arb), "--linger", "3",
+            "--heartbeat", heartbeat, *extra)
+    p = vmm("ft", "primary", str(guest), "--boot", "flat", "--backup", f"127.0.0.1:{lp}",
+            "--console", f"127.0.0.1:{cp}", "--arbiter", str(arb), "--linger", "3", "--stats",
+            "--heartbeat", heartbeat)
+    return p, b, cp
+
+
+def throughput(guest: Path, tmp: Path, rounds: int) -> None:
+    plain, ft, stats = [], [], []
+    for _ in range(rounds):
+        r = vmm("run", str(guest), "--boot", "flat", "--serial", "none", "--stats")
+        plain.append(mips(r.communicate()[1].decode()))
+        p, b, cp = start_pair(guest, tmp)
+        c = ConsoleClient([("127.0.0.1", cp)])
+        c.run(timeout=300)
+        err = p.communicate()[1].decode()
+        b.communicate()
+        ft.append(mips(err))
+        stats.append(err.strip().splitlines()[-1])
+    print(f"throughput (MIPS, best of {rounds}): plain {max(plain):.1f}, FT primary {max(ft):.1f}, "
+          f"ratio {max(ft) / max(plain):.2f}")
+    print(f"  plain {plain}  FT {ft}")
+    line = stats[ft.index(max(ft))]
+    for key in ("log", "lag", "max-lag waits"):
+        m = re.search(key + r" ([^;]+);", line)
+        if m:
+            print(f"  {key}: {m.group(1)}")
+
+
+def latency(tmp: Path, trips: int) -> None:
+    guest = ft_guest.build(lines=trips, ask=1, delay=1000)
+    # plain: COM1 on a raw TCP socket
+    cp = port()
+    r = vmm("run", str(guest), "--boot", "flat", "--serial", f"tcp:127.0.0.1:{cp}")
+    s = _connect(cp)
+    plain = []
+    buf = b""
+    n = 0
+    t0 = 0.0
+    while n < trips:
+        data = s.recv(4096)
+        if not data:
+            break
+        buf += data
+        if buf.count(b"?\n") > n and t0 == 0.0:
+            t0 = time.perf_counter()
+            s.sendall(b"x")
+        if buf.count(b"got x\n") > n:
+            plain.append(time.perf_counter() - t0)
+            n += 1
+            t0 = 0.0
+            if buf.count(b"?\n") > n:
+                t0 = time.perf_counter()
+                s.sendall(b"x")
+    s.close()
+    r.communicate()
+    # FT: the pair's console
+    p, b, cport = start_pair(guest, tmp)
+    ft: list[float] = []
+    sent: list[float] = []
+
+    def on_output(c: ConsoleClient) -> None:
+        got = c.transcript.count(b"got x\n")
+        while len(ft) < got:
+            ft.append(time.perf_counter() - sent[len(ft)])
+        if c.transcript.count(b"?\n") > len(c.typed):
+            sent.append(time.perf_counter())
+            c.type(b"x")
+
+    ConsoleClient([("127.0.0.1", cport)], on_output).run(timeout=300)
+    p.communicate()
+    b.communicate()
+    print(f"echo round trip over {trips} prompts (ms, median / p90): plain {_ms(plain)}, FT {_ms(ft)}")
+
+
+def _ms(xs: list[float]) -> str:
+    xs = sorted(xs)
+    return f"{statistics.median(xs) * 1e3:.1f} / {xs[int(0.9 * (len(xs) - 1))] * 1e3:.1f}"
+
+
+def _connect(p: int, timeout: float = 30) -> socket.socket:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", p))
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.02)
+
+
+def failover(guest: Path, tmp: Path, kills: int, sig: int) -> None:
+    gaps, detected = [], []
+    for _ in range(kills):
+        bcp = port() if sig == signal.SIGSTOP else None
+        p, b, cp = start_pair(guest, tmp, backup_console=bcp)
+        mark: dict = {}
+
+        def on_output(c: ConsoleClient, p=p, mark=mark) -> None:
+            if "t" not in mark and len(c.transcript) > 20000:
+                mark["t"] = time.perf_counter()
+                mark["n"] = len(c.transcript)
+                p.send_signal(sig)
+            elif "t" in mark and "first" not in mark and c.served_by[-1] == "backup":
+                mark["first"] = time.perf_counter()
+
+        c = ConsoleClient([("127.0.0.1", cp)] + ([("127.0.0.1", bcp)] if bcp else []), on_output)
+        if bcp:
+            # the stopped primary's console still accepts connections: the client is told to move on
+            threading.Thread(target=_drop_when_stopped, args=(c, mark), daemon=True).start()
+        c.run(timeout=300)
+        err = b.communicate()[1].decode()
+        p.kill()
+        p.communicate()
+        if "first" in mark:
+            gaps.append(mark["first"] - mark["t"])
+        m = re.search(r"failure detected (\d+) ms", err)
+        if m:
+            detected.append(int(m.group(1)))
+    name = {signal.SIGKILL: "SIGKILL", signal.SIGSTOP: "SIGSTOP"}[sig]
+    print(f"failover after {name} ({len(gaps)} of {kills}): primary's death to the backup's first "
+          f"output, ms: {', '.join(f'{g * 1e3:.0f}' for g in gaps)}; the backup's detection, ms after "
+          f"it last heard the primary: {', '.join(map(str, detected))}")
+
+
+def _drop_when_stopped(c: ConsoleClient, mark: dict) -> None:
+    while "t" not in mark:
+        time.sleep(0.005)
+    c.addresses = c.addresses[1:]
+    c.drop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--trips", type=int, default=40)
+    args = ap.parse_args()
+    if not ft_guest.have_nasm():
+        sys.exit("benchmarks/ft.py needs nasm to build its guest")
+    tmp = Path(tempfile.mkdtemp(prefix="vmm-ft-bench-"))
+    guest = ft_guest.build(lines=3000)
+    print(f"guest: {guest.name}, 3000 lines, ~60M instructions; heartbeat 50ms; load "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    throughput(guest, tmp, args.rounds)
+    latency(tmp, args.trips)
+    failover(guest, tmp, args.kills, signal.SIGKILL)
+    failover(guest, tmp, args.kills, signal.SIGSTOP)
+
+
+if __name__ == "__main__":
+    threading.excepthook = lambda a: None
+    main()
