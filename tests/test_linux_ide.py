@@ -1,7 +1,7 @@
 """Debian's Linux on the PIIX3 IDE controller (issue 12): ata_piix drives a disk made at test
 time with Debian's mke2fs; the guest mounts it, writes and syncs files, mounts it again to read
 them back from the disk, and powers off; on the host e2fsck -fn finds the file system clean and
-debugfs reads the files back.  Once with PIO only (libata dma=0), once with bus-master DMA and a
+debugfs reads the files back.  Once with PIO only (libata dma=0) and a CD-ROM on the secondary channel, once with bus-master DMA and a
 CD-ROM beside the disk (sr_mod over ATAPI, DMA for the reads, an ISO 9660 image made by xorriso), once on a qcow2 linked clone
 whose base stays byte-identical.
 
@@ -105,13 +105,20 @@ def check_disk(tools: Path, image: Path) -> None:
     assert debugfs_cat(tools, image, "/dir/f40") == b"file 40\n"
 
 
-def test_linux_on_ide_pio(debian_kernel, debian_modules, e2fsprogs, tmp_path):  # noqa: F811
+def test_linux_on_ide_pio_with_a_cdrom_on_the_secondary(debian_kernel, debian_modules, e2fsprogs,  # noqa: F811
+                                                         tmp_path):
     raw = tmp_path / "disk.img"
     make_ext4(e2fsprogs, raw, 32)
-    with open_image(raw, writable=True) as disk:
-        res, out, ide = boot(debian_kernel, {(0, 0): ("disk", disk)}, libata="dma=0")
+    content = tmp_path / "cd-content"
+    content.mkdir()
+    (content / "cd.txt").write_bytes(CD_TEXT)
+    media = tmp_path / "cd.iso"
+    make_iso(media, content)
+    with open_image(raw, writable=True) as disk, open_image(media) as cd:
+        res, out, ide = boot(debian_kernel, {(0, 0): ("disk", disk), (1, 0): ("cdrom", cd)}, libata="dma=0")
     check_guest(out, res, "XFER_PIO_4")
-    assert ide.channels[0].bm.transfers == 0
+    assert CD_TEXT.decode().strip() in out                  # ATAPI PIO: the reply in DRQ blocks
+    assert ide.channels[0].bm.transfers == 0 and ide.channels[1].bm.transfers == 0
     check_disk(e2fsprogs, raw)
 
 
