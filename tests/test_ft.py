@@ -8,6 +8,7 @@ sides producing output.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -353,3 +354,74 @@ def test_usage_errors_are_one_line(tmp_path):
         rc, err = finish(vmm(*args))
         assert rc == 2, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def _netns_pair(tag: str):
+    """Two network namespaces joined by a veth pair, as two hosts: (ns_p, ip_p, ns_b, ip_b), or None."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        return None
+    ns_p, ns_b = f"ftp{tag}", f"ftb{tag}"
+    cmds = [["ip", "netns", "add", ns_p], ["ip", "netns", "add", ns_b],
+            ["ip", "link", "add", f"vp{tag}", "type", "veth", "peer", "name", f"vb{tag}"],
+            ["ip", "link", "set", f"vp{tag}", "netns", ns_p], ["ip", "link", "set", f"vb{tag}", "netns", ns_b],
+            ["ip", "-n", ns_p, "addr", "add", "10.231.0.1/24", "dev", f"vp{tag}"],
+            ["ip", "-n", ns_b, "addr", "add", "10.231.0.2/24", "dev", f"vb{tag}"],
+            ["ip", "-n", ns_p, "link", "set", f"vp{tag}", "up"], ["ip", "-n", ns_b, "link", "set", f"vb{tag}", "up"],
+            ["ip", "-n", ns_p, "link", "set", "lo", "up"], ["ip", "-n", ns_b, "link", "set", "lo", "up"]]
+    for c in cmds:
+        if subprocess.run(c, check=False, capture_output=True).returncode != 0:
+            _netns_drop(ns_p, ns_b)
+            return None
+    return ns_p, "10.231.0.1", ns_b, "10.231.0.2"
+
+
+def _netns_drop(*names: str) -> None:
+    for n in names:
+        subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)
+
+
+def test_across_network_namespaces_the_backup_takes_over(tmp_path):
+    """The two processes on two "hosts" (network namespaces joined by a veth pair); the
+    console client on the primary's host follows the output to the backup's address."""
+    net = _netns_pair(str(os.getpid() % 10000))
+    if net is None:
+        pytest.skip("needs root and `ip netns` to build two network namespaces")
+    ns_p, ip_p, ns_b, ip_b = net
+    guest = ft_guest.build(lines=1500)
+    want = reference(guest, 1, b"", tmp_path)
+    arb = str(tmp_path / "lock")          # the filesystem is shared storage for both "hosts"
+    out = tmp_path / "console.out"
+
+    def in_ns(ns: str, *args: str, **kw) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                 "import sys; from tools.cli import main; sys.exit(main())", *args],
+                                cwd=ROOT, env=env, stderr=subprocess.PIPE, **kw)
+
+    procs = []
+    try:
+        backup = in_ns(ns_b, "ft", "backup", "--listen", f"{ip_b}:7000", "--arbiter", arb,
+                       "--console", f"{ip_b}:7001", "--linger", "5", stdout=subprocess.DEVNULL)
+        primary = in_ns(ns_p, "ft", "primary", str(guest), "--boot", "flat", "--backup", f"{ip_b}:7000",
+                        "--console", f"{ip_p}:7001", "--arbiter", arb, "--linger", "5",
+                        stdout=subprocess.DEVNULL)
+        with open(out, "wb") as f:
+            client = in_ns(ns_p, "ft", "console", f"{ip_p}:7001", f"{ip_b}:7001", stdout=f,
+                           stdin=subprocess.DEVNULL)
+            procs = [backup, primary, client]
+            end = time.monotonic() + 60
+            while out.stat().st_size < len(want) // 3 and time.monotonic() < end:
+                time.sleep(0.01)
+            primary.send_signal(signal.SIGKILL)
+            rc_c, err_c = finish(client, 120)
+        rc_b, err_b = finish(backup)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        _netns_drop(ns_p, ns_b)
+    assert rc_c == 0, err_c
+    assert rc_b == 0, err_b
+    assert "live from tick" in err_b, err_b
+    assert out.read_bytes() == want
