@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,7 @@ from host.images import create, open_image
 from tools import cli
 from tools.cli_disk import parse_drive
 
+ROOT = Path(__file__).resolve().parents[1]
 QEMU_IMG = shutil.which("qemu-img")
 need_qemu_img = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img (Debian's qemu-utils) is not installed")
 
@@ -228,3 +231,19 @@ def test_qemu_img_agrees_with_vmm_disk(tmp_path, capsys):
     mine = tmp_path / "mine.img"
     assert run_cli(["disk", "convert", str(theirs), str(mine), "-O", "raw"], capsys)[0] == 0
     assert mine.read_bytes() == raw.read_bytes()
+
+
+def test_with_no_image_the_first_hard_disk_boots(tmp_path, capsys):
+    """As QEMU's -hda: the built-in BIOS boots the raw disk; a qcow2 one needs --bios."""
+    from guests.build import guest_path
+
+    disk = tmp_path / "boot.img"
+    disk.write_bytes(guest_path("hello").read_bytes().ljust(64 << 10, b"\0"))
+    proc = subprocess.run([sys.executable, "-m", "tools.cli", "run", "-hda", str(disk)], capture_output=True,
+                          timeout=120, check=False, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"Hello from the boot sector!" in proc.stdout        # through INT 10h, on the terminal
+    q = tmp_path / "boot.qcow2"
+    create(q, 1 << 20)
+    status, _, err = run_cli(["run", "-hda", str(q), "--serial", "none"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "--bios" in err, err

@@ -249,6 +249,7 @@ def _initrd(args) -> tuple[str, bytes] | None:
 
 
 def _load_image(args) -> tuple[str, bytes]:
+    cli_disk.boot_from_drive(args)
     path = resolve_image(args.image)
     try:
         data = read_file(path)       # a regular file of a size an image may have, or OSError

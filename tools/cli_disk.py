@@ -9,7 +9,8 @@ written twice, as QEMU wants)::
     -cdrom FILE            an IDE CD-ROM at index 2 (secondary master); also --cdrom
 
 ``if`` defaults to ide, ``media`` to disk, ``format`` to what the file
-holds.  ``readonly=on`` opens the file read-only (the guest's writes fail);
+holds.  With no IMAGE (nor --kernel, --bios), the built-in BIOS boots the
+first hard disk (-hda), which must then be raw.  ``readonly=on`` opens the file read-only (the guest's writes fail);
 ``snapshot=on`` keeps the guest's writes in memory and leaves the file as it
 was.  A recording always runs its disks that way (vmm/platform/storage.py).
 
@@ -148,6 +149,30 @@ def drives_from_args(args, with_hash: bool = False, recording: bool = False) -> 
             raise _usage(f"--save-at: the disk {through[0]} is written in place, so a snapshot could not hold "
                          f"its content; give it snapshot=on or readonly=on")
     return drives
+
+
+def boot_from_drive(args) -> None:
+    """QEMU's habit: with no IMAGE (nor --kernel, --bios or --restore) the machine boots its
+    first hard disk, IDE index 0 (-hda) if there is one, else the first disk given.  The
+    built-in BIOS reads the file's bytes, so the disk must be a raw image."""
+    from tools.cli_bios import DEFAULT_IMAGE
+
+    if (args.image is not DEFAULT_IMAGE or getattr(args, "kernel", None) or getattr(args, "bios", None)
+            or getattr(args, "restore", None)):
+        return
+    disks = [s for s in specs_from_args(args) if s["media"] == "disk"]
+    if not disks:
+        return
+    first = next((s for s in disks if s["if"] == "ide" and s["index"] == 0), disks[0])
+    try:
+        with open(first["file"], "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise _usage(f"{first['file']}: {e.strerror}") from None
+    if first["format"] == "qcow2" or (first["format"] is None and magic == b"QFI\xfb"):
+        raise _usage(f"{first['file']}: the built-in BIOS boots raw disks only; boot this qcow2 disk with "
+                     f"--bios FILE (SeaBIOS) or give a boot IMAGE")
+    args.image = first["file"]
 
 
 def close(m) -> None:
