@@ -59,7 +59,7 @@ class Pair:
     """A backup, a primary and the ports between them (the primary may talk through a proxy)."""
 
     def __init__(self, tmp: Path, guest: Path, smp: int = 1, arbiter: tuple[str, str] | None = None,
-                 backup_console: bool = False, via=None, heartbeat: str = "50ms"):
+                 backup_console: bool = False, via=None, heartbeat: str = "100ms"):
         self.listen = free_port()
         self.console = free_port()
         self.backup_console = free_port() if backup_console else self.console
@@ -111,8 +111,18 @@ def smp_guest() -> Path:
 
 def test_pair_without_faults_prints_what_a_plain_run_prints(ask_guest, tmp_path):
     pair = Pair(tmp_path, ask_guest)
+    status: list[tuple[int, str]] = []
+
+    def on_output(c: ConsoleClient) -> None:
+        typist(c)
+        if not status and len(c.transcript) > 2000:
+            p = subprocess.run([sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())",
+                                "ft", "status", f"127.0.0.1:{pair.console}"], cwd=ROOT, capture_output=True,
+                               env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False, timeout=60)
+            status.append((p.returncode, p.stdout.decode()))
+
     try:
-        c = ConsoleClient([("127.0.0.1", pair.console)], typist)
+        c = ConsoleClient([("127.0.0.1", pair.console)], on_output)
         assert c.run(timeout=120) == 0
         rc_p, err_p = finish(pair.primary)
         rc_b, err_b = finish(pair.backup)
@@ -126,6 +136,10 @@ def test_pair_without_faults_prints_what_a_plain_run_prints(ask_guest, tmp_path)
     assert want == reference(ask_guest, 1, bytes(c.typed), tmp_path)
     assert c.served_by == ["primary"]
     assert not (tmp_path / "arbiter.lock").exists()
+    rc, shown_text = status[0]
+    shown = dict(line.split(": ", 1) for line in shown_text.splitlines())
+    assert rc == 0 and shown["role"] == "primary" and shown["state"] == "paired"
+    assert int(shown["acked_horizon"]) > 0 and int(shown["log_bytes"]) > 0 and float(shown["lag_ms"]) >= 0
 
 
 def _kill_primary_run(guest: Path, tmp: Path, at: float, delay: float, smp: int, want_of) -> None:

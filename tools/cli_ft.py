@@ -4,6 +4,7 @@
                    [--arbiter PATH] [--heartbeat SECONDS] [--max-lag DURATION] [--linger SECONDS]
     vmm ft backup --listen [HOST:]PORT [--image PATH] [--arbiter PATH] [--console [HOST:]PORT]
     vmm ft console HOST:PORT [HOST:PORT ...]
+    vmm ft status HOST:PORT
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def add_ft_parser(sub) -> None:
     b.add_argument("--wait", type=parse_duration, default=None, metavar="SECONDS",
                    help="give up when no primary connects within this time (default: wait)")
     _common(b)
+    st = fsub.add_parser("status", help="the live side's role, lag, log bandwidth and last acknowledged horizon")
+    st.add_argument("address", metavar="HOST:PORT", help="the pair's console address")
     c = fsub.add_parser("console", help="a console client that follows a pair across a failover")
     c.add_argument("address", nargs="+", metavar="HOST:PORT")
     c.add_argument("--timeout", type=parse_duration, default=30.0, metavar="SECONDS",
@@ -98,6 +101,8 @@ def cmd_ft(args) -> int:
         return _backup(args)
     if args.ft_command == "console":
         return _console_client(args)
+    if args.ft_command == "status":
+        return _status(args)
     raise UsageError("ft needs a subcommand: primary, backup or console")
 
 
@@ -238,6 +243,20 @@ def _backup(args) -> int:
     elif r.detected_after is not None:
         say(f"failure detected {r.detected_after * 1e3:.0f} ms after the primary was last heard")
     return _exit_status(r.result, args)
+
+
+def _status(args) -> int:
+    from replay.ft.console import query_status
+
+    host, port = _addr(args.address, "status address")
+    try:
+        st = query_status(host, port)
+    except (OSError, ValueError) as e:
+        print(f"vmm ft status: no live side answers on {host}:{port} ({e})", file=sys.stderr)
+        return EXIT_FT_REFUSED
+    for k in sorted(st):
+        print(f"{k}: {st[k]}")
+    return 0
 
 
 def _console_client(args) -> int:

@@ -351,6 +351,8 @@ class Backup:
         if res.reason is StopReason.HOST and rp.stop_at is not None:
             rp.go_live(console)
             console.go_alone(rp.input_position())
+            console.status = lambda: {"state": "took over", "takeover_tick": rp.stop_at,
+                                      "failure": self.lost, "arbiter": self.arbiter_path}
             self._listen_console(console, addr)
             detected = (self.lost_at - self.heard_last) if self.lost_at and self.heard_last else None
             self.say(f"the primary is lost ({self.lost}); live from tick {rp.stop_at} (icount {rp.m.icount}), "

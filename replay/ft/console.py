@@ -5,7 +5,9 @@ failover, by the backup at the same address.  Both directions carry stream
 positions, so a client that reconnects after a failover loses nothing and
 repeats nothing.  The protocol (ASCII heads, raw bytes after them):
 
-  client -> server   ``HELLO <have>\\n``           the output bytes it already holds
+  client -> server   ``STATUS\\n``                 instead of HELLO: one JSON line of the side's
+                                                   state (`vmm ft status`), then the server closes
+                     ``HELLO <have>\\n``           the output bytes it already holds
                      ``IN <pos> <n>\\n`` + n bytes  console input at input position pos
   server -> client   ``WELCOME <role> <inpos>\\n``  input bytes the machine holds (resend from there)
                      ``OUT <pos> <n>\\n`` + n bytes output at output position pos
@@ -31,6 +33,7 @@ class ConsoleServer:
 
     def __init__(self, role: str, stamp: Callable[[], int] | None = None):
         self.role = role
+        self.status: Callable[[], dict] | None = None    # what a STATUS request is answered
         self.stamp = stamp
         self.lock = threading.Lock()
         self.out = bytearray()
@@ -149,6 +152,14 @@ class ConsoleServer:
         try:
             head = r.line()
             parts = head.split()
+            if parts == [b"STATUS"]:
+                import json
+
+                st = dict(self.status() if self.status else {}, role=self.role, output_bytes=len(self.out),
+                          released=self.released, input_bytes=self.in_received)
+                c.send(json.dumps(st, sort_keys=True).encode() + b"\n")
+                c.close()
+                return
             if len(parts) != 2 or parts[0] != b"HELLO" or not parts[1].isdigit():
                 c.close()
                 return
@@ -345,3 +356,12 @@ class ConsoleClient:
             if time.monotonic() > end:
                 raise TimeoutError("the guest did not end in time")
         return self.status
+
+
+def query_status(host: str, port: int, timeout: float = 5.0) -> dict:
+    """The state a live side of a pair reports on its console address (OSError, ValueError)."""
+    import json
+
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(b"STATUS\n")
+        return json.loads(_Reader(s).line(1 << 16))

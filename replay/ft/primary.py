@@ -91,6 +91,8 @@ class Primary:
         self.link: wire.Link | None = None
         self.writer = None
         self.machine = None
+        self.last_tick = 0
+        console.status = self.status
 
     # -- forming the pair -----------------------------------------------------------
     def connect(self, timeout: float, hello: dict) -> None:
@@ -128,8 +130,18 @@ class Primary:
             raise FtError(f"the backup refused: {self.handshake or 'no answer within 120 s'}")
         m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
 
+    def status(self) -> dict:
+        """For `vmm ft status`: who this side is, the backup's lag, the log's bandwidth."""
+        s = self.stats
+        guest_s = self.last_tick / 1e8
+        return {"state": s.outcome, "tick": self.last_tick, "acked_horizon": min(self.acked, self.last_tick),
+                "lag_ms": (s.lag_samples[-1] / 1e5) if s.lag_samples else 0.0, "log_bytes": s.log_bytes,
+                "log_bytes_per_guest_s": round(s.log_bytes / guest_s) if guest_s else 0,
+                "heartbeat_s": self.heartbeat, "arbiter": self.arbiter.path}
+
     # -- the horizon timer (the run loop's thread) ------------------------------------
     def _tick(self, now: int) -> None:
+        self.last_tick = now
         m = self.machine
         if self.fenced:
             m.request_host_stop("this primary lost the arbiter to its backup")
