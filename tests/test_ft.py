@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 import ft_guest
 
-from replay.ft.console import ConsoleClient
+from replay.ft.console import ConsoleClient, query_status
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not ft_guest.have_nasm(), reason="nasm builds the FT test guest")
@@ -439,3 +439,44 @@ def test_across_network_namespaces_the_backup_takes_over(tmp_path):
     assert rc_b == 0, err_b
     assert "live from tick" in err_b, err_b
     assert out.read_bytes() == want
+
+
+def test_max_lag_slows_the_primary_never_the_backup(tmp_path):
+    """A backup that stops replaying (SIGSTOP, shorter than the heartbeat timeout): the primary
+    runs at most --max-lag of virtual time ahead of it, then waits; it goes on once the backup does."""
+    guest = ft_guest.build(lines=20000, delay=20000)
+    listen, console = free_port(), free_port()
+    backup = vmm("ft", "backup", "--listen", f"127.0.0.1:{listen}", "--heartbeat", "2s", "--linger", "1")
+    primary = vmm("ft", "primary", str(guest), "--boot", "flat", "--backup", f"127.0.0.1:{listen}",
+                  "--console", f"127.0.0.1:{console}", "--heartbeat", "2s", "--max-lag", "20ms",
+                  "--linger", "1")
+
+    def tick() -> int:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                return int(query_status("127.0.0.1", console)["tick"])
+            except (OSError, ValueError, KeyError):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+
+    try:
+        start = tick()
+        while tick() - start < 20_000_000:          # the pair runs: 0.2 s of virtual time
+            time.sleep(0.05)
+        backup.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        held = tick()
+        time.sleep(1.0)
+        still = tick()
+        backup.send_signal(signal.SIGCONT)
+        time.sleep(1.0)
+        moved = tick()
+    finally:
+        backup.send_signal(signal.SIGCONT)
+        for p in (primary, backup):
+            p.kill()
+            p.communicate()
+    assert still - held <= 100_000, (held, still)   # waiting: at most one horizon further in a second
+    assert moved - still > 5_000_000, (still, moved)  # the backup caught up, the primary went on
