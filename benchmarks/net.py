@@ -1,0 +1,177 @@
+"""Network throughput and latency between two Debian Linux guests on the in-process switch.
+
+Two machines (e1000 or virtio-net, Debian's kernel and modules in a busybox initramfs) run in
+one process in turns (replay/group.py); one sends BYTES of zeros to the other with busybox
+``nc`` and both ping each other.  Reported per model:
+
+* guest-to-guest TCP: frames and bytes that crossed the switch during the transfer, per host
+  second (from the first to the last frame of the transfer, host clock) and per guest second
+  (the guests' virtual time over the same span);
+* ping round trip as the guest's ping reports it (virtual time);
+* the same number of bytes, in frames of the same sizes, through a host ``socketpair`` with
+  the stream backend's framing (4-byte big-endian length), in the same run: the cost of moving
+  frames through the host alone.
+
+    python benchmarks/net.py [--model e1000|virtio|both] [--mbytes N]
+
+Needs Debian's kernel packages (tools/debian.py); says so and exits 0 without them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from replay.group import GroupRecording
+from replay.session import machine_config
+from tools import debian
+from vmm.platform.net import connect_backend, describe_nics
+from vmm.platform.pc import DEFAULT_EPOCH
+
+MODULES = {"e1000": ["e1000"], "virtio": ["virtio_pci", "virtio_net"]}
+COMMON = """ip link set lo up
+ip link set eth0 up
+ip addr add {ip}/24 dev eth0
+"""
+RECEIVER = COMMON.format(ip="10.0.2.15") + """nc -l -p 1234 > /dev/null; echo RECV-DONE
+sleep 30
+"""
+SENDER = COMMON.format(ip="10.0.2.16") + """sleep 2
+ping -c 5 10.0.2.15
+echo XFER-START
+dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | nc 10.0.2.15 1234; echo XFER-DONE
+poweroff -f
+"""
+
+
+class Meter:
+    """Counts frames and bytes through a switch port, with host and guest time stamps."""
+
+    def __init__(self, m) -> None:
+        self.m = m
+        self.frames = self.bytes = 0
+        self.sizes: list[int] = []
+        self.first = self.last = None
+
+    def __call__(self, frame: bytes, ns: int) -> None:
+        now = (time.perf_counter(), ns)
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.frames += 1
+        self.bytes += len(frame)
+        if len(self.sizes) < 100_000:
+            self.sizes.append(len(frame))
+
+
+def run_model(model: str, mbytes: int) -> dict:
+    kernel = debian.kernel()
+    data = kernel.read_bytes()
+    group = GroupRecording()
+    machines = {}
+    for name, script, mac in (("rx", RECEIVER, "52:54:00:12:34:56"),
+                              ("tx", SENDER.format(blocks=mbytes * 16), "52:54:00:12:34:57")):
+        initrd = debian.initramfs(debian.INIT_HEADER + debian.LOAD_MODULES + script, MODULES[model])
+        cfg = machine_config(256 << 20, DEFAULT_EPOCH, str(kernel), data, "linux", "console=ttyS0 panic=-1",
+                             0x100000, "none", initrd=(str(initrd), initrd.read_bytes()))
+        cfg["nics"] = describe_nics([{"model": model, "mac": mac}])
+        m = group.add(name, cfg, data, os.devnull)
+        connect_backend(m, "net0", f"switch:bench-{model}")
+        machines[name] = m
+    meter = Meter(machines["tx"])
+    tx_mac = bytes.fromhex("525400123457")
+    serial = machines["tx"].serial_out
+
+    def tap(frame: bytes, ns: int) -> None:
+        # frames the sender sends during the transfer (its ACKs from the receiver are not counted)
+        if frame[6:12] == tx_mac and b"XFER-START" in serial and b"XFER-DONE" not in serial:
+            meter(frame, ns)
+    machines["tx"].net_input.ports["net0"].capture = tap
+    t0 = time.perf_counter()
+    group.run(60_000_000_000, until=lambda: b"XFER-DONE" in bytes(machines["tx"].serial_out))
+    total = time.perf_counter() - t0
+    out = bytes(machines["tx"].serial_out).decode(errors="replace")
+    rtt = re.search(r"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms", out)
+    for m in machines.values():
+        m.close()
+    if meter.first is None or "XFER-DONE" not in out:
+        raise RuntimeError(f"{model}: the transfer did not complete:\n{out[-2000:]}")
+    host_s = meter.last[0] - meter.first[0]
+    guest_s = (meter.last[1] - meter.first[1]) / 1e9
+    return {"model": model, "frames": meter.frames, "bytes": meter.bytes, "host_s": host_s, "guest_s": guest_s,
+            "rtt_ms": float(rtt.group(2)) if rtt else None, "sizes": meter.sizes, "total_s": total}
+
+
+def socketpair_baseline(sizes: list[int], total_frames: int) -> tuple[float, int]:
+    """Host seconds to move ``total_frames`` frames of these sizes (cycled) through a socketpair
+    with the stream framing, written and read in one thread in 256 KiB batches."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    frames = [struct.pack(">I", n) + bytes(n) for n in sizes] or [struct.pack(">I", 1514) + bytes(1514)]
+    moved = 0
+    pending = bytearray()
+    t0 = time.perf_counter()
+    i = 0
+    got = 0
+    buf = bytearray()
+    while got < total_frames:
+        while i < total_frames and len(pending) < 256 << 10:
+            pending += frames[i % len(frames)]
+            i += 1
+        if pending:
+            try:
+                n = a.send(pending)
+                del pending[:n]
+            except BlockingIOError:
+                pass
+        buf += b.recv(1 << 20)
+        pos = 0
+        while len(buf) - pos >= 4:
+            (n,) = struct.unpack_from(">I", buf, pos)
+            if len(buf) - pos - 4 < n:
+                break
+            pos += 4 + n
+            moved += n
+            got += 1
+        del buf[:pos]
+    dt = time.perf_counter() - t0
+    a.close()
+    b.close()
+    return dt, moved
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["e1000", "virtio", "both"], default="both")
+    ap.add_argument("--mbytes", type=int, default=4, help="MiB sent guest to guest (default 4)")
+    a = ap.parse_args()
+    try:
+        debian.kernel()
+        debian.busybox()
+    except debian.DebianUnavailable as e:
+        print(f"net: skipped, Debian packages unavailable: {e}")
+        return 0
+    models = ["e1000", "virtio"] if a.model == "both" else [a.model]
+    for model in models:
+        r = run_model(model, a.mbytes)
+        base_s, base_bytes = socketpair_baseline(r["sizes"], r["frames"])
+        print(f"{model:7s} guest->guest over the switch: {r['frames']} frames, {r['bytes'] / 1e6:.1f} MB in "
+              f"{r['host_s']:.2f} host s = {r['frames'] / r['host_s']:,.0f} frames/s, "
+              f"{r['bytes'] / r['host_s'] / 1e6:.2f} MB/s host; {r['bytes'] / max(r['guest_s'], 1e-9) / 1e6:.1f} "
+              f"MB/s in guest time ({r['guest_s']:.3f} guest s)")
+        print(f"{model:7s} ping round trip (guest's ping, virtual time): "
+              f"{r['rtt_ms'] if r['rtt_ms'] is not None else '?'} ms avg; whole run {r['total_s']:.1f} s")
+        print(f"{model:7s} host socketpair, same frames with 4-byte framing: {r['frames'] / base_s:,.0f} frames/s, "
+              f"{base_bytes / base_s / 1e6:.0f} MB/s ({base_s * 1e3:.1f} ms): the switch path is "
+              f"{base_s / r['host_s'] * 100:.2f}% as fast")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
