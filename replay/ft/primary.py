@@ -121,13 +121,14 @@ class Primary:
 
     def setup(self, m) -> None:
         """Called by record() before the first instruction: the handshake, then the horizon timer."""
-        self.machine = m
         self.writer.flush()           # the DISK_IMAGE and the initial digests: the backup checks them
         self.link.send(wire.HORIZON, wire.u64(0))
         with self.cv:
             self.cv.wait_for(lambda: self.handshake is not None, timeout=120)
         if self.handshake != "accepted":
+            self.link.close(drain=0)
             raise FtError(f"the backup refused: {self.handshake or 'no answer within 120 s'}")
+        self.machine = m
         m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
 
     def status(self) -> dict:
@@ -189,6 +190,8 @@ class Primary:
                 self.handshake = f"the connection was lost during the handshake ({reason})"
                 self.cv.notify_all()
                 return
+            if self.handshake != "accepted":
+                return                  # the pair never formed: nothing ran, nothing to decide
         threading.Thread(target=self._contend, args=(reason,), name="ft-arbiter", daemon=True).start()
 
     def _contend(self, reason: str) -> None:
