@@ -314,6 +314,9 @@ def test_partition_never_two_live_sides(ask_guest, tmp_path, reach):
     else:
         assert '"role": "backup"' in holder and "live from tick" in err_b
         assert "holds the arbiter" in err_p
+    if reach == "both":
+        assert rc_p == 0          # the backup still heard the primary on the second path: left it the lease
+        assert "answers on the second path" in err_b, err_b
     if reach == "backup-first":
         assert rc_b == 0          # the primary could not reach the arbiter: it held its output
     if reach == "primary-first":

@@ -37,6 +37,16 @@ class Arbiter:
             return f"cannot read the arbiter {self.path}: {e.strerror}"
         return f"the arbiter {self.path} is already held ({holder}); a new pair needs a free one"
 
+    def holder(self) -> str | None:
+        """Who holds the lease (None: nobody, as far as can be seen from here)."""
+        if self.path is None:
+            return None
+        try:
+            with open(self.path) as f:
+                return f.read().strip() or "(empty)"
+        except OSError:
+            return None
+
     def try_acquire(self, role: str) -> tuple[str, str]:
         """(WON | LOST | UNREACHABLE, detail).  Without an arbiter every call wins."""
         if self.path is None:

@@ -173,6 +173,9 @@ class BackupResult:
     takeover_tick: int | None = None
 
 
+SIDE_GRACE_BEATS = 5    # heartbeats a backup waits for a primary still heard on the second path
+
+
 class Backup:
     def __init__(self, listen: tuple[str, int], *, image: bytes | None = None, arbiter: str | None = None,
                  console: tuple[str, int] | None = None, heartbeat: float = 0.05,
@@ -194,6 +197,8 @@ class Backup:
         self.feed = _Feed()
         self.link: wire.Link | None = None
         self.replica: LiveReplica | None = None
+        self.side: wire.SidePath | None = None
+        self._peer_host = "127.0.0.1"
         self._srv: socket.socket | None = None
 
     def bind(self) -> tuple[str, int]:
@@ -243,6 +248,14 @@ class Backup:
     def _contend(self) -> None:
         arb = Arbiter(self.arbiter_path)
         warned = False
+        # the primary still answers on the second path: only the link failed.  Leave it the
+        # lease for a while (it goes on alone) rather than take over from a healthy primary.
+        grace = time.monotonic() + SIDE_GRACE_BEATS * self.heartbeat
+        if self.link.silent and self.side is not None and self.side.alive():
+            self.say(f"the link to the primary failed ({self.lost}) but it answers on the second path: "
+                     f"leaving it the arbiter for {SIDE_GRACE_BEATS * self.heartbeat:.3g} s")
+            while time.monotonic() < grace and self.side.alive() and arb.holder() is None:
+                time.sleep(self.heartbeat / 4)
         while True:
             outcome, detail = arb.try_acquire("backup")
             if outcome in (WON, LOST):
@@ -284,6 +297,9 @@ class Backup:
             raise FtError(f"no primary connected within {wait} s") from None
         self._srv.close()
         conn.settimeout(None)
+        self._peer_host = peer[0]
+        self.side = wire.SidePath(conn.getsockname()[0], self.heartbeat)
+        self.side.start()
         self.link = wire.Link(conn, self.heartbeat, self._on_message, self._on_lost)
         self.link.patience = FORMING_PATIENCE
         self.link.start()
@@ -309,7 +325,7 @@ class Backup:
             raise refuse(held)
         hb = hello.get("heartbeat")
         if isinstance(hb, (int, float)) and 0.001 <= hb <= 60:
-            self.heartbeat = self.link.heartbeat = float(hb)
+            self.heartbeat = self.link.heartbeat = self.side.heartbeat = float(hb)
         # the handshake reads the log header (image hashes, configuration) and answers before
         # the primary runs an instruction; the replay then reads the header again
         with self.cv:
@@ -325,7 +341,10 @@ class Backup:
         why = self._disagreement(cfg)
         if why:
             raise refuse(why)
-        self.link.send(wire.ACCEPT, wire.pack_json({"vmm_version": VMM_VERSION}))
+        side_port = hello.get("side_port")
+        if isinstance(side_port, int) and 0 < side_port < 65536:
+            self.side.peer = (self._peer_host, side_port)
+        self.link.send(wire.ACCEPT, wire.pack_json({"vmm_version": VMM_VERSION, "side_port": self.side.port}))
         console = ConsoleServer("backup")
         try:
             rp = LiveReplica(self.feed, self.image, console, self._gate)

@@ -16,6 +16,7 @@ keeps trying.
 """
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -89,6 +90,7 @@ class Primary:
         self.alone = False
         self.fenced = False
         self.link: wire.Link | None = None
+        self.side: wire.SidePath | None = None
         self.writer = None
         self.machine = None
         self.last_tick = 0
@@ -110,11 +112,13 @@ class Primary:
                                   f"{e.strerror or e}") from None
                 time.sleep(0.05)
         sock.settimeout(None)
+        self.side = wire.SidePath(sock.getsockname()[0], self.heartbeat)
+        self.side.start()
         self.link = wire.Link(sock, self.heartbeat, self._on_message, self._on_lost)
         self.link.patience = FORMING_PATIENCE
         self.link.start()
         self.link.send(wire.HELLO, wire.pack_json(dict(hello, protocol=wire.PROTOCOL, heartbeat=self.heartbeat,
-                                                       arbiter=self.arbiter.path)))
+                                                       arbiter=self.arbiter.path, side_port=self.side.port)))
 
     def on_writer(self, writer) -> None:
         self.writer = writer
@@ -178,6 +182,13 @@ class Primary:
                 self.progress = max(self.progress, wire.read_u64(payload))
                 self.cv.notify_all()
         elif kind in (wire.ACCEPT, wire.REFUSE):
+            if kind == wire.ACCEPT:
+                try:
+                    port = int(json.loads(payload).get("side_port") or 0)
+                except (ValueError, AttributeError):
+                    port = 0
+                if 0 < port < 65536:
+                    self.side.peer = (self.backup[0], port)
             with self.cv:
                 self.handshake = "accepted" if kind == wire.ACCEPT else payload.decode(errors="replace")
                 self.cv.notify_all()

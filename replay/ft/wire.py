@@ -78,6 +78,7 @@ class Link:
         # silence allowed before the peer is declared lost; while a pair forms (the backup
         # builds its machine, the primary waits for its answer) the ``patience`` is longer
         self.patience: float | None = None
+        self.silent = False      # lost to silence (a network problem?) rather than a closed connection
         self.bytes_sent = 0
         self.bytes_received = 0
         self._threads = [threading.Thread(target=self._send_loop, name="ft-send", daemon=True),
@@ -148,6 +149,7 @@ class Link:
             except TimeoutError:
                 limit = self.patience or self.heartbeat * MISSED_BEATS
                 if time.monotonic() - self.last_heard > limit:
+                    self.silent = True
                     self._lose(f"no heartbeat for {limit:.3g} s")
                     return
                 continue
@@ -173,3 +175,49 @@ class Link:
                 del buf[:_FRAME.size + n]
                 if kind != BEAT:
                     self.on_message(kind, payload)
+
+
+class SidePath:
+    """The second heartbeat path: UDP datagrams between the two hosts, apart from the
+    log's TCP connection.  It decides nothing by itself; when the link fails it tells
+    "the peer is dead" from "only the link failed" (the backup then leaves the lease to
+    a primary that still answers, rather than take over from a healthy one)."""
+
+    def __init__(self, host: str, heartbeat: float):
+        self.heartbeat = heartbeat
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(min(heartbeat, 0.05))
+        self.port = self.sock.getsockname()[1]
+        self.peer: tuple[str, int] | None = None
+        self.last_heard: float | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="ft-side", daemon=True).start()
+
+    def alive(self) -> bool:
+        """The peer was heard on this path within MISSED_BEATS heartbeats."""
+        t = self.last_heard
+        return t is not None and time.monotonic() - t <= self.heartbeat * MISSED_BEATS
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _loop(self) -> None:
+        next_beat = 0.0
+        while not self.closed:
+            now = time.monotonic()
+            if self.peer is not None and now >= next_beat:
+                try:
+                    self.sock.sendto(b"FTHB", self.peer)
+                except OSError:
+                    pass
+                next_beat = now + self.heartbeat
+            try:
+                data, _ = self.sock.recvfrom(64)
+            except (TimeoutError, OSError):
+                continue
+            if data == b"FTHB":
+                self.last_heard = time.monotonic()
+        self.sock.close()
