@@ -3,8 +3,10 @@
     python benchmarks/ft.py [--rounds N] [--kills N]
 
 - throughput: the same guest (numbered lines, printed continuously) under a plain
-  `vmm run` and as `vmm ft primary` with a backup, each reporting its own MIPS
-  (--stats); the variants alternate so host load hits them alike;
+  `vmm run`, `vmm record` (FT's primary records: the part of the cost that is not
+  FT's own) and as `vmm ft primary` with a backup, each reporting its own MIPS;
+  the variants alternate so host load hits them alike (the backup replays on the
+  same host: on a 2-core machine it competes with the primary for CPU);
 - log bandwidth (bytes per second of guest time) and the backup's lag behind the
   primary (virtual ms, sampled at every horizon), from the primary's --stats;
 - output latency: a guest that asks for a byte on every line; the round trip
@@ -76,10 +78,12 @@ def start_pair(guest: Path, tmp: Path, heartbeat: str = "50ms", backup_console: 
 
 
 def throughput(guest: Path, tmp: Path, rounds: int) -> None:
-    plain, ft, stats = [], [], []
+    plain, rec, ft, stats = [], [], [], []
     for _ in range(rounds):
         r = vmm("run", str(guest), "--boot", "flat", "--serial", "none", "--stats")
         plain.append(mips(r.communicate()[1].decode()))
+        r = vmm("record", str(guest), "--boot", "flat", "--serial", "none", "-o", str(tmp / "rec.vmlog"))
+        rec.append(mips(r.communicate()[1].decode()))
         p, b, cp = start_pair(guest, tmp)
         c = ConsoleClient([("127.0.0.1", cp)])
         c.run(timeout=300)
@@ -87,9 +91,9 @@ def throughput(guest: Path, tmp: Path, rounds: int) -> None:
         b.communicate()
         ft.append(mips(err))
         stats.append(err.strip().splitlines()[-1])
-    print(f"throughput (MIPS, best of {rounds}): plain {max(plain):.1f}, FT primary {max(ft):.1f}, "
-          f"ratio {max(ft) / max(plain):.2f}")
-    print(f"  plain {plain}  FT {ft}")
+    print(f"throughput (MIPS, best of {rounds}): plain {max(plain):.1f}, record {max(rec):.1f}, "
+          f"FT primary {max(ft):.1f}; FT/plain {max(ft) / max(plain):.2f}, FT/record {max(ft) / max(rec):.2f}")
+    print(f"  plain {plain}  record {rec}  FT {ft}")
     line = stats[ft.index(max(ft))]
     for key in ("log", "lag", "max-lag waits"):
         m = re.search(key + r" ([^;]+);", line)

@@ -174,6 +174,7 @@ class BackupResult:
 
 
 SIDE_GRACE_BEATS = 5    # heartbeats a backup waits for a primary still heard on the second path
+PROGRESS_EVERY = 4      # horizons between two reports of the replay's position (--max-lag is at least 4)
 
 
 class Backup:
@@ -189,6 +190,8 @@ class Backup:
         self.cv = threading.Condition()
         self.hello: dict | None = None
         self.horizon = -1     # HORIZON 0 follows the initial events: the replay can be built then
+        self._acked = -1
+        self._ticks = 0
         self.lost: str | None = None
         self.lost_at: float | None = None
         self.heard_last: float | None = None
@@ -217,7 +220,6 @@ class Backup:
             with self.cv:
                 self.horizon = max(self.horizon, wire.read_u64(payload))
                 self.cv.notify_all()
-            self.link.send(wire.ACK, payload)     # the log up to it is here (it came first)
         elif kind == wire.HELLO:
             with self.cv:
                 try:
@@ -231,6 +233,14 @@ class Backup:
             with self.cv:
                 self.bye = True
                 self.cv.notify_all()
+
+    def _ack(self) -> None:
+        """After each read from the link: acknowledge the last horizon it brought (the log
+        up to it came before it), one ACK however many horizons the read held."""
+        h = self.horizon
+        if h > self._acked:
+            self._acked = h
+            self.link.send(wire.ACK, wire.u64(h))
 
     def _on_lost(self, reason: str) -> None:
         with self.cv:
@@ -276,8 +286,10 @@ class Backup:
 
     def _gate(self, now: int) -> None:
         """At each horizon tick of the replay: go on only once the log is known whole past it."""
-        with self.cv:
+        self._ticks += 1
+        if self._ticks % PROGRESS_EVERY == 0:
             self.link.send(wire.PROGRESS, wire.u64(now))
+        with self.cv:
             while self.horizon <= now and self.decision is None:
                 self.cv.wait(self.heartbeat)
             if self.decision == LOST:
@@ -301,6 +313,7 @@ class Backup:
         self.side = wire.SidePath(conn.getsockname()[0], self.heartbeat)
         self.side.start()
         self.link = wire.Link(conn, self.heartbeat, self._on_message, self._on_lost)
+        self.link.on_batch = self._ack
         self.link.patience = FORMING_PATIENCE
         self.link.start()
         with self.cv:

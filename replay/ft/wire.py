@@ -71,6 +71,7 @@ class Link:
         self.on_message = on_message
         self.on_lost = on_lost
         self._out: list[bytes] = []
+        self._sending = False       # a batch is between the queue and the socket
         self._cv = threading.Condition()
         self.lost: str | None = None
         self.closing = False
@@ -79,6 +80,7 @@ class Link:
         # builds its machine, the primary waits for its answer) the ``patience`` is longer
         self.patience: float | None = None
         self.silent = False      # lost to silence (a network problem?) rather than a closed connection
+        self.on_batch: Callable[[], None] | None = None   # after the messages of one read (to coalesce answers)
         self.bytes_sent = 0
         self.bytes_received = 0
         self._threads = [threading.Thread(target=self._send_loop, name="ft-send", daemon=True),
@@ -100,7 +102,7 @@ class Link:
         """Send what is queued (for up to ``drain`` seconds), then close."""
         end = time.monotonic() + drain
         with self._cv:
-            while self._out and self.lost is None and time.monotonic() < end:
+            while (self._out or self._sending) and self.lost is None and time.monotonic() < end:
                 self._cv.wait(0.01)
             self.closing = True
             self._cv.notify_all()
@@ -132,13 +134,17 @@ class Link:
                     return
                 batch = b"".join(self._out) or _FRAME.pack(BEAT, 0)
                 self._out.clear()
-                self._cv.notify_all()
+                self._sending = True
             try:
                 self.sock.sendall(batch)
                 self.bytes_sent += len(batch)
             except OSError as e:
                 self._lose(f"sending failed: {e.strerror or e}")
                 return
+            finally:
+                with self._cv:
+                    self._sending = False
+                    self._cv.notify_all()
 
     def _recv_loop(self) -> None:
         buf = bytearray()
@@ -175,6 +181,8 @@ class Link:
                 del buf[:_FRAME.size + n]
                 if kind != BEAT:
                     self.on_message(kind, payload)
+            if self.on_batch is not None:
+                self.on_batch()
 
 
 class SidePath:
