@@ -105,7 +105,7 @@ def run_model(model: str, mbytes: int) -> dict:
     host_s = meter.last[0] - meter.first[0]
     guest_s = (meter.last[1] - meter.first[1]) / 1e9
     return {"model": model, "frames": meter.frames, "bytes": meter.bytes, "host_s": host_s, "guest_s": guest_s,
-            "rtt_ms": float(rtt.group(2)) if rtt else None, "sizes": meter.sizes, "total_s": total}
+            "rtt_ms": "/".join(rtt.groups()) if rtt else None, "sizes": meter.sizes, "total_s": total}
 
 
 def socketpair_baseline(sizes: list[int], total_frames: int) -> tuple[float, int]:
@@ -165,8 +165,8 @@ def main() -> int:
               f"{r['host_s']:.2f} host s = {r['frames'] / r['host_s']:,.0f} frames/s, "
               f"{r['bytes'] / r['host_s'] / 1e6:.2f} MB/s host; {r['bytes'] / max(r['guest_s'], 1e-9) / 1e6:.1f} "
               f"MB/s in guest time ({r['guest_s']:.3f} guest s)")
-        print(f"{model:7s} ping round trip (guest's ping, virtual time): "
-              f"{r['rtt_ms'] if r['rtt_ms'] is not None else '?'} ms avg; whole run {r['total_s']:.1f} s")
+        print(f"{model:7s} ping round trip (guest's ping, virtual time; the first includes ARP): min/avg/max "
+              f"{r['rtt_ms'] or '?'} ms; whole run {r['total_s']:.1f} s")
         print(f"{model:7s} host socketpair, same frames with 4-byte framing: {r['frames'] / base_s:,.0f} frames/s, "
               f"{base_bytes / base_s / 1e6:.0f} MB/s ({base_s * 1e3:.1f} ms): the switch path is "
               f"{base_s / r['host_s'] * 100:.2f}% as fast")
