@@ -9,9 +9,13 @@ that machine's boundary and is written to its log (devices/net/port.py), so
 each log replays on its own, with no switch and no other machine: a group
 is replayed by replaying each member's log (``replay.session.Replayer``).
 
-A turn ends on a host stop requested by a timer of the member's clock; a
-host stop changes nothing the guest sees (as ``--save-at`` stops do), which
-the replay's digests check.
+A turn ends on a host stop requested at the first poll of the member's
+network input (devices/net/port.py: every 0.1 or 1 ms of virtual time) at or
+after the turn's end, or, for a member without a card, at an instruction
+count.  No timer of its own: a timer that exists only while recording ends
+the vCPU's turns at other instructions than the replay's, and a Linux guest
+recorded that way did not replay; the polls are there in the replay too.
+The replay's digests check that the stops change nothing.
 """
 from __future__ import annotations
 
@@ -86,9 +90,19 @@ class GroupRecording:
             while live:
                 for mb in list(live):
                     m = mb.m
-                    t = m.clock.schedule_in(self.slice_ticks, lambda now, m=m: m.request_host_stop(TURN), TURN)
-                    res = m.run(max_instructions)
-                    t.cancel()
+                    hub = getattr(m, "net_input", None)
+                    limit = max_instructions
+                    if hub is not None:
+                        end = m.clock.now() + self.slice_ticks
+                        hub.poll_hook = lambda m=m, end=end: m.clock.now() >= end and m.request_host_stop(TURN)
+                    else:
+                        limit = m.icount + self.slice_ticks
+                        limit = limit if max_instructions is None else min(limit, max_instructions)
+                    res = m.run(limit)
+                    if hub is not None:
+                        hub.poll_hook = None
+                    if hub is None and res.reason is StopReason.LIMIT and res.icount != max_instructions:
+                        continue
                     if res.reason is not StopReason.HOST or res.message != TURN:
                         self._finish(mb, res)
                         live.remove(mb)

@@ -225,6 +225,7 @@ class NetInput:
         self.polls = 0
         self.unknown = 0                # logged frames for no NIC of this machine (a damaged log)
         self.idle_hook: Callable[[], None] | None = None   # host-side, called by a poll that got nothing
+        self.poll_hook: Callable[[], None] | None = None   # host-side, called at the end of every poll
         self._timer = None
 
     def add_port(self, nic_id: str, wire: Any, capture: Callable[[bytes, int], None] | None = None) -> NicPort:
@@ -306,6 +307,8 @@ class NetInput:
             self.last_activity = now
             port.received_frame(frame)
         self._arm(FAST_POLL_TICKS if self._busy(now) else SLOW_POLL_TICKS)
+        if self.poll_hook is not None:
+            self.poll_hook()
 
     def _due(self, boundary: Any) -> bool:
         """Replaying: is the log's next input, if it is a frame, one taken in at this time or
