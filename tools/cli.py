@@ -579,14 +579,12 @@ def _run_gdb(m, args, stdio=None) -> int:
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
+    from replay.ft.wire import parse_hostport as parse
+
     try:
-        p = int(port)
-    except ValueError:
-        raise UsageError(f"--gdb wants [HOST:]PORT, not {text!r}") from None
-    if not 0 <= p < 65536:
-        raise UsageError(f"--gdb port {p} is out of range")
-    return host or "127.0.0.1", p
+        return parse(text, "--gdb")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _replay_gdb(args, image) -> int:
