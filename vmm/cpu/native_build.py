@@ -9,6 +9,7 @@ a checkout that was not installed.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 
@@ -31,13 +32,29 @@ def _read(name: str) -> str:
         return f.read()
 
 
+def source_tag() -> bytes:
+    """The bytes a build of the current sources carries, so a stale build is seen.
+
+    A checkout that pulls new C keeps its old ``_native`` .so; loading it
+    would bind Python to a different struct layout.  native.load() looks for
+    this tag in the .so and rebuilds when it is missing.
+    """
+    h = hashlib.sha256()
+    for name in (*SOURCES, "api.cdef"):
+        h.update(name.encode() + b"\0" + _read(name).encode() + b"\0")
+    return b"vmm-native-src-" + h.hexdigest()[:32].encode()
+
+
 def make_builder() -> FFI:
     inc, lib = _unicorn_paths()
     ffibuilder = FFI()
-    ffibuilder.cdef(_read("api.cdef"))
+    ffibuilder.cdef(_read("api.cdef") + "\nconst char *vmm_source_tag(void);\n")
+    tag = source_tag().decode()
     ffibuilder.set_source(
         "vmm.cpu._native",
-        "".join(f'#include "{s}"\n' for s in SOURCES),
+        "".join(f'#include "{s}"\n' for s in SOURCES)
+        + f'static const char vmm_src_tag[] = "{tag}";\n'
+        + "const char *vmm_source_tag(void) { return vmm_src_tag; }\n",
         include_dirs=[inc, NATIVE_DIR],
         library_dirs=[lib],
         depends=[os.path.join(NATIVE_DIR, s) for s in (*SOURCES, "api.cdef")],
