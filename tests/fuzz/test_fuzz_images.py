@@ -34,6 +34,14 @@ def _elf(segments) -> bytes:
     return eh + ph + mb + b"\xf4" * 0x1000
 
 
+def _aout(header_addr: int, load_addr: int, load_end: int, bss_end: int, entry: int) -> bytes:
+    """A Multiboot kernel with the address fields of flag 16 (the a.out kludge), header at offset 0."""
+    flags = 1 << 16
+    mb = struct.pack("<IIIIIIII", 0x1BADB002, flags, (-(0x1BADB002 + flags)) & 0xFFFFFFFF,
+                     header_addr, load_addr, load_end, bss_end, entry)
+    return mb + b"\xf4" * 0x1000
+
+
 u32 = st.integers(0, 0xFFFF_FFFF)
 near_top = st.integers(MEM - 0x1000, MEM)
 segment = st.tuples(st.sampled_from([1, 1, 1, 2, 0]),                                  # p_type
@@ -42,6 +50,9 @@ segment = st.tuples(st.sampled_from([1, 1, 1, 2, 0]),                           
                     st.one_of(st.integers(0, 0x3000), u32),                            # p_filesz
                     st.one_of(st.integers(0, 0x3000), u32))                            # p_memsz
 elf_images = st.lists(segment, min_size=1, max_size=4).map(_elf)
+address = st.one_of(near_top, st.integers(0, 0x200000), st.integers(0x100000, 0x101000), u32)
+aout_images = st.tuples(address, address, st.one_of(st.just(0), address), st.one_of(st.just(0), address),
+                        address).map(lambda t: _aout(*t))
 
 
 def _bzimage_header(fields: dict) -> bytes:
@@ -78,7 +89,7 @@ bz_images = st.dictionaries(
 def images(draw):
     base = draw(st.one_of(
         st.sampled_from(["hello", "demo", "t_bios", "t_uart", "crash"]).map(_guest),
-        elf_images, elf_images, bz_images, st.binary(max_size=2048)))
+        elf_images, elf_images, aout_images, bz_images, st.binary(max_size=2048)))
     data = bytearray(base)
     for _ in range(draw(st.integers(0, 4))):
         if not data:
@@ -114,5 +125,8 @@ def check_image(data: bytes, kind: str, load_addr: int) -> str:
 @given(case=images())
 # issue 16's probe: an ELF segment with p_filesz > p_memsz at the top of RAM wrote past it
 @example(case=(_elf([(1, None, MEM - 0x100, 0x1000, 0x100)]), "multiboot", 0x100000))
+# the long run (issue 16): load_end_addr and bss_end_addr below load_addr passed the "fits in RAM" check
+# with a negative size and wrote past RAM (GuestMemoryError); the Multiboot field order is now checked
+@example(case=(_aout(0x1100000, 0x1100000, 0x100000, 0x100000, 0x1100020), "auto", 0x100000))
 def test_image_loaders_on_hostile_images(case):
     tally("image_loaders", check_image(*case))

@@ -156,10 +156,18 @@ def _multiboot(machine, data: bytes, name: str, cmdline: str, modules: list[tupl
         if len(data) < off + 32:
             raise BootError(f"{name}: Multiboot header too short for its address fields")
         header_addr, load_addr, load_end, bss_end, entry = struct.unpack_from("<IIIII", data, off + 12)
+        # the order the Multiboot spec (3.1.3) implies, checked as QEMU's loader checks it
+        if header_addr < load_addr:
+            raise BootError(f"{name}: Multiboot header_addr {header_addr:#x} is below load_addr {load_addr:#x}")
         start = off - (header_addr - load_addr)
         if start < 0:
             raise BootError(f"{name}: Multiboot header_addr/load_addr point before the file")
+        if load_end and load_end < load_addr:
+            raise BootError(f"{name}: Multiboot load_end_addr {load_end:#x} is below load_addr {load_addr:#x}")
         size = (load_end - load_addr) if load_end else len(data) - start
+        if bss_end and bss_end < load_addr + size:
+            raise BootError(f"{name}: Multiboot bss_end_addr {bss_end:#x} is below the end of the loaded "
+                            f"image {load_addr + size:#x}")
         if load_addr + max(size, bss_end - load_addr if bss_end else 0) > mem.size:
             raise BootError(f"{name}: the kernel does not fit in {mem.size >> 20} MiB of RAM")
         mem.write(load_addr, data[start:start + size])
