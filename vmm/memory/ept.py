@@ -16,14 +16,15 @@ Representation (readable from C, used by the shadow MMU's TLB fill):
   R=1, W=2, X=4, LOG=8 (W withheld for dirty logging: the first write marks
   the page dirty and gives W back, in C, without an exit), VALID=16 (the VMM
   owns the page).  An entry that is not VALID is a hole: nothing answers
-  there (reads of the guest's page tables see all ones; a guest access stops
-  the run, as an access outside RAM always has).  A VALID entry without the
+  there (reads of the guest's page tables see zeros, as in QEMU; a guest
+  access above RAM is routed to the MMIO bus, which answers all ones; one
+  inside RAM stops the run).  A VALID entry without the
   right permission is a violation.
 * ``dirty``: numpy uint8 per GPA page.
 * ``MMIO``=32: the page belongs to the MMIO bus (a device claims it); the
   entry is VALID|MMIO|R|W with the GPA's own frame number, where the vCPU
-  maps a Unicorn MMIO region.  The guest's accesses reach the device; the
-  page walk and DMA treat it as no memory (all ones, refused).
+  maps a Unicorn MMIO region.  The guest's accesses reach the device; DMA
+  treats it as no memory (refused), the page walk reads all ones there.
 * host frames: Unicorn physical pages.  Frames [0, ram_frames) are the
   guest RAM buffer (``GuestMemory``), identity-mapped at boot; an optional
   pool of spare frames (``add_pool``) starts at ``POOL_FIRST``.
@@ -444,9 +445,11 @@ class Ept:
 class EptPhys:
     """PhysMem for vmm/memory/paging.py: paging-structure accesses through the EPT.
 
-    A hole reads as all ones and drops writes (GuestMemoryError, which the walk
-    turns into exactly that); a trapping page, or an A/D write to a page the EPT
-    keeps read-only, raises EptViolation after the handlers had their chance.
+    A hole raises GuestMemoryError, which the walk turns into zeros (writes
+    dropped); a page of the MMIO bus reads as all ones and drops writes, as the
+    nested MMU's walker (Unicorn's own, through the bus) sees an unclaimed page
+    there; a trapping page, or an A/D write to a page the EPT keeps read-only,
+    raises EptViolation after the handlers had their chance.
     """
 
     def __init__(self, ept: Ept):
@@ -473,13 +476,21 @@ class EptPhys:
             return (e >> 12) * PAGE + off, None, 0
         return -1, fr, off
 
+    def _bus_page(self, pa: int) -> bool:
+        gpn = pa >> 12
+        return 0 <= gpn < self.ept.npages and int(self._entries[gpn]) & (VALID | MMIO) == VALID | MMIO
+
     def _read(self, pa: int, n: int) -> int:
+        if self._bus_page(pa):
+            return (1 << (8 * n)) - 1
         hpa, fr, off = self._loc(pa, "r")
         if fr is None:
             return int.from_bytes(self._mem.read(hpa, n), "little")
         return int.from_bytes(fr[off:off + n].tobytes(), "little")
 
     def _write(self, pa: int, n: int, v: int) -> None:
+        if self._bus_page(pa):
+            return
         hpa, fr, off = self._loc(pa, "w")
         data = (v & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
         if fr is None:

@@ -7,7 +7,9 @@ checks (4.3-4.5 tables), accessed and dirty flags as the processor sets them
 (4.8: A on every paging-structure entry used to reach the next level as the
 walk goes, A and D on the entry that maps the page only for accesses that do
 not fault) and the page-fault error code of 4.7 (P, W/R, U/S, RSVD, I/D).
-Paging-structure reads where no RAM answers see all ones (unclaimed bus).
+Paging-structure reads where nothing answers see zeros, as QEMU's walk does
+(measured on QEMU 7.2, pc and q35: tests/test_hostile_mmu.py), so a CR3 or an
+entry pointing there finds a non-present entry: #PF.
 
 The VMM uses it for its own guest-linear accesses (delivery pushes frames,
 reads the IDT, GDT and TSS, decodes instructions); the shadow MMU's C walk
@@ -110,10 +112,13 @@ def translate(
     also the order of QEMU's walk (target/i386/excp_helper.c), which the
     nested MMU uses, so both MMUs leave the same A/D bits.
 
-    Paging-structure reads that hit no RAM (a CR3 or an entry pointing past
-    RAM or into an MMIO hole) see all ones, as an unclaimed bus returns, and
-    writes there are dropped; the walk then takes the architectural
-    consequence (present with reserved bits set, or a page far above RAM).
+    Paging-structure reads that hit nothing (a CR3 or an entry pointing past
+    RAM or into a hole) see zeros and writes there are dropped: the entry is
+    not present, a #PF.  A PC's bus would answer all ones (a master abort),
+    but QEMU reads unassigned space as zeros, in its walk as everywhere, and
+    Unicorn's walker (the nested MMU) is QEMU's: we behave like QEMU.  A page
+    routed to the MMIO bus reads what the bus answers there, all ones where no
+    device claims it (``mem`` decides: vmm/memory/ept.py's ``EptPhys``).
     """
     mode = paging_mode(cr0, cr4, efer)
     if mode == "off":
@@ -229,11 +234,11 @@ def translate(
 
 
 def _load(mem: PhysMem, addr: int, width: int) -> int:
-    """A paging-structure read: all ones where no memory answers (unclaimed bus)."""
+    """A paging-structure read: zeros where nothing answers, as QEMU's walk reads it."""
     try:
         return mem.read_u64(addr) if width == 8 else mem.read_u32(addr)
     except GuestMemoryError:
-        return (1 << (8 * width)) - 1
+        return 0
 
 
 def _store(mem: PhysMem, addr: int, value: int, width: int) -> None:

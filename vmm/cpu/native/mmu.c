@@ -7,8 +7,10 @@
  * * `vmm_walk`: the guest page-table walk (GVA -> GPA), a line-by-line port
  *   of vmm/memory/paging.py's `translate` (the reference; tests/test_paging.py holds
  *   the two equal).  Paging-structure entries are read through the EPT from the
- *   host frames, bounds-checked: a GPA with no RAM behind it reads as all ones
- *   (an unclaimed bus) and A/D writes to it are dropped; a GPA the VMM made to
+ *   host frames, bounds-checked: a GPA with nothing behind it reads as zeros, as
+ *   QEMU's walk (and so Unicorn's, the nested MMU) reads unassigned space; a page
+ *   routed to the MMIO bus reads as all ones (what the bus answers there); A/D
+ *   writes to either are dropped; a GPA the VMM made to
  *   trap, or a write to a page the EPT keeps read-only, is an EPT violation.
  * * the EPT itself is two numpy arrays owned by vmm/memory/ept.py: `ept[gpn]` =
  *   host frame << 12 | flags, and `dirty[gpn]`.  Host frames are Unicorn
@@ -155,12 +157,16 @@ static int walk_load(vmm_mmu *m, uint64_t gpa, int width, uint64_t *val, uint64_
     uint64_t gpn = gpa >> 12, e;
     uint8_t *p;
     uint32_t v32;
-    *val = width == 8 ? ~0ull : 0xFFFFFFFFull;
+    *val = 0;
     if (gpn >= m->ept_pages)
-        return 0;
+        return 0;                       /* nothing there: zeros, as QEMU's walk reads it */
     e = m->ept[gpn];
     if (!(e & VMM_EPT_VALID))
-        return 0;                       /* unclaimed: all ones */
+        return 0;
+    if (e & VMM_EPT_MMIO) {
+        *val = width == 8 ? ~0ull : 0xFFFFFFFFull;   /* the bus's page: all ones */
+        return 0;
+    }
     if (!(e & VMM_EPT_R)) {
         note_violation(m, gpa, lin, 0, 1, 0);
         return -1;
