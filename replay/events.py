@@ -23,7 +23,8 @@ MEM_DIGEST      u32 page count N, then N x u32 page hash
 OUTPUT_DIGEST   u16 name length, UTF-8 stream name, u64 total bytes so far,
                 32-byte SHA-256 of the stream so far
 END             i64 exit status, u16 reason length, UTF-8 stop reason,
-                u16 message length, UTF-8 message
+                u16 message length, UTF-8 message; then (version 4) u16 vCPU
+                count N and N x u64: the instructions each vCPU retired
 ==============  ==============================================================
 """
 from __future__ import annotations
@@ -45,8 +46,9 @@ from typing import Any, NamedTuple
 # Version 3 changes only the chunk framing (replay/logfile.py): chunk heads
 # carry a sequence number and a CRC of their own, so a dropped, repeated or
 # damaged chunk is told from a truncation; the events and payloads are those
-# of version 2.
-FORMAT_VERSION = 3
+# of version 2.  Version 4 adds to END the instructions each vCPU retired
+# (``vmm log show`` prints them); a version 1-3 END has none.
+FORMAT_VERSION = 4
 MIN_FORMAT_VERSION = 1
 
 U64_MAX = (1 << 64) - 1
@@ -276,25 +278,46 @@ class EndRecord(NamedTuple):
     message: str = ""  # the run's closing message, if any
 
 
-def encode_end(reason: str, exit_status: int, message: str = "") -> bytes:
+def encode_end(reason: str, exit_status: int, message: str = "",
+               vcpu_icounts: Sequence[int] | None = None) -> bytes:
+    """The END payload; ``vcpu_icounts``: the instructions each vCPU retired, by id."""
     if not -(1 << 63) <= exit_status < (1 << 63):
         raise ValueError(f"exit status out of range: {exit_status}")
     msg = message.encode("utf-8")
     if len(msg) > 0xFFFF:  # informational only: cut rather than fail at the very end of a recording
         message = msg[:0xFFFF].decode("utf-8", "ignore")
-    return struct.pack("<q", exit_status) + _name_bytes(reason, "stop reason") + _name_bytes(message, "message")
+    out = struct.pack("<q", exit_status) + _name_bytes(reason, "stop reason") + _name_bytes(message, "message")
+    if vcpu_icounts is not None:
+        if not 1 <= len(vcpu_icounts) <= 0xFFFF or not all(0 <= n <= U64_MAX for n in vcpu_icounts):
+            raise ValueError(f"per-vCPU instruction counts out of range: {list(vcpu_icounts)!r}")
+        out += struct.pack(f"<H{len(vcpu_icounts)}Q", len(vcpu_icounts), *vcpu_icounts)
+    return out
 
 
-def decode_end(payload: bytes) -> EndRecord:
+def _decode_end(payload: bytes) -> tuple[EndRecord, list[int] | None]:
     kind = EventKind.END
     if len(payload) < 8:
         raise _bad(kind, f"{len(payload)} bytes, too short")
     (status,) = struct.unpack_from("<q", payload)
     reason, off = _take_name(kind, payload, 8)
     message, off = _take_name(kind, payload, off)
+    counts = None
     if off != len(payload):
-        raise _bad(kind, f"{len(payload) - off} stray bytes after the message")
-    return EndRecord(reason, status, message)
+        n = struct.unpack_from("<H", payload, off)[0] if len(payload) >= off + 2 else 0
+        if n == 0 or len(payload) != off + 2 + 8 * n:
+            raise _bad(kind, f"{len(payload) - off} stray bytes after the message")
+        counts = list(struct.unpack_from(f"<{n}Q", payload, off + 2))
+    return EndRecord(reason, status, message), counts
+
+
+def decode_end(payload: bytes) -> EndRecord:
+    return _decode_end(payload)[0]
+
+
+def decode_end_icounts(payload: bytes) -> list[int] | None:
+    """The instructions each vCPU retired, by id, from an END payload (None: not
+    recorded, a log older than version 4)."""
+    return _decode_end(payload)[1]
 
 
 # -- for tools ---------------------------------------------------------------
@@ -361,6 +384,7 @@ def summarize(event: Event) -> str:
         o = decode_output_digest(p)
         return f"{o.stream!r} {o.total} bytes sha256 {o.sha256[:16]}..."
     if k is EventKind.END:
-        e = decode_end(p)
-        return f"reason {e.reason!r}, exit status {e.exit_status}" + (f": {e.message}" if e.message else "")
+        e, counts = _decode_end(p)
+        per = f" (per vCPU: {', '.join(f'{n:,}' for n in counts)})" if counts and len(counts) > 1 else ""
+        return f"reason {e.reason!r}, exit status {e.exit_status}" + (f": {e.message}" if e.message else "") + per
     return _short_bytes(p)

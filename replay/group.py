@@ -77,7 +77,8 @@ class GroupRecording:
         mb.result = res
         for e in mb.digests.snapshot(True):
             mb.writer.append(e)
-        mb.writer.append(Event(EventKind.END, mb.m.icount, ev.encode_end(res.reason.value, res.status, res.message),
+        end = ev.encode_end(res.reason.value, res.status, res.message, [v.icount for v in mb.m.vcpus])
+        mb.writer.append(Event(EventKind.END, mb.m.icount, end,
                                res.vcpu))
         mb.writer.close()
 

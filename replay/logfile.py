@@ -84,6 +84,7 @@ from replay.events import (
     LogFormatError,
     check_payload,
     decode_end,
+    decode_end_icounts,
     summarize,
 )
 from vmm.firmware.imagefile import open_regular   # a log path must be a regular file (a FIFO would block)
@@ -706,6 +707,19 @@ class LogWriter:
     def closed(self) -> bool:
         return self._f.closed
 
+    def restart(self, config: dict[str, Any], initial_digest: str) -> None:
+        """Write what is pending, then begin a new log on the same stream: a new header,
+        chunks numbered from 0 (lockstep FT: a backup that joins a running primary gets
+        a log that starts from the machine's state now, replay/ft/primary.py)."""
+        self.flush()
+        header = encode_header(config, initial_digest)
+        (self._header_crc,) = _CRC.unpack_from(header, len(header) - _CRC.size)
+        self._f.write(header)
+        self._f.flush()
+        self.chunks_written = 0
+        self.events_written = 0
+        self.bytes_written = len(header)
+
     def append(self, event: Event) -> None:
         if self._f.closed:
             raise ValueError("append to a closed log")
@@ -905,6 +919,11 @@ def describe(path: str | os.PathLike, events: bool = False, limit: int | None = 
         end = decode_end(s.end.payload)
         out.append(f"  end              icount {s.end.icount}, reason {end.reason!r}, "
                    f"exit status {end.exit_status}" + (f": {end.message}" if end.message else ""))
+        counts = decode_end_icounts(s.end.payload)
+        if counts is None:
+            out.append(f"  per vCPU         (not recorded: a version {h.version} log)")
+        for vid, n in enumerate(counts or ()):
+            out.append(f"  {'vCPU ' + str(vid):<15}  {n:,} instructions")
     else:
         out.append("  end              (no END event: the recorder did not finish)")
     if r.incomplete_note:

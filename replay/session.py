@@ -151,9 +151,10 @@ def _find_image(cfg: dict) -> str:
 
 
 def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None,
-                  drive_mode: str = "replay") -> PcMachine:
+                  drive_mode: str = "replay", restorers: dict | None = None) -> PcMachine:
     """The machine a config describes: booted from ``image``, or, given the ``parts``
-    of a saved state, restored to it (the firmware attached, nothing booted).  Its
+    of a saved state, restored to it (the firmware attached, nothing booted; the
+    saved timers of owners outside the machine come back through ``restorers``).  Its
     ``drives`` are opened as ``drive_mode`` says (vmm/platform/storage.py: "run",
     "record", or "replay", which checks each image's hash)."""
     m = PcMachine(PcConfig(mem_size=cfg["mem_size"], start_epoch=cfg["rtc_epoch"], serial=serial,
@@ -175,7 +176,7 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None,
         if kind not in ("disk", "floppy", "multiboot", "flat", "linux", "bios"):
             raise ReplayError(f"the saved machine does not say how it was booted ({kind!r})")
         attach_firmware(m, image, kind, cfg["image"]["name"])
-        m.load_state(parts)
+        m.load_state(parts, restorers)
     if kind in ("disk", "floppy"):
         m.config.input_to = "keyboard"
     if cfg.get("input_to") is not None:   # chosen (vmm run --input-to, -serial stdio, -nographic)
@@ -206,14 +207,15 @@ def _attach_nics(m: PcMachine, cfg: dict) -> None:
         raise ev.LogFormatError(f"the config's nics: {e}") from None
 
 
-def build_recorded_machine(cfg: dict, image: bytes, serial, parts: dict | None = None) -> PcMachine:
+def build_recorded_machine(cfg: dict, image: bytes, serial, parts: dict | None = None,
+                           restorers: dict | None = None) -> PcMachine:
     """build_machine for a config read from a file: an image that does not boot the
     recorded way, or a machine the bus cannot assemble, is one ReplayError line."""
     from devices.bus import BusError
     from vmm.firmware.boot import BootError
 
     try:
-        return build_machine(cfg, image, serial, parts)
+        return build_machine(cfg, image, serial, parts, restorers=restorers)
     except BootError as e:
         raise ReplayError(f"the image {cfg['image']['name']} does not boot as recorded: {e}") from None
     except BusError as e:
@@ -326,7 +328,8 @@ class _Digests:
     fill), and a recording and its replay collect it at the same moments.
     """
 
-    def __init__(self, m: PcMachine, ticks: int, mem_every: int, emit: Callable[[list[Event]], None]):
+    def __init__(self, m: PcMachine, ticks: int, mem_every: int, emit: Callable[[list[Event]], None],
+                 schedule: bool = True):
         self.m = m
         self.ticks = ticks
         self.mem_every = mem_every
@@ -334,7 +337,8 @@ class _Digests:
         self.n = 0
         self._hashes = None
         self._incremental = m.engine.mmu_mode == "shadow"
-        m.clock.schedule_in(ticks, self.fire, "digest")
+        if schedule:
+            m.clock.schedule_in(ticks, self.fire, "digest")
 
     def page_hashes(self):
         """Hashes of every RAM page now (only the pages written since the last call are hashed)."""
@@ -443,7 +447,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
     try:
         res = run_saving(m, cfg, max_instructions, save_at, report)
         emit(digests.snapshot(True))
-        writer.append(Event(EventKind.END, m.icount, ev.encode_end(res.reason.value, res.status, res.message),
+        end = ev.encode_end(res.reason.value, res.status, res.message, [v.icount for v in m.vcpus])
+        writer.append(Event(EventKind.END, m.icount, end,
                             res.vcpu))
     finally:
         writer.close()
@@ -476,10 +481,7 @@ class Replayer:
                 raise ReplayError(f"cannot read the recorded image {path}: {e.strerror} (pass --image PATH)") from None
         sha = hashlib.sha256(image).hexdigest()
         self.image_changed = sha != cfg["image"]["sha256"]
-        if cfg.get("snapshot"):
-            self.m = _machine_from_snapshot_ref(cfg["snapshot"], serial, image)
-        else:
-            self.m = build_recorded_machine(cfg, image, serial or NullBackend())
+        self.m = self._build_machine(cfg, image, serial)
         self.verify = verify
         # the events read so far (time travel moves the position back)
         self.events: list[Event] = []
@@ -500,7 +502,10 @@ class Replayer:
         m.set_boundary(ReplayBoundary(lambda: self._next, self._take))
         if cfg.get("input", "none") != "none":
             m.start_input_polling()
-        self._digests = _Digests(m, cfg["digest_ticks"], cfg["mem_digest_every"], self._check)
+        # a machine restored with its digest timer (a backup joining a running primary,
+        # replay/ft/backup.py) keeps that one: its deadline and order are the recording's
+        self._digests = _Digests(m, cfg["digest_ticks"], cfg["mem_digest_every"], self._check,
+                                 schedule=m.clock.find("digest") is None)
         if verify:
             hashes = self._digests.page_hashes()
             try:
@@ -513,6 +518,12 @@ class Replayer:
                 raise self._diverge("the initial machine state differs from the recording (header digest)")
         else:
             self._skip_initial()
+
+    def _build_machine(self, cfg: dict, image: bytes, serial) -> PcMachine:
+        """The machine the replay starts from: the snapshot the log names, or a boot."""
+        if cfg.get("snapshot"):
+            return _machine_from_snapshot_ref(cfg["snapshot"], serial, image)
+        return build_recorded_machine(cfg, image, serial or NullBackend())
 
     def _skip_initial(self) -> None:
         while self._next is not None and self._next.icount == 0 and self._next.kind in (

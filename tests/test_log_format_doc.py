@@ -1,6 +1,6 @@
 """docs/log-format.md is enough to read a log: a reader written from the page alone
 (nothing from replay/ or vmm/) decodes the bundled recording (format 1) and a
-fresh one (format 3) completely, every CRC checked as the page says, every
+fresh one (format 4) completely, every CRC checked as the page says, every
 payload decoded by the page's tables, and agrees event for event with the
 reference reader (replay.logfile.LogReader).  The page's own example runs.
 """
@@ -73,15 +73,18 @@ def decode(kind: int, p: bytes):
         (status,) = struct.unpack_from("<q", p)
         reason, off = _name(p, 8)
         message, off = _name(p, off)
-        assert off == len(p)
-        return reason, status, message
+        if off == len(p):
+            return reason, status, message
+        (n,) = struct.unpack_from("<H", p, off)
+        assert n >= 1 and len(p) == off + 2 + 8 * n
+        return reason, status, message, list(struct.unpack_from(f"<{n}Q", p, off + 2))
     raise AssertionError(f"unknown kind {kind}")
 
 
 def read_log(data: bytes):
     assert data[:8] == b"VMMRLOG\0"
     version, j = struct.unpack_from("<HI", data, 8)
-    assert 1 <= version <= 3
+    assert 1 <= version <= 4
     text = data[14:14 + j]
     (h,) = struct.unpack_from("<I", data, 14 + j)
     assert zlib.crc32(data[:14 + j]) == h, "header CRC"
@@ -178,7 +181,9 @@ def test_a_fresh_recording_decodes_by_the_doc(tmp_path):
                            "-o", str(log)], cwd=ROOT, capture_output=True, timeout=120, check=False,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr.decode()
-    decoded = check_log(log, 3)
+    decoded = check_log(log, 4)
+    # END ends with the instructions of each vCPU (one here): the whole run
+    assert decoded[-1][3][3] == [decoded[-1][1]]
     # the page hash as the doc defines it: the hash of an all-zero page, and the recorder's hashes
     # of the first page of RAM change as the BIOS fills the IVT, so compare a known page: zeros
     assert page_hash(bytes(4096)) == 0

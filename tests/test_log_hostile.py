@@ -481,9 +481,9 @@ def test_version_1_recording_still_reads_verifies_and_is_complete():
         assert list(s) == list(r) and s.complete
 
 
-def test_new_logs_are_version_3(hello):
-    assert ev.FORMAT_VERSION == 3 and ev.MIN_FORMAT_VERSION == 1
-    assert LogReader(hello[0]).header.version == 3
+def test_new_logs_are_version_4(hello):
+    assert ev.FORMAT_VERSION == 4 and ev.MIN_FORMAT_VERSION == 1
+    assert LogReader(hello[0]).header.version == 4
 
 
 # -- snapshot files ---------------------------------------------------------------------------------

@@ -202,7 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("log", help="inspect a replay log",
                         description="Inspect or check a replay log.")
     lsub = lg.add_subparsers(dest="log_command", metavar="SUBCOMMAND")
-    show = lsub.add_parser("show", help="header, event counts and sizes; --events lists the events")
+    show = lsub.add_parser("show", help="header, event counts and sizes, instructions per vCPU; "
+                                        "--events lists the events",
+                           description="Print a log's header, event counts and sizes, how it ended and the "
+                                       "instructions each vCPU retired (per vCPU, from the log's END event; "
+                                       "they add up to the end icount).")
     show.add_argument("log", metavar="LOG")
     show.add_argument("--events", action="store_true", help="list every event")
     ver = lsub.add_parser("verify", help="check the structure and every checksum")
