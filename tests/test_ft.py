@@ -367,7 +367,8 @@ def test_a_held_arbiter_refuses_a_new_pair(ask_guest, tmp_path):
 def test_usage_errors_are_one_line(tmp_path):
     for args in (["ft", "primary", "hello", "--backup", "nohost"],
                  ["ft", "primary", "hello", "--backup", ":1", "--max-lag", "1us"],
-                 ["ft", "backup", "--listen", "x:y"]):
+                 ["ft", "backup", "--listen", "x:y"], ["ft", "backup"],
+                 ["ft", "backup", "--listen", "1", "--join", "127.0.0.1:2"], ["ft", "backup", "--join", "h:x"]):
         rc, err = finish(vmm(*args))
         assert rc == 2, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -483,3 +484,107 @@ def test_max_lag_slows_the_primary_never_the_backup(tmp_path):
             p.communicate()
     assert still - held <= 100_000, (held, still)   # waiting: at most one horizon further in a second
     assert moved - still > 5_000_000, (still, moved)  # the backup caught up, the primary went on
+
+
+def _wait_status(port: int, want, timeout: float = 60.0) -> dict:
+    """Poll `vmm ft status`'s answer on a console address until ``want(status)`` holds."""
+    end = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < end:
+        try:
+            last = query_status("127.0.0.1", port)
+            if want(last):
+                return last
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"the status on port {port} never got there: {last}")
+
+
+@pytest.mark.parametrize("kill_after", [0.0, 0.4])
+def test_a_joined_backup_restores_redundancy(ask_guest, tmp_path, kill_after):
+    """The backup dies, the primary goes on alone; `vmm ft backup --join` gets the running
+    machine's state from it and follows it in lockstep; then the primary dies, and the
+    joined backup takes over at the same console address: the consumer's transcript equals
+    an uninterrupted run's, nothing lost, nothing repeated."""
+    pair = Pair(tmp_path, ask_guest)
+    lock = tmp_path / "arbiter.lock"
+    gates = {2: threading.Event(), 6: threading.Event()}   # prompts answered only once a step is done
+    typing = threading.Lock()
+    joined: list[subprocess.Popen] = []
+    total = len(ft_guest.expected(LINES, ASK, b"a" * 100))
+    kill_at: list[int | None] = [None]
+
+    def answer(c: ConsoleClient) -> None:
+        with typing:
+            asked = c.transcript.count(b"?\n")
+            while len(c.typed) < asked:
+                gate = gates.get(len(c.typed) + 1)
+                if gate is not None and not gate.is_set():
+                    return        # the guest waits (its virtual time goes on) until the step is done
+                c.type(bytes([ord("a") + len(c.typed) % 26]))
+            if kill_at[0] is not None and len(c.transcript) >= kill_at[0] and pair.primary.poll() is None:
+                kill_at[0] = None
+                pair.primary.send_signal(signal.SIGKILL)
+
+    def steps(c: ConsoleClient) -> None:
+        _wait_status(pair.console, lambda s: s.get("state") == "paired" and int(s.get("acked_horizon", 0)) > 0)
+        while c.transcript.count(b"?\n") < 2:
+            time.sleep(0.02)
+        pair.backup.send_signal(signal.SIGKILL)
+        _wait_status(pair.console, lambda s: s.get("state") == "alone")
+        gates[2].set()
+        answer(c)
+        joined.append(vmm("ft", "backup", "--join", f"127.0.0.1:{pair.console}", "--arbiter", str(lock),
+                          "--linger", "5", "--heartbeat", "100ms"))
+        st = _wait_status(pair.console, lambda s: s.get("state") == "paired" and s.get("joins") == 1
+                          and int(s.get("acked_horizon", 0)) > 0)
+        assert st["lease_generation"] == 1
+        # the pair runs in lockstep again: kill the primary at a point of the output still to come
+        kill_at[0] = len(c.transcript) + int(kill_after * (total - len(c.transcript)))
+        gates[6].set()
+        answer(c)
+
+    c = ConsoleClient([("127.0.0.1", pair.console)], answer)
+    t = threading.Thread(target=steps, args=(c,), daemon=True)
+    t.start()
+    try:
+        assert c.run(timeout=180, reconnect_for=30) == 0
+        t.join(5)
+        rc_j, err_j = finish(joined[0])
+        rc_p, err_p = finish(pair.primary)
+    finally:
+        if sys.exc_info()[0] is not None:      # what each side said, for the failure report
+            for p in (*joined, pair.primary, pair.backup):
+                if p.poll() is None:
+                    p.kill()
+                print(p.args[4:6], p.communicate()[1].decode(errors="replace"))
+        pair.close()
+        for p in joined:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert bytes(c.transcript) == ft_guest.expected(LINES, ASK, bytes(c.typed))
+    assert rc_p == -signal.SIGKILL, err_p
+    assert "a backup joins" in err_p and "lockstep again (lease generation 1)" in err_p, err_p
+    assert rc_j == 0, err_j
+    assert "joined the primary" in err_j and "live from tick" in err_j, err_j
+    assert c.served_by[0] == "primary" and c.served_by[-1] == "backup"
+    assert '"role": "backup"' in (tmp_path / "arbiter.lock.1").read_text()
+    assert '"role": "primary"' in lock.read_text()
+
+
+def test_join_is_refused_by_a_primary_that_has_a_backup(ask_guest, tmp_path):
+    """Only a primary that runs alone takes a joining backup; the refused one says why in one line."""
+    pair = Pair(tmp_path, ask_guest)
+    try:
+        _wait_status(pair.console, lambda s: s.get("state") == "paired")
+        rc, err = finish(vmm("ft", "backup", "--join", f"127.0.0.1:{pair.console}", "--arbiter",
+                             str(tmp_path / "arbiter.lock")))
+        st = query_status("127.0.0.1", pair.console)
+    finally:
+        pair.close()
+    assert rc == 10, err
+    lines = [x for x in err.splitlines() if "error" in x]
+    assert lines == ["vmm ft backup: error: the primary refused: this primary has a backup"], err
+    assert st["state"] == "paired" and st["joins"] == 0

@@ -2,7 +2,7 @@
 
     vmm ft primary [IMAGE and run options] --backup HOST:PORT [--console [HOST:]PORT]
                    [--arbiter PATH] [--heartbeat SECONDS] [--max-lag DURATION] [--linger SECONDS]
-    vmm ft backup --listen [HOST:]PORT [--image PATH] [--arbiter PATH] [--console [HOST:]PORT]
+    vmm ft backup --listen [HOST:]PORT | --join HOST:PORT [--image PATH] [--arbiter PATH] [--console [HOST:]PORT]
     vmm ft console HOST:PORT [HOST:PORT ...]
     vmm ft status HOST:PORT
 """
@@ -26,6 +26,10 @@ the pair:
   (--arbiter PATH: a lock file on storage both reach, created atomically) is
   the one live side: a backup goes live at the primary's last horizon and
   serves the console at the same address; a primary goes on alone.
+  A primary that runs alone takes a new backup: `vmm ft backup --join
+  HOST:PORT` (its console address) gets the machine's saved state at the
+  primary's next horizon and follows it from there; the pair then contends
+  for a new lease (PATH.1, PATH.2, ... for the first, second, ... join).
 
 the console (--console) speaks a small protocol in which every output and
 input carries its stream position, so a client that reconnects after a
@@ -64,7 +68,10 @@ def add_ft_parser(sub) -> None:
                    help="how long to keep trying to reach the backup (default 30)")
     b = fsub.add_parser("backup", help="replay a primary's log live and take over when it dies",
                         epilog=FT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--listen", required=True, metavar="[HOST:]PORT", help="where the primary connects")
+    b.add_argument("--listen", default=None, metavar="[HOST:]PORT", help="where the primary connects")
+    b.add_argument("--join", default=None, metavar="HOST:PORT",
+                   help="instead of --listen: join a primary that runs alone (its backup died), at its "
+                        "console address; it sends the machine's state and lockstep resumes")
     b.add_argument("--image", default=None, metavar="PATH",
                    help="this host's copy of the image (default: the primary's path, or the bundled guest)")
     b.add_argument("--exit-code", choices=["guest", "qemu"], default="guest")
@@ -214,7 +221,11 @@ def _backup(args) -> int:
     from tools.cli import UsageError, _exit_status
 
     _check_heartbeat(args)
-    listen = _addr(args.listen, "--listen")
+    if (args.listen is None) == (args.join is None):
+        raise UsageError("vmm ft backup needs --listen [HOST:]PORT (a new pair) or --join HOST:PORT "
+                         "(a primary that runs alone), one of the two")
+    listen = _addr(args.listen, "--listen") if args.listen else None
+    join = _addr(args.join, "--join") if args.join else None
     image = None
     if args.image:
         try:
@@ -226,13 +237,17 @@ def _backup(args) -> int:
     b = Backup(listen, image=image, arbiter=args.arbiter,
                console=_addr(args.console, "--console") if args.console else None,
                heartbeat=args.heartbeat, say=say)
+    if listen is not None:
+        try:
+            host, port = b.bind()
+        except OSError as e:
+            raise UsageError(f"cannot listen on {args.listen}: {e.strerror}") from None
+        say(f"waiting for a primary on {host}:{port}")
     try:
-        host, port = b.bind()
-    except OSError as e:
-        raise UsageError(f"cannot listen on {args.listen}: {e.strerror}") from None
-    say(f"waiting for a primary on {host}:{port}")
-    try:
-        r = b.serve(wait=args.wait, linger=args.linger)
+        if join is not None:
+            r = b.join(join, wait=30.0 if args.wait is None else args.wait, linger=args.linger)
+        else:
+            r = b.serve(wait=args.wait, linger=args.linger)
     except FtError as e:
         print(f"vmm ft backup: error: {e}", file=sys.stderr)
         return EXIT_FT_REFUSED

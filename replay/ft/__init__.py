@@ -30,4 +30,13 @@ The protocol, in order of a run:
   6. on a failure each side tries the arbiter: the backup that wins replays to the
      last horizon it holds and goes live there; the primary that wins goes on
      alone, releasing what it held; the loser stops (never two live sides).
+  7. restoring redundancy: a primary that runs alone takes a backup that joins
+     (`vmm ft backup --join`, on the console address: JOIN instead of HELLO).  At
+     its next horizon it sends HELLO, JOIN (the join point), the machine's saved
+     state as snapshot-file bytes (SNAP), the console output so far (OUTPUT),
+     then a log that starts there (a new header naming that snapshot) and the
+     horizon; the backup builds the machine from the snapshot, with the digest
+     and horizon timers at their saved deadlines and order, and answers ACCEPT.
+     The pair contends from then on for the arbiter's next lease (PATH.1, ...),
+     which no backup of an earlier pairing can win.
 """

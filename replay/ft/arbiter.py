@@ -20,9 +20,19 @@ import time
 WON, LOST, UNREACHABLE = "won", "lost", "unreachable"
 
 
+def lease_path(path: str, generation: int) -> str:
+    """The lock file of one pairing: ``PATH`` for the first pair, ``PATH.N`` for the pair a
+    backup formed by joining a running primary the N-th time (``vmm ft backup --join``).
+    A primary accepts a joining backup only while it holds the lease of the pairing
+    before, so a backup of an older pairing can never win the new one."""
+    return path if generation == 0 else f"{path}.{generation}"
+
+
 class Arbiter:
-    def __init__(self, path: str | None):
-        self.path = path
+    def __init__(self, path: str | None, generation: int = 0):
+        self.base = path
+        self.generation = generation
+        self.path = None if path is None else lease_path(path, generation)
 
     def check_free(self) -> str | None:
         """At the start of a pair: None if the lease is free, else one line saying who holds it."""

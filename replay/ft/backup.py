@@ -25,7 +25,7 @@ from replay.events import EventKind
 from replay.ft import wire
 from replay.ft.arbiter import LOST, UNREACHABLE, WON, Arbiter
 from replay.ft.console import ConsoleServer
-from replay.ft.primary import FLUSH_TICKS, FORMING_PATIENCE, Fenced, FtError
+from replay.ft.primary import FLUSH_TICKS, FORMING_PATIENCE, JOIN_SNAPSHOT, Fenced, FtError
 from replay.logfile import StreamLogReader
 from replay.session import VMM_VERSION, Replayer
 from vmm.boundary import CONSOLE, Boundary
@@ -88,13 +88,51 @@ class LiveReplica(Replayer):
     """A replay that checks every digest like any other while the primary lives,
     stops at the tick ``stop_at`` when told to, and then runs live."""
 
-    def __init__(self, feed: _Feed, image: bytes | None, serial, gate: Callable[[int], None]):
+    def __init__(self, feed: _Feed, image: bytes | None, serial, gate: Callable[[int], None],
+                 join: JoinState | None = None):
         self.live = False
         self.stop_at: int | None = None
         self._feed = feed
-        super().__init__(feed, image=image, serial=serial, verify=True)
+        self._join = join
         self._gate = gate
+        self.input_base = join.input if join is not None else 0
+        super().__init__(feed, image=image, serial=serial, verify=True)
+        if join is not None:
+            self._digests.n = join.digests      # the recording's digest count: memory digests fall alike
         self.position = 0
+
+    def _build_machine(self, cfg: dict, image: bytes, serial):
+        """A joining backup's machine: the snapshot the primary sent, with the timers of the
+        pair (the digest timer, the horizon timer) at their deadlines and in their order."""
+        if self._join is None:
+            return super()._build_machine(cfg, image, serial)
+        import tempfile
+
+        from devices.base import DeviceStateError
+        from replay.session import ReplayError, build_recorded_machine
+        from vmm.state import SnapshotError, read_snapshot
+
+        ref = cfg.get("snapshot")
+        snap = self._join.snapshot
+        if not isinstance(ref, dict) or ref.get("path") != JOIN_SNAPSHOT \
+                or ref.get("sha256") != hashlib.sha256(snap).hexdigest():
+            raise ReplayError("the log does not start from the snapshot the primary sent")
+        with tempfile.TemporaryDirectory(prefix="vmm-ft-join") as d:
+            path = f"{d}/join.snap"
+            with open(path, "wb") as f:
+                f.write(snap)
+            try:
+                header, parts = read_snapshot(path)
+            except SnapshotError as e:
+                raise ReplayError(f"the primary's snapshot: {e}") from None
+        restorers = {"digest": lambda now: self._digests.fire(now), "ft-horizon": lambda now: self._tick(now)}
+        try:
+            m = build_recorded_machine(header["config"], image, serial, parts, restorers=restorers)
+        except DeviceStateError as e:
+            raise ReplayError(f"the primary's snapshot does not load: {e}") from None
+        if m.icount != header["icount"] or m.icount != self._join.icount:
+            raise ReplayError(f"the primary's snapshot holds icount {m.icount}, it said {self._join.icount}")
+        return m
 
     def _fetch_to(self, i: int) -> bool:
         """As the Replayer's, except that it never waits for a chunk that has not come: the
@@ -155,7 +193,7 @@ class LiveReplica(Replayer):
 
     def input_position(self) -> int:
         """Console input bytes the replayed machine took (the live side's input position)."""
-        return sum(len(e.payload) for e in self.events[:self._pos] if e.kind == EventKind.CONSOLE_INPUT)
+        return self.input_base + sum(len(e.payload) for e in self.events[:self._pos] if e.kind == EventKind.CONSOLE_INPUT)
 
     def go_live(self, console: ConsoleServer) -> None:
         self.live = True
@@ -163,6 +201,16 @@ class LiveReplica(Replayer):
         m.set_boundary(Boundary())
         m.boundary.attach(CONSOLE, console.poll_input)
         m.pace_idle = True
+
+
+@dataclass
+class JoinState:
+    """What a primary sends a backup that joins it: where the new log starts."""
+    generation: int        # the arbiter's lease of the new pairing
+    icount: int
+    digests: int           # digests the recording wrote before the join point
+    input: int             # console input bytes the machine took before it
+    snapshot: bytes
 
 
 @dataclass
@@ -203,6 +251,13 @@ class Backup:
         self.side: wire.SidePath | None = None
         self._peer_host = "127.0.0.1"
         self._srv: socket.socket | None = None
+        self.joining = False          # --join: this backup joins a primary that runs alone
+        self.generation = 0           # the arbiter's lease this pairing contends for
+        self.accepted = False         # ACCEPT sent: this side may go live
+        self.refused: str | None = None
+        self.join_meta: dict | None = None
+        self.snap = bytearray()
+        self.output = bytearray()
 
     def bind(self) -> tuple[str, int]:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -233,6 +288,22 @@ class Backup:
             with self.cv:
                 self.bye = True
                 self.cv.notify_all()
+        elif kind == wire.SNAP:
+            self.snap += payload
+        elif kind == wire.OUTPUT:
+            self.output += payload
+        elif kind == wire.JOIN:
+            import json
+
+            try:
+                meta = json.loads(payload)
+            except ValueError:
+                meta = None
+            self.join_meta = meta if isinstance(meta, dict) else {}
+        elif kind == wire.REFUSE:
+            with self.cv:
+                self.refused = payload.decode(errors="replace")
+                self.cv.notify_all()
 
     def _ack(self) -> None:
         """After each read from the link: acknowledge the last horizon it brought (the log
@@ -252,11 +323,15 @@ class Backup:
                 return
             self.lost = reason
             self.cv.notify_all()
+            # a joining backup that never said ACCEPT never goes live: the primary goes on
+            contend = not (self.joining and not self.accepted)
         self.feed.end()
+        if not contend:
+            return
         threading.Thread(target=self._contend, name="ft-arbiter", daemon=True).start()
 
     def _contend(self) -> None:
-        arb = Arbiter(self.arbiter_path)
+        arb = Arbiter(self.arbiter_path, self.generation)
         warned = False
         # the primary still answers on the second path: only the link failed.  Leave it the
         # lease for a while (it goes on alone) rather than take over from a healthy primary.
@@ -297,9 +372,6 @@ class Backup:
 
     # -- the run -----------------------------------------------------------------------
     def serve(self, wait: float | None = None, linger: float = 10.0) -> BackupResult:
-        from replay.events import LogFormatError
-        from replay.session import Divergence, ReplayError
-
         if self._srv is None:
             self.bind()
         self._srv.settimeout(wait)
@@ -308,6 +380,29 @@ class Backup:
         except TimeoutError:
             raise FtError(f"no primary connected within {wait} s") from None
         self._srv.close()
+        return self._follow(conn, peer, linger)
+
+    def join(self, primary: tuple[str, int], wait: float = 30.0, linger: float = 10.0) -> BackupResult:
+        """Join a primary that runs alone (its backup died): ask on its console address;
+        it sends the machine's state at its next horizon and a log from there."""
+        self.joining = True
+        try:
+            conn = wire.connect(primary, wait, "primary")
+        except OSError as e:
+            raise FtError(str(e)) from None
+        try:
+            conn.sendall(b"JOIN\n")
+            peer = conn.getpeername()
+        except OSError as e:
+            raise FtError(f"the primary at {primary[0]}:{primary[1]} closed the connection: "
+                          f"{e.strerror or e}") from None
+        return self._follow(conn, peer, linger)
+
+    def _follow(self, conn: socket.socket, peer, linger: float) -> BackupResult:
+        from replay.events import LogFormatError
+        from replay.session import Divergence, ReplayError
+        from vmm.state import SnapshotError
+
         conn.settimeout(None)
         self._peer_host = peer[0]
         self.side = wire.SidePath(conn.getsockname()[0], self.heartbeat)
@@ -317,7 +412,11 @@ class Backup:
         self.link.patience = FORMING_PATIENCE
         self.link.start()
         with self.cv:
-            self.cv.wait_for(lambda: self.hello is not None or self.lost is not None, timeout=60)
+            self.cv.wait_for(lambda: self.hello is not None or self.lost is not None or self.refused is not None,
+                             timeout=60)
+        if self.refused is not None:
+            self.link.close(drain=0)
+            raise FtError(f"the primary refused: {self.refused}")
         hello = self.hello
         if hello is None:
             raise FtError("the primary said nothing")
@@ -329,11 +428,18 @@ class Backup:
 
         if hello.get("protocol") != wire.PROTOCOL:
             raise refuse(f"FT protocol {hello.get('protocol')!r}, this backup speaks {wire.PROTOCOL}")
+        if bool(hello.get("join")) != self.joining:
+            raise refuse("a primary that starts needs a backup that listens (--listen), "
+                         "one that runs alone a backup that joins (--join)")
+        gen = hello.get("generation", 0)
+        if not isinstance(gen, int) or not 0 <= gen < 1 << 32:
+            raise refuse(f"the primary's lease generation {gen!r} is not a count")
+        self.generation = gen
         if self.arbiter_path is not None and not hello.get("arbiter"):
             raise refuse("this backup has an arbiter (--arbiter) and the primary none: both or neither")
         if self.arbiter_path is None:
             self.arbiter_path = hello.get("arbiter")
-        held = Arbiter(self.arbiter_path).check_free()
+        held = Arbiter(self.arbiter_path, self.generation).check_free()
         if held:
             raise refuse(held)
         hb = hello.get("heartbeat")
@@ -344,7 +450,20 @@ class Backup:
         with self.cv:
             self.cv.wait_for(lambda: self.horizon >= 0 or self.lost is not None, timeout=FORMING_PATIENCE)
         if self.horizon < 0:
+            if self.joining and self.lost is not None:
+                raise FtError(f"the primary went away before it sent the machine's state ({self.lost})")
             raise FtError("the primary sent no initial state")
+        join = None
+        if self.joining:
+            meta = self.join_meta or {}
+            try:
+                join = JoinState(int(meta["generation"]), int(meta["icount"]), int(meta["digests"]),
+                                 int(meta["input"]), bytes(self.snap))
+                whole = len(self.snap) == int(meta["snapshot_bytes"]) and len(self.output) == int(meta["output"])
+            except (KeyError, TypeError, ValueError):
+                whole = False
+            if not whole or join.generation != self.generation:
+                raise refuse("the machine's state came incomplete")
         self.feed.mark()
         try:
             cfg = StreamLogReader(self.feed).header.config
@@ -357,20 +476,39 @@ class Backup:
         side_port = hello.get("side_port")
         if isinstance(side_port, int) and 0 < side_port < 65536:
             self.side.peer = (self._peer_host, side_port)
-        self.link.send(wire.ACCEPT, wire.pack_json({"vmm_version": VMM_VERSION, "side_port": self.side.port}))
+        accept = wire.pack_json({"vmm_version": VMM_VERSION, "side_port": self.side.port})
+        if not self.joining:
+            self.accepted = True
+            self.link.send(wire.ACCEPT, accept)
         console = ConsoleServer("backup")
+        console.preload(bytes(self.output))
         try:
-            rp = LiveReplica(self.feed, self.image, console, self._gate)
-        except (LogFormatError, ReplayError, Divergence, OSError) as e:
+            rp = LiveReplica(self.feed, self.image, console, self._gate, join)
+        except (LogFormatError, ReplayError, Divergence, SnapshotError, OSError) as e:
+            why = f"the backup cannot follow the primary: {str(e).splitlines()[0]}"
+            if self.joining:
+                raise refuse(why) from None
             self.link.close(drain=0)
-            raise FtError(f"the backup cannot follow the primary: {str(e).splitlines()[0]}") from None
+            raise FtError(why) from None
+        if self.joining:
+            # a joining backup answers once it holds a machine that can go live
+            with self.cv:
+                if self.lost is not None:
+                    raise FtError(f"the primary went away before this backup could follow it ({self.lost})")
+                self.accepted = True
+            self.link.send(wire.ACCEPT, accept)
         self.replica = rp
         with self.cv:
             if self.decision == WON:
                 rp.stop_at = self.horizon
-        self.say(f"paired with the primary at {peer[0]}:{peer[1]}; replaying "
-                 f"{rp.cfg['image']['name']} ({rp.cfg.get('vcpus', 1)} vCPU)")
-        rp.start_ticks()
+        if join is not None:
+            self.say(f"joined the primary at {peer[0]}:{peer[1]} at icount {join.icount} "
+                     f"(state {len(join.snapshot):,} bytes, lease generation {self.generation}); replaying "
+                     f"{rp.cfg['image']['name']} ({rp.cfg.get('vcpus', 1)} vCPU)")
+        else:
+            self.say(f"paired with the primary at {peer[0]}:{peer[1]}; replaying "
+                     f"{rp.cfg['image']['name']} ({rp.cfg.get('vcpus', 1)} vCPU)")
+            rp.start_ticks()     # a joining backup's horizon timer came with the snapshot
         self.link.patience = None
         try:
             res = rp.replay()

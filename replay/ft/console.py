@@ -7,6 +7,9 @@ repeats nothing.  The protocol (ASCII heads, raw bytes after them):
 
   client -> server   ``STATUS\\n``                 instead of HELLO: one JSON line of the side's
                                                    state (`vmm ft status`), then the server closes
+                     ``JOIN\\n``                   instead of HELLO: a backup joining this primary
+                                                   (`vmm ft backup --join`); the connection becomes
+                                                   the pair's link (replay/ft/wire.py)
                      ``HELLO <have>\\n``           the output bytes it already holds
                      ``IN <pos> <n>\\n`` + n bytes  console input at input position pos
   server -> client   ``WELCOME <role> <inpos>\\n``  input bytes the machine holds (resend from there)
@@ -34,6 +37,7 @@ class ConsoleServer:
     def __init__(self, role: str, stamp: Callable[[], int] | None = None):
         self.role = role
         self.status: Callable[[], dict] | None = None    # what a STATUS request is answered
+        self.on_join: Callable[[socket.socket], None] | None = None   # a backup joining (its connection)
         self.stamp = stamp
         self.lock = threading.Lock()
         self.out = bytearray()
@@ -94,6 +98,22 @@ class ConsoleServer:
                 self._inbuf.clear()
             self._alone_at = time.monotonic()
         self._push()
+
+    def rejoin(self) -> tuple[bytes, int]:
+        """A backup joins this side, which ran alone: the output rule holds again from
+        here.  Returns the output so far and the input bytes the machine took (the
+        joining backup's console starts from these positions).  The run loop's thread."""
+        with self.lock:
+            self.held = True
+            self._pending.clear()
+            self.released = len(self.out)
+            self._alone_at = None
+            return bytes(self.out), self.in_received - len(self._inbuf)
+
+    def preload(self, out: bytes) -> None:
+        """A joining backup's console: the output the primary produced before the join."""
+        with self.lock:
+            self.out[:0] = out
 
     def drop_held(self) -> None:
         """This side lost the lease: what it held is never released."""
@@ -159,6 +179,12 @@ class ConsoleServer:
                           released=self.released, input_bytes=self.in_received)
                 c.send(json.dumps(st, sort_keys=True).encode() + b"\n")
                 c.close()
+                return
+            if parts == [b"JOIN"]:
+                if self.on_join is None or r.buf:   # the joining side speaks only once answered
+                    c.close()
+                else:
+                    self.on_join(c.sock)
                 return
             if len(parts) != 2 or parts[0] != b"HELLO" or not parts[1].isdigit():
                 c.close()

@@ -16,6 +16,8 @@ keeps trying.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import socket
 import threading
@@ -23,12 +25,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from replay import events as ev
+from replay.events import Event, EventKind
 from replay.ft import wire
 from replay.ft.arbiter import LOST, UNREACHABLE, WON, Arbiter
 from replay.ft.console import ConsoleServer
 
 FLUSH_TICKS = 100_000     # 1 ms of virtual time between horizons
 FORMING_PATIENCE = 30.0   # seconds of silence allowed while the pair forms (the backup builds its machine)
+JOIN_SNAPSHOT = "<ft join>"   # the snapshot a joined backup's log starts from: the one sent before it
+JOIN_PIECE = 4 << 20      # bytes of a snapshot or of the console's output per message to a joining backup
 
 
 class FtError(Exception):
@@ -60,6 +66,8 @@ class LinkSink:
         self.closed = False
 
     def write(self, data: bytes) -> int:
+        if self.p.header is None:
+            self.p.header = bytes(data)      # the LogWriter's first write: the log header
         if not self.p.alone:
             self.p.link.send(wire.LOG, bytes(data))
             self.p.stats.log_bytes += len(data)
@@ -94,27 +102,27 @@ class Primary:
         self.writer = None
         self.machine = None
         self.last_tick = 0
+        self.header: bytes | None = None      # the recording's log header (its config)
+        self.joining: tuple[wire.Link, wire.SidePath] | None = None   # a backup joining, not yet sent the state
+        self.joins = 0
+        self.said_bye = False
+        self.peer_host = backup[0]
         console.status = self.status
+        console.on_join = self._on_join
 
     # -- forming the pair -----------------------------------------------------------
     def connect(self, timeout: float, hello: dict) -> None:
         held = self.arbiter.check_free()
         if held:
             raise FtError(held)
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                sock = socket.create_connection(self.backup, timeout=1.0)
-                break
-            except OSError as e:
-                if time.monotonic() > end:
-                    raise FtError(f"cannot reach the backup at {self.backup[0]}:{self.backup[1]}: "
-                                  f"{e.strerror or e}") from None
-                time.sleep(0.05)
+        try:
+            sock = wire.connect(self.backup, timeout, "backup")
+        except OSError as e:
+            raise FtError(str(e)) from None
         sock.settimeout(None)
         self.side = wire.SidePath(sock.getsockname()[0], self.heartbeat)
         self.side.start()
-        self.link = wire.Link(sock, self.heartbeat, self._on_message, self._on_lost)
+        self.link = self._new_link(sock)
         self.link.patience = FORMING_PATIENCE
         self.link.start()
         self.link.send(wire.HELLO, wire.pack_json(dict(hello, protocol=wire.PROTOCOL, heartbeat=self.heartbeat,
@@ -135,6 +143,24 @@ class Primary:
         self.machine = m
         m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
 
+    def _new_link(self, sock: socket.socket) -> wire.Link:
+        """A link whose messages reach this side only while it is the pair's link."""
+        link: wire.Link
+
+        def on_message(kind: bytes, payload: bytes) -> None:
+            if link is self.link:
+                self._on_message(kind, payload)
+
+        def on_lost(reason: str) -> None:
+            if self.joining is not None and link is self.joining[0]:
+                self.joining = None            # it went before it got the state: nothing started
+                self.say(f"the joining backup went away before it got the machine's state ({reason})")
+            elif link is self.link:
+                self._on_lost(reason)
+
+        link = wire.Link(sock, self.heartbeat, on_message, on_lost)
+        return link
+
     def status(self) -> dict:
         """For `vmm ft status`: who this side is, the backup's lag, the log's bandwidth."""
         s = self.stats
@@ -142,7 +168,8 @@ class Primary:
         return {"state": s.outcome, "tick": self.last_tick, "acked_horizon": min(self.acked, self.last_tick),
                 "lag_ms": (s.lag_samples[-1] / 1e5) if s.lag_samples else 0.0, "log_bytes": s.log_bytes,
                 "log_bytes_per_guest_s": round(s.log_bytes / guest_s) if guest_s else 0,
-                "heartbeat_s": self.heartbeat, "arbiter": self.arbiter.path}
+                "heartbeat_s": self.heartbeat, "arbiter": self.arbiter.path, "joins": self.joins,
+                "lease_generation": self.arbiter.generation}
 
     # -- the horizon timer (the run loop's thread) ------------------------------------
     def _tick(self, now: int) -> None:
@@ -166,6 +193,101 @@ class Primary:
                 m.request_host_stop("this primary lost the arbiter to its backup")
                 return
         m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
+        if self.alone and self.joining is not None:
+            self._send_state(now)       # after the next horizon is scheduled: the snapshot holds it
+
+    # -- restoring redundancy: a backup joins (vmm ft backup --join) -------------------
+    def _on_join(self, sock: socket.socket) -> None:
+        """The console server's thread: a backup asks to join.  Only a primary that runs
+        alone (and holds the lease of its pairing) takes one; the machine's state goes
+        out at its next horizon, on the run loop's thread."""
+        with self.cv:
+            why = None
+            if self.fenced:
+                why = "this primary lost the arbiter and is stopping"
+            elif not self.alone:
+                why = "this primary has a backup" if self.handshake == "accepted" else "this primary is not running yet"
+            elif self.joining is not None:
+                why = "another backup is joining this primary"
+            if why is None:
+                sock.settimeout(None)
+                side = wire.SidePath(sock.getsockname()[0], self.heartbeat)
+                link = self._new_link(sock)
+                link.patience = FORMING_PATIENCE
+                self.joining = (link, side)
+        if why is not None:
+            try:
+                sock.sendall(wire.frame(wire.REFUSE, why.encode()))
+            except OSError:
+                pass
+            sock.close()
+            return
+        side.start()
+        link.start()
+        host, port = self.console.address or ("127.0.0.1", 0)
+        link.send(wire.HELLO, wire.pack_json({
+            "protocol": wire.PROTOCOL, "heartbeat": self.heartbeat, "arbiter": self.arbiter.base,
+            "side_port": side.port, "console": [host, port], "join": True,
+            "generation": self.arbiter.generation + 1}))
+        self.say(f"a backup joins from {sock.getpeername()[0]}; its state goes out at the next horizon")
+
+    def _send_state(self, now: int) -> None:
+        """The run loop's thread, at a horizon, running alone: the joining backup gets the
+        machine's saved state (a snapshot file's bytes), the console's output and input
+        positions, then a log that starts here; from now on the pair runs in lockstep
+        again, under a new lease (the arbiter's next generation)."""
+        import tempfile
+
+        from replay.logfile import StreamLogReader
+        from replay.session import snapshot_events, state_digest
+        from vmm.state import write_snapshot
+
+        link, side = self.joining
+        self.joining = None
+        if link.lost is not None:
+            return
+        m = self.machine
+        self.writer.flush()               # the events before the join point: to no one (alone)
+        cfg = StreamLogReader(_Bytes(self.header)).header.config
+        with tempfile.TemporaryDirectory(prefix="vmm-ft-join") as d:
+            path = f"{d}/join.snap"
+            write_snapshot(path, cfg, m.icount, m.save_state())
+            with open(path, "rb") as f:
+                snap = f.read()
+        out, taken = self.console.rejoin()   # output from here waits for the new backup's ACKs
+        digests = m.clock.find("digest")
+        generation = self.arbiter.generation + 1
+        link.send(wire.JOIN, wire.pack_json({
+            "generation": generation, "icount": m.icount, "tick": now, "snapshot_bytes": len(snap),
+            "digests": digests.callback.__self__.n if digests is not None else 0,
+            "output": len(out), "input": taken}))
+        for i in range(0, len(snap), JOIN_PIECE):
+            link.send(wire.SNAP, snap[i:i + JOIN_PIECE])
+        for i in range(0, len(out), JOIN_PIECE):
+            link.send(wire.OUTPUT, out[i:i + JOIN_PIECE])
+        with self.cv:
+            self.link, self.side = link, side
+            try:
+                self.peer_host = link.sock.getpeername()[0]
+            except OSError:
+                pass
+            self.arbiter = Arbiter(self.arbiter.base, generation)
+            self.handshake = None
+            self.progress = self.acked = now
+            self.alone = False
+            self.joins += 1
+            self.stats.outcome = "joining"     # "paired" once the backup holds a machine (its ACCEPT)
+        # the new log: the recipe names the snapshot (its bytes came over the link), then the
+        # initial events a recording from that snapshot starts with, then the horizon
+        self.writer.restart(dict(cfg, snapshot={"path": JOIN_SNAPSHOT, "sha256": hashlib.sha256(snap).hexdigest()}),
+                            state_digest(m))
+        self.writer.append(Event(EventKind.DISK_IMAGE, m.icount,
+                                 ev.encode_disk_image(cfg["image"]["name"], cfg["image"]["sha256"])))
+        self.writer.extend(snapshot_events(m, True))
+        self.writer.flush()
+        link.send(wire.HORIZON, wire.u64(now))
+        self.say(f"sent the machine's state at tick {now} (icount {m.icount}, {len(snap):,} bytes) "
+                 f"to the joining backup; lockstep again (lease generation {generation})")
 
     # -- the link's side ------------------------------------------------------------
     def _on_message(self, kind: bytes, payload: bytes) -> None:
@@ -188,21 +310,38 @@ class Primary:
                 except (ValueError, AttributeError):
                     port = 0
                 if 0 < port < 65536:
-                    self.side.peer = (self.backup[0], port)
+                    self.side.peer = (self.peer_host, port)
             with self.cv:
                 self.handshake = "accepted" if kind == wire.ACCEPT else payload.decode(errors="replace")
                 self.cv.notify_all()
+            if kind == wire.ACCEPT and self.machine is not None:
+                self.stats.outcome = "paired"
+                self.say("the joined backup follows: the pair is whole again")
+            if kind == wire.REFUSE and self.machine is not None:
+                # a joining backup that refused never goes live: back to running alone
+                self.say(f"the joining backup refused: {self.handshake}; going on alone")
+                link = self.link
+                with self.cv:
+                    self.alone = True
+                    self.stats.outcome = "alone"
+                    self.cv.notify_all()
+                self.console.go_alone()
+                link.close(drain=0)
 
     def _on_lost(self, reason: str) -> None:
         self.stats.lost_at = time.monotonic()
         self.stats.lost_reason = reason
         with self.cv:
-            if self.handshake is None:
+            if self.alone or self.said_bye:
+                return                  # a joining backup that refused, then closed; or the run ended
+            if self.machine is None and self.handshake is None:
                 self.handshake = f"the connection was lost during the handshake ({reason})"
                 self.cv.notify_all()
                 return
-            if self.handshake != "accepted":
+            if self.machine is None and self.handshake != "accepted":
                 return                  # the pair never formed: nothing ran, nothing to decide
+            # a pair that ran (a joined backup too, even before its ACCEPT came: it may
+            # have sent one) is decided by the arbiter
         threading.Thread(target=self._contend, args=(reason,), name="ft-arbiter", daemon=True).start()
 
     def _contend(self, reason: str) -> None:
@@ -252,5 +391,10 @@ class Primary:
         if self.fenced:
             raise Fenced()
         if not self.alone:
+            self.said_bye = True     # the backup closes on BYE, maybe before this side does: not a failure
             self.link.send(wire.BYE)
             self.link.close()
+
+
+class _Bytes(io.BytesIO):
+    name = "<ft log header>"

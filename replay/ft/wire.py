@@ -28,6 +28,10 @@ ACK = b"K"        # backup -> primary: u64 tick: the log up to this horizon is h
 PROGRESS = b"P"   # backup -> primary: u64 tick the replay has reached
 BEAT = b"B"       # either way: still here
 BYE = b"E"        # primary -> backup: the run ended and every output was released
+# a backup joining a running primary (vmm ft backup --join): after HELLO, before the log
+JOIN = b"J"       # primary -> backup: the join point (JSON: generation, icount, digests, console positions)
+SNAP = b"S"       # primary -> backup: bytes of the machine's snapshot file at the join point
+OUTPUT = b"O"     # primary -> backup: bytes of the console output before the join point
 
 _FRAME = struct.Struct("<cI")
 _U64 = struct.Struct("<Q")
@@ -41,6 +45,24 @@ def u64(v: int) -> bytes:
 
 def read_u64(payload: bytes) -> int:
     return _U64.unpack(payload)[0]
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    """One message as it goes on the connection (for a socket that has no Link yet)."""
+    return _FRAME.pack(kind, len(payload)) + payload
+
+
+def connect(addr: tuple[str, int], timeout: float, what: str) -> socket.socket:
+    """A TCP connection to ``addr``, retried for ``timeout`` seconds (the peer may not listen
+    yet); OSError with one line naming ``what`` when it never answers."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(addr, timeout=1.0)
+        except OSError as e:
+            if time.monotonic() > end:
+                raise OSError(f"cannot reach the {what} at {addr[0]}:{addr[1]}: {e.strerror or e}") from None
+            time.sleep(0.05)
 
 
 def pack_json(obj) -> bytes:
