@@ -22,9 +22,9 @@ def main(argv: list[str]) -> int:
 
 def test_parse_nic_in_qemus_manner():
     assert parse_nic("model=virtio,net=switch:lan,mac=52:54:00:00:00:09,pcap=x.pcap") == {
-        "model": "virtio", "net": "switch:lan", "mac": "52:54:00:00:00:09", "pcap": "x.pcap", "server": False}
+        "model": "virtio", "net": "switch:lan", "mac": "52:54:00:00:00:09", "pcap": "x.pcap", "server": False, "hostfwd": []}
     assert parse_nic("stream:127.0.0.1:5555,server=on") == {
-        "model": "e1000", "net": "stream:127.0.0.1:5555", "mac": None, "pcap": None, "server": True}
+        "model": "e1000", "net": "stream:127.0.0.1:5555", "mac": None, "pcap": None, "server": True, "hostfwd": []}
     assert parse_nic("tap:tap0,model=virtio-net-pci")["model"] == "virtio"
 
 
@@ -33,8 +33,9 @@ def test_parse_nic_in_qemus_manner():
     ("model=e1000", "name a backend"),
     ("net=switch:", "net must be"),
     ("net=bogus:x", "net must be"),
-    ("net=user,hostfwd=tcp::8080-:80", "unknown key"),
-    ("net=user", "user-mode networking"),
+    ("net=user,hostfwd=tcp::8080", "is not [tcp|udp]"),
+    ("net=switch:a,hostfwd=tcp::8080-:80", "hostfwd= goes with net=user"),
+    ("net=user,server=on", "server=on goes with"),
     ("net=switch:a,model=e1000,model=virtio", "given twice"),
     ("net=switch:a,server=on", "server=on goes with"),
     ("net=switch:a,mac=01:00:00:00:00:01", "group (multicast)"),

@@ -1,6 +1,6 @@
 """Network cards on the command line of `vmm run|record`, in QEMU's manner.
 
-    --nic model=e1000|virtio,net=BACKEND[,mac=52:54:00:12:34:56][,pcap=FILE][,server=on]
+    --nic model=e1000|virtio,net=BACKEND[,mac=52:54:00:12:34:56][,pcap=FILE][,server=on][,hostfwd=RULE]
     -nic ..., -netdev ...      the same option
 
 repeatable (card N is ``netN``).  BACKEND is one of
@@ -10,6 +10,10 @@ repeatable (card N is ``netN``).  BACKEND is one of
                        -netdev stream/socket); connects to HOST:PORT, or with server=on
                        listens there for the peer (another `vmm`, or QEMU)
     tap:IFNAME         a Linux TAP device (needs root or CAP_NET_ADMIN)
+    user               user-mode networking (libslirp, as QEMU's -nic user): DHCP gives the
+                       guest 10.0.2.15, 10.0.2.2 is the host, 10.0.2.3 its DNS, NAT to the
+                       host's network without root; hostfwd=[tcp|udp]:[HOSTADDR]:HOSTPORT-
+                       [GUESTADDR]:GUESTPORT (repeatable) forwards a host port to the guest
 
 A leading word without '=' is the backend (``--nic stream:127.0.0.1:5555,model=virtio``);
 ``model`` defaults to e1000 and ``mac`` to 52:54:00:12:34:56 plus the card's index.
@@ -17,13 +21,14 @@ A leading word without '=' is the backend (``--nic stream:127.0.0.1:5555,model=v
 the guest's virtual time.  A recording logs every frame that enters the guest, so
 `vmm replay` needs no network and no option for it.
 
-A bad option, a port in use, a missing TAP device: one line on stderr, exit status 2.
+A bad option, a port in use (hostfwd's too), a missing TAP device or libslirp: one line on
+stderr, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 
-KEYS = ("model", "net", "mac", "pcap", "server")
+KEYS = ("model", "net", "mac", "pcap", "server", "hostfwd")
 
 
 def _usage(msg: str) -> Exception:
@@ -34,13 +39,16 @@ def _usage(msg: str) -> Exception:
 
 def add_nic_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--nic", "-nic", "-netdev", dest="nics", action="append", default=None,
-                   metavar="model=e1000|virtio,net=switch:NAME|stream:HOST:PORT|tap:IFNAME[,mac=..][,pcap=FILE]",
-                   help="add a network card (repeatable; see tools/cli_net.py)")
+                   metavar="model=e1000|virtio,net=switch:NAME|stream:HOST:PORT|tap:IFNAME|user[,hostfwd=tcp::HOSTPORT-:GUESTPORT][,mac=..][,pcap=FILE]",
+                   help="add a network card (repeatable; see tools/cli_net.py); net=user is user-mode "
+                        "networking (libslirp: DHCP 10.0.2.15, host 10.0.2.2, DNS 10.0.2.3, no root), "
+                        "hostfwd (repeatable) forwards a host port to the guest")
 
 
 def parse_nic(text: str) -> dict:
-    """One --nic value as {"model", "net", "mac", "pcap", "server"}; ValueError with one line."""
-    out: dict = {"model": "e1000", "net": None, "mac": None, "pcap": None, "server": False}
+    """One --nic value as {"model", "net", "mac", "pcap", "server", "hostfwd"} (hostfwd: a list of
+    host/net/user.py's rules); ValueError with one line."""
+    out: dict = {"model": "e1000", "net": None, "mac": None, "pcap": None, "server": False, "hostfwd": []}
     seen = set()
     for i, item in enumerate(text.split(",")):
         key, eq, value = item.partition("=")
@@ -51,6 +59,11 @@ def parse_nic(text: str) -> dict:
                 raise ValueError(f"--nic {text!r}: {item!r} is not KEY=VALUE")
         if key not in KEYS:
             raise ValueError(f"--nic {text!r}: unknown key {key!r} (use {', '.join(KEYS)})")
+        if key == "hostfwd":
+            from host.net.user import parse_hostfwd
+
+            out["hostfwd"].append(parse_hostfwd(value))
+            continue
         if key in seen:
             raise ValueError(f"--nic {text!r}: {key} given twice")
         seen.add(key)
@@ -67,13 +80,16 @@ def parse_nic(text: str) -> dict:
         out[key] = value
     net = out["net"]
     if net is None:
-        raise ValueError(f"--nic {text!r}: name a backend with net=switch:NAME, stream:HOST:PORT or tap:IFNAME")
+        raise ValueError(f"--nic {text!r}: name a backend with net=switch:NAME, stream:HOST:PORT, tap:IFNAME or user")
     kind = net.partition(":")[0]
-    if kind == "user":
-        raise ValueError(f"--nic {text!r}: user-mode networking (net=user) is not available in this vmm; "
-                         f"use switch:, stream: or tap:")
+    if out["hostfwd"] and net != "user":
+        raise ValueError(f"--nic {text!r}: hostfwd= goes with net=user")
+    if net == "user":
+        if out["server"]:
+            raise ValueError(f"--nic {text!r}: server=on goes with net=stream:HOST:PORT")
+        return out
     if kind not in ("switch", "stream", "tap") or not net.partition(":")[2]:
-        raise ValueError(f"--nic {text!r}: net must be switch:NAME, stream:HOST:PORT or tap:IFNAME, not {net!r}")
+        raise ValueError(f"--nic {text!r}: net must be switch:NAME, stream:HOST:PORT, tap:IFNAME or user, not {net!r}")
     if out["server"] and kind != "stream":
         raise ValueError(f"--nic {text!r}: server=on goes with net=stream:HOST:PORT")
     return out
@@ -114,7 +130,8 @@ def connect(m, args) -> None:
     epoch = getattr(getattr(m, "config", None), "start_epoch", 0) or 0
     for nic_id, r in zip(ids, reqs):
         try:
-            connect_backend(m, nic_id, r["net"], server=r["server"], pcap=r["pcap"], epoch=epoch)
+            connect_backend(m, nic_id, r["net"], server=r["server"], pcap=r["pcap"], epoch=epoch,
+                            hostfwd=r["hostfwd"])
         except NicError as e:
             raise _usage(str(e)) from None
 

@@ -6,6 +6,8 @@
 * ``stream``: frames over a TCP stream, each after a 4-byte big-endian length
   (QEMU's ``-netdev stream`` / ``-netdev socket`` framing).
 * ``tap``: a Linux TAP device through /dev/net/tun.
+* ``user``: user-mode networking through libslirp (QEMU's ``-nic user``):
+  DHCP, DNS forwarding, NAT to host sockets and forwarded host ports.
 * ``pcap``: a libpcap capture file writer (LINKTYPE_ETHERNET, nanosecond
   time stamps taken from virtual time).
 

@@ -21,7 +21,9 @@ to one, live or recording:
   name per process: cards of several machines in one process meet there);
 * ``stream:HOST:PORT``: frames over TCP with a 4-byte big-endian length, as
   QEMU's ``-netdev stream``; ``server=True`` listens there for one peer;
-* ``tap:IFNAME``: a Linux TAP device.
+* ``tap:IFNAME``: a Linux TAP device;
+* ``user``: user-mode networking through libslirp (host/net/user.py), with
+  ``hostfwd`` rules forwarding host ports to the guest.
 
 and optionally writes everything the card sends and receives to a pcap file,
 stamped with virtual time from the machine's RTC epoch.
@@ -125,14 +127,25 @@ def switch(name: str) -> Any:
     return sw
 
 
-def open_backend(spec: str, *, server: bool = False, label: str = "") -> Any:
-    """The wire a backend spec names (``switch:NAME``, ``stream:HOST:PORT``, ``tap:IFNAME``)."""
+def open_backend(spec: str, *, server: bool = False, label: str = "", hostfwd: tuple | list = ()) -> Any:
+    """The wire a backend spec names (``switch:NAME``, ``stream:HOST:PORT``, ``tap:IFNAME``,
+    ``user``; ``hostfwd``: host/net/user.py's rules, or their QEMU spelling, for ``user``)."""
     from host.net import NetBackendError
     from host.net.stream import StreamLink
     from host.net.tap import TapLink
 
     kind, _, rest = spec.partition(":")
+    if hostfwd and spec != "user":
+        raise NicError(f"{label}hostfwd= goes with net=user")
     try:
+        if spec == "user":
+            from host.net.user import Hostfwd, UserNet, parse_hostfwd
+
+            try:
+                rules = [r if isinstance(r, Hostfwd) else parse_hostfwd(r) for r in hostfwd]
+            except ValueError as e:
+                raise NicError(f"{label}{e}") from None
+            return UserNet(rules)
         if kind == "switch":
             if not rest:
                 raise NicError(f"{label}net=switch:NAME needs a switch name")
@@ -147,15 +160,15 @@ def open_backend(spec: str, *, server: bool = False, label: str = "") -> Any:
             return TapLink(rest)
     except NetBackendError as e:
         raise NicError(f"{label}{e}") from None
-    raise NicError(f"{label}unknown network backend {spec!r} (switch:NAME, stream:HOST:PORT or tap:IFNAME)")
+    raise NicError(f"{label}unknown network backend {spec!r} (switch:NAME, stream:HOST:PORT, tap:IFNAME or user)")
 
 
 def connect_backend(machine: Any, nic_id: str, spec: str | None, *, server: bool = False,
-                    pcap: str | None = None, epoch: int = 0) -> Any:
+                    pcap: str | None = None, epoch: int = 0, hostfwd: tuple | list = ()) -> Any:
     """Join card ``nic_id`` of ``machine`` to the backend ``spec`` (None: no wire) and, with
     ``pcap``, capture its frames there.  Returns the wire."""
     port = machine.net_input.ports[nic_id]
-    wire = open_backend(spec, server=server, label=f"{nic_id}: ") if spec else None
+    wire = open_backend(spec, server=server, label=f"{nic_id}: ", hostfwd=hostfwd) if spec else None
     if wire is not None:
         port.wire = wire
         wire.connect(port)
