@@ -1,5 +1,6 @@
 """User-mode networking (host/net/user.py, libslirp) as a wire, with frames built by dpkt: the
-DHCP server leases 10.0.2.15 with QEMU's router and DNS addresses, 10.0.2.2 answers ARP, a
+DHCP server leases 10.0.2.15 with QEMU's router and DNS addresses, 10.0.2.2 answers ARP, 10.0.2.3
+answers DNS from the host's resolver (where the host resolves), a
 guest's TCP connection to 10.0.2.2 becomes a connection to the host's loopback, a forwarded
 host port becomes a SYN to the guest's port; and on the command line, a bad hostfwd rule, a
 forwarded port in use and a host without libslirp are each one line and exit status 2.
@@ -214,3 +215,28 @@ def test_a_recording_on_user_networking_replays_without_it(slirp, tmp_path, caps
                  "--nic", "model=e1000,net=user"]) == 0
     capsys.readouterr()
     assert main(["replay", str(log), "--serial", "none"]) == 0
+
+
+def test_dns_at_10_0_2_3_is_answered_by_the_hosts_resolver(slirp):
+    name = "deb.debian.org"
+    try:
+        socket.getaddrinfo(name, 80, socket.AF_INET)
+    except OSError as e:
+        pytest.skip(f"this host cannot resolve {name} itself: {e}")
+    u, got = slirp()
+    u.send(arp_request(HOST_IP))
+    host_mac = dpkt.ethernet.Ethernet(got[0]).src
+    q = dpkt.dns.DNS(id=0x4242, qd=[dpkt.dns.DNS.Q(name=name, type=dpkt.dns.DNS_A)])
+    udp = dpkt.udp.UDP(sport=33333, dport=53, data=bytes(q))
+    udp.ulen = len(udp)
+    ip = dpkt.ip.IP(src=GUEST_IP, dst=socket.inet_aton("10.0.2.3"), p=dpkt.ip.IP_PROTO_UDP, data=udp, ttl=64)
+    ip.len = len(ip)
+    u.send(eth(ip, dst=host_mac))
+
+    def answers() -> list:
+        return [dpkt.dns.DNS(i.data.data) for i in ip_frames(got)
+                if isinstance(i.data, dpkt.udp.UDP) and i.data.sport == 53 and i.data.dport == 33333]
+    assert poll_until(u, answers, 10.0), "no DNS answer through 10.0.2.3"
+    a = answers()[0]
+    assert a.id == 0x4242 and a.qr == dpkt.dns.DNS_R and a.rcode == dpkt.dns.DNS_RCODE_NOERR
+    assert any(rr.type == dpkt.dns.DNS_A for rr in a.an), a.an
