@@ -77,6 +77,9 @@ def add_ft_parser(sub) -> None:
     b.add_argument("--exit-code", choices=["guest", "qemu"], default="guest")
     b.add_argument("--wait", type=parse_duration, default=None, metavar="SECONDS",
                    help="give up when no primary connects within this time (default: wait)")
+    from tools import cli_net
+
+    cli_net.add_nic_options(b)     # the backends this side's cards join once it is live
     _common(b)
     st = fsub.add_parser("status", help="the live side's role, lag, log bandwidth and last acknowledged horizon")
     st.add_argument("address", metavar="HOST:PORT", help="the pair's console address")
@@ -142,6 +145,7 @@ def _primary(args) -> int:
     from replay.ft.console import ConsoleServer
     from replay.ft.primary import FLUSH_TICKS, Fenced, FtError, LinkSink, Primary
     from replay.session import VMM_VERSION, ReplayError, record
+    from tools import cli_net
     from tools.cli import UsageError, _cmdline, _exit_status, _initrd, _load_image
     from vmm.firmware.boot import BootError
     from vmm.platform.pc import DEFAULT_EPOCH
@@ -168,6 +172,7 @@ def _primary(args) -> int:
 
     def setup(m) -> None:
         ref["m"] = m
+        cli_net.connect(m, args)       # the NICs' backends; the primary holds their frames (netgate)
         p.setup(m)
 
     t0 = time.perf_counter()
@@ -178,7 +183,8 @@ def _primary(args) -> int:
                         boot_kind=args.boot, cmdline=_cmdline(args, data), load_addr=args.load_addr,
                         live_input=console.poll_input, input_kind="ft", max_instructions=args.max_instructions,
                         serial=console, pace_idle=True, setup=setup, mmu=args.mmu, vcpus=args.smp,
-                        initrd=_initrd(args), debug_exit=args.debug_exit, on_writer=p.on_writer)
+                        initrd=_initrd(args), debug_exit=args.debug_exit, on_writer=p.on_writer,
+                        nics=cli_net.nics_from_args(args))
         if p.fenced:
             raise Fenced()
         dt = time.perf_counter() - t0
@@ -196,6 +202,8 @@ def _primary(args) -> int:
         raise UsageError(str(e)) from None
     finally:
         console.stop()
+        if "m" in ref:
+            cli_net.close(ref["m"])
     if args.stats:
         _primary_stats(p, res, dt, m)
     return status
@@ -228,15 +236,20 @@ def _backup(args) -> int:
     join = _addr(args.join, "--join") if args.join else None
     image = None
     if args.image:
+        from vmm.firmware.imagefile import read_file
+
         try:
-            with open(args.image, "rb") as f:
-                image = f.read()
+            image = read_file(args.image)     # a regular file of an image's size, checked before reading
         except OSError as e:
             raise UsageError(f"cannot read image {args.image}: {e.strerror}") from None
     say = _say("backup")
+    from tools import cli_net
+
+    reqs = cli_net.requests_from_args(args)
     b = Backup(listen, image=image, arbiter=args.arbiter,
                console=_addr(args.console, "--console") if args.console else None,
-               heartbeat=args.heartbeat, say=say)
+               heartbeat=args.heartbeat, say=say,
+               nics=(len(reqs), lambda m: _connect_nics(m, args)) if reqs else None)
     if listen is not None:
         try:
             host, port = b.bind()
@@ -258,6 +271,17 @@ def _backup(args) -> int:
     elif r.detected_after is not None:
         say(f"failure detected {r.detected_after * 1e3:.0f} ms after the primary was last heard")
     return _exit_status(r.result, args)
+
+
+def _connect_nics(m, args) -> None:
+    """A backup going live: its cards join the backends of its --nic options (ValueError, one line)."""
+    from tools import cli_net
+    from tools.cli import UsageError
+
+    try:
+        cli_net.connect(m, args)
+    except UsageError as e:
+        raise ValueError(str(e)) from None
 
 
 def _status(args) -> int:

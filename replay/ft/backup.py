@@ -25,6 +25,7 @@ from replay.events import EventKind
 from replay.ft import wire
 from replay.ft.arbiter import LOST, UNREACHABLE, WON, Arbiter
 from replay.ft.console import ConsoleServer
+from replay.ft.netgate import Retained
 from replay.ft.primary import FLUSH_TICKS, FORMING_PATIENCE, JOIN_SNAPSHOT, Fenced, FtError
 from replay.logfile import StreamLogReader
 from replay.session import VMM_VERSION, Replayer
@@ -226,9 +227,10 @@ PROGRESS_EVERY = 4      # horizons between two reports of the replay's position 
 
 
 class Backup:
-    def __init__(self, listen: tuple[str, int], *, image: bytes | None = None, arbiter: str | None = None,
+    def __init__(self, listen: tuple[str, int] | None, *, image: bytes | None = None, arbiter: str | None = None,
                  console: tuple[str, int] | None = None, heartbeat: float = 0.05,
-                 say: Callable[[str], None] = lambda s: None):
+                 say: Callable[[str], None] = lambda s: None,
+                 nics: tuple[int, Callable[[object], None]] | None = None):
         self.listen_addr = listen
         self.image = image
         self.arbiter_path = arbiter
@@ -256,6 +258,9 @@ class Backup:
         self.accepted = False         # ACCEPT sent: this side may go live
         self.refused: str | None = None
         self.join_meta: dict | None = None
+        # (how many, connect(machine)): the NIC backends this side uses once live (--nic)
+        self.nics = nics
+        self.frames_sent = 0          # the primary sent every frame its NICs produced before this tick
         self.snap = bytearray()
         self.output = bytearray()
 
@@ -274,6 +279,8 @@ class Backup:
         elif kind == wire.HORIZON:
             with self.cv:
                 self.horizon = max(self.horizon, wire.read_u64(payload))
+                if len(payload) >= 16:
+                    self.frames_sent = max(self.frames_sent, wire.read_u64(payload, 1))
                 self.cv.notify_all()
         elif kind == wire.HELLO:
             with self.cv:
@@ -473,6 +480,10 @@ class Backup:
         why = self._disagreement(cfg)
         if why:
             raise refuse(why)
+        have = len(cfg.get("nics") or [])
+        if self.nics is not None and self.nics[0] != have:
+            raise refuse(f"the primary's machine has {have} network cards, this backup's --nic options "
+                         f"name {self.nics[0]}")
         side_port = hello.get("side_port")
         if isinstance(side_port, int) and 0 < side_port < 65536:
             self.side.peer = (self._peer_host, side_port)
@@ -498,6 +509,11 @@ class Backup:
                 self.accepted = True
             self.link.send(wire.ACCEPT, accept)
         self.replica = rp
+        hub = getattr(rp.m, "net_input", None)
+        for port in (hub.ports.values() if hub is not None else ()):
+            port.wire = Retained(rp.m.clock.now, lambda: self.frames_sent)
+        if hub is not None and hub.ports and self.nics is None:
+            self.say("this backup has no --nic: once live, its network cards reach no network")
         with self.cv:
             if self.decision == WON:
                 rp.stop_at = self.horizon
@@ -520,6 +536,7 @@ class Backup:
         addr = self.console_addr or tuple(hello.get("console") or ("127.0.0.1", 0))
         if res.reason is StopReason.HOST and rp.stop_at is not None:
             rp.go_live(console)
+            self._nics_live(rp.m)
             console.go_alone(rp.input_position())
             console.status = lambda: {"state": "took over", "takeover_tick": rp.stop_at,
                                       "failure": self.lost, "arbiter": self.arbiter_path}
@@ -548,6 +565,35 @@ class Backup:
         console.finish(status)
         _linger(console, linger)
         return BackupResult(res, "took-over")
+
+    def _nics_live(self, m) -> None:
+        """Going live: the NICs join this side's backends, and the frames the primary may not
+        have sent (those after the last point it reported) go out again."""
+        hub = getattr(m, "net_input", None)
+        if hub is None or not hub.ports:
+            return
+        kept = {nic_id: port.wire for nic_id, port in hub.ports.items()}
+        for port in hub.ports.values():
+            port.wire = None
+        if self.nics is None:
+            return
+        try:
+            self.nics[1](m)
+        except (OSError, ValueError) as e:      # a backend that cannot be opened: one line
+            self.say(f"the network cards stay off the network: {e}")
+            return
+        again = 0
+        for nic_id, port in hub.ports.items():
+            old = kept[nic_id]
+            if port.wire is None or not isinstance(old, Retained):
+                continue
+            for frame in old.unsent():
+                try:
+                    port.wire.send(frame)
+                    again += 1
+                except OSError:
+                    port.host_errors += 1
+        self.say(f"network cards live; {again} frame(s) after the primary's last report sent again")
 
     def _disagreement(self, cfg: dict) -> str | None:
         """Why this backup cannot replay the machine the primary's header describes (None if it can)."""

@@ -30,6 +30,7 @@ from replay.events import Event, EventKind
 from replay.ft import wire
 from replay.ft.arbiter import LOST, UNREACHABLE, WON, Arbiter
 from replay.ft.console import ConsoleServer
+from replay.ft.netgate import hold_frames
 
 FLUSH_TICKS = 100_000     # 1 ms of virtual time between horizons
 FORMING_PATIENCE = 30.0   # seconds of silence allowed while the pair forms (the backup builds its machine)
@@ -106,6 +107,7 @@ class Primary:
         self.joining: tuple[wire.Link, wire.SidePath] | None = None   # a backup joining, not yet sent the state
         self.joins = 0
         self.said_bye = False
+        self.gates: list = []                 # the NICs' HeldWires (replay/ft/netgate.py)
         self.peer_host = backup[0]
         console.status = self.status
         console.on_join = self._on_join
@@ -141,6 +143,7 @@ class Primary:
             self.link.close(drain=0)
             raise FtError(f"the backup refused: {self.handshake or 'no answer within 120 s'}")
         self.machine = m
+        self.gates = hold_frames(m, m.clock.now)
         m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
 
     def _new_link(self, sock: socket.socket) -> wire.Link:
@@ -178,9 +181,12 @@ class Primary:
         if self.fenced:
             m.request_host_stop("this primary lost the arbiter to its backup")
             return
+        for g in self.gates:
+            g.flush()
         if not self.alone:
             self.writer.flush()
-            self.link.send(wire.HORIZON, wire.u64(now))
+            sent = min((g.flushed_through for g in self.gates), default=None)
+            self.link.send(wire.HORIZON, wire.u64(now) + (wire.u64(sent) if sent is not None else b""))
             with self.cv:
                 self.stats.lag_samples.append(max(0, now - self.progress))
                 if now - self.progress > self.max_lag and not self.alone and not self.fenced:
@@ -255,6 +261,8 @@ class Primary:
             with open(path, "rb") as f:
                 snap = f.read()
         out, taken = self.console.rejoin()   # output from here waits for the new backup's ACKs
+        for g in self.gates:
+            g.hold_again()
         digests = m.clock.find("digest")
         generation = self.arbiter.generation + 1
         link.send(wire.JOIN, wire.pack_json({
@@ -298,6 +306,8 @@ class Primary:
                 self.cv.notify_all()
             if not self.alone and not self.fenced:
                 self.console.release_through(tick)
+                for g in self.gates:
+                    g.release_through(tick)
         elif kind == wire.PROGRESS:
             self.link.patience = None      # the backup's replay runs: heartbeats rule from now on
             with self.cv:
@@ -326,6 +336,8 @@ class Primary:
                     self.stats.outcome = "alone"
                     self.cv.notify_all()
                 self.console.go_alone()
+                for g in self.gates:
+                    g.go_alone()
                 link.close(drain=0)
 
     def _on_lost(self, reason: str) -> None:
@@ -357,10 +369,14 @@ class Primary:
                     self.stats.outcome = "alone"
                     self.cv.notify_all()
                 self.console.go_alone()
+                for g in self.gates:
+                    g.go_alone()
                 return
             if outcome == LOST:
                 self.say(f"the backup is lost ({reason}) and holds the arbiter ({detail}): stopping")
                 self.console.drop_held()
+                for g in self.gates:
+                    g.drop_held()
                 with self.cv:
                     self.fenced = True
                     self.stats.outcome = "fenced"
@@ -384,6 +400,10 @@ class Primary:
             raise Fenced()
         if self.acked >= wire.END_OF_LOG:
             self.console.release_through(wire.END_OF_LOG)
+            for g in self.gates:
+                g.release_through(wire.END_OF_LOG)
+        for g in self.gates:
+            g.flush()
         self.console.finish(status)
         end = time.monotonic() + linger
         while time.monotonic() < end and not (self.console.all_sent() and self.console.ever_ended()):

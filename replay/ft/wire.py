@@ -24,6 +24,7 @@ ACCEPT = b"A"     # backup -> primary: the handshake passed (JSON)
 REFUSE = b"R"     # backup -> primary: one line saying why not
 LOG = b"L"        # primary -> backup: bytes of the event log (header, whole chunks)
 HORIZON = b"T"    # primary -> backup: u64 tick: every event before it has been sent
+                  #   [+ u64: every NIC frame produced before this tick left the primary]
 ACK = b"K"        # backup -> primary: u64 tick: the log up to this horizon is held
 PROGRESS = b"P"   # backup -> primary: u64 tick the replay has reached
 BEAT = b"B"       # either way: still here
@@ -43,8 +44,10 @@ def u64(v: int) -> bytes:
     return _U64.pack(v)
 
 
-def read_u64(payload: bytes) -> int:
-    return _U64.unpack(payload)[0]
+def read_u64(payload: bytes, index: int = 0) -> int:
+    """The index-th u64 of a payload (a HORIZON carries two: the tick, and the point before
+    which the primary has sent every frame its NICs produced)."""
+    return _U64.unpack_from(payload, 8 * index)[0]
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
