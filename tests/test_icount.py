@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -164,3 +165,50 @@ def test_a_closed_vcpu_releases_its_engine_once():
     g.cpu.close()  # idempotent
     del g
     gc.collect()  # the binding's finalizer must not close the engine a second time
+
+
+# -- self-modifying code: a store into the block that is running ---------------------------
+# QEMU (and so Unicorn) stops a translated block whose own code a store of it rewrites: the
+# instructions before the store retired, the store is run again alone, and translation starts
+# afresh after it.  The clock counts what retired, nothing twice.
+
+SMC_LOOP = ("mov ecx, {n}; L: mov byte ptr [P+1], cl; add eax, ebx; P: mov bl, 0; dec ecx; jnz L; "
+            "mov dx, 0x501; mov al, 0; out dx, al; hlt")
+
+
+@pytest.mark.parametrize("mmu", ["shadow", "nested"])
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_a_store_into_the_running_block_is_counted_once(mmu, n):
+    g = Guest(mmu=mmu)
+    g.protected_mode(SMC_LOOP.format(n=n))
+    g.cpu.enable_reference_clock()
+    r = g.run(1_000_000)
+    assert r.reason.value == "exit", r
+    # 1 setup, n iterations of 5, the exit's mov, mov, out
+    assert g.cpu.icount == g.cpu.ref_icount == 1 + 5 * n + 3
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 4, 5, 6, 11, 12, 13, 500, 1498])
+def test_stops_inside_a_self_modifying_loop_are_exact(stop):
+    g = Guest()
+    g.protected_mode(SMC_LOOP.format(n=300))
+    g.cpu.enable_reference_clock()
+    g.m.run(max_instructions=stop)
+    assert g.cpu.icount == stop == g.cpu.ref_icount
+    r = g.m.run(max_instructions=1_000_000)
+    assert r.reason.value == "exit" and g.cpu.icount == 1 + 5 * 300 + 3 == g.cpu.ref_icount
+
+
+def _tsc_delta(target: str) -> int:
+    g = Guest()
+    g.protected_mode("rdtsc; mov esi, eax; mov ecx, 100; L: mov byte ptr [" + target + "], cl; add eax, ebx; "
+                     "P: mov bl, 0; nop; dec ecx; jnz L; rdtsc; sub eax, esi; mov [0x50000], eax; "
+                     "mov dx, 0x501; mov al, 0; out dx, al; hlt")
+    assert g.run(1_000_000).reason.value == "exit"
+    return g.u32(0x50000)
+
+
+def test_rdtsc_in_a_self_modifying_loop_reads_the_instruction_clock():
+    # the TSC follows the instruction clock: the loop that rewrites its own immediate takes as
+    # many ticks as the same loop storing to data
+    assert _tsc_delta("P+1") == _tsc_delta("0x50010") > 0

@@ -64,8 +64,8 @@ def flags_of(desc: int) -> int:
 class Guest:
     """A machine with the standard test layout and a debug-exit port."""
 
-    def __init__(self, mem: int = 4 << 20):
-        self.m = Machine(mem)
+    def __init__(self, mem: int = 4 << 20, mmu: str = "shadow"):
+        self.m = Machine(mem, mmu=mmu)
         self.exit_status: int | None = None
         self.m.add_device(DebugExit(self._exit))
         self.cpu = self.m.vcpu

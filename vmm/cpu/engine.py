@@ -95,6 +95,7 @@ MSR_EFER = 0xC000_0080
 
 MMU_MODES = ("shadow", "nested")
 _RETRY = object()  # an EPT violation a handler fixed: enter the guest again
+_SMC = object()    # a block cut by its own store was accounted for: enter again
 # the error Unicorn reports in nested mode for each (access, hole) violation
 _VIOLATION_ERR = {
     (0, True): unicorn.UC_ERR_READ_UNMAPPED, (1, True): unicorn.UC_ERR_WRITE_UNMAPPED,
@@ -889,6 +890,9 @@ class Engine:
         last = None
         while True:
             x = self._enter_once(budget, until)
+            if x is _SMC:
+                budget = min(budget, self._core.budget)
+                continue
             if x is not _RETRY:
                 return x
             v = self._last_violation
@@ -935,6 +939,15 @@ class Engine:
             e, self._pending_error = self._pending_error, None
             raise e
         flags = c.stop_flags
+        if c.smc_pending:
+            # a store rewrote the block that ran it: QEMU cut the block at the store and
+            # ran the store again alone; the core took the block back, here its part
+            # before the store retires (the store's own block is counted already)
+            c.smc_pending = 0
+            c.slow &= ~lib.VMM_SLOW_SMC
+            c.icount += self.count_insns(c.smc_pc, c.smc_cut)
+            if self._ref_hook is not None:
+                self.loaded.ref_icount -= 1   # the reference clock saw the store start twice
         lin = self.cs_base() + self.rip()
         # a guest #PF from the shadow MMU's fill, or an EPT violation: the access
         # did not happen and the instruction did not retire
@@ -1001,6 +1014,13 @@ class Engine:
             return VmExit(ExitReason.TRAP, rip, icount)
         if flags & lib.VMM_STOP_IRQWIN:
             return VmExit(ExitReason.INTERRUPT_WINDOW, rip, icount)
+        if flags & lib.VMM_STOP_SMC:
+            # the stop after a block its own store cut: an accounting stop, not an exit
+            if icount >= budget:
+                return VmExit(ExitReason.DEADLINE, rip, icount)
+            if until != NO_UNTIL and lin == until:
+                return None
+            return _SMC
         if flags & lib.VMM_STOP_BUDGET:
             if icount >= budget:
                 return VmExit(ExitReason.DEADLINE, rip, icount)

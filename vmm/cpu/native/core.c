@@ -44,10 +44,12 @@
 #define VMM_STOP_INSN     0x40u
 #define VMM_STOP_IRQWIN   0x80u
 #define VMM_STOP_MMIO     0x100u  /* an MMIO access asked for a stop: EIP is back at its instruction */
+#define VMM_STOP_SMC      0x200u  /* a store rewrote the block that ran it: count what of it retired */
 
 #define VMM_IO_STOP       0x1
 #define VMM_SLOW_IRQ      0x1
 #define VMM_SLOW_TRAP     0x2
+#define VMM_SLOW_SMC      0x4   /* a block was cut by its own store: stop before the next one */
 
 #define VMM_EV_RDTSC      1
 #define VMM_EV_RDTSCP     2
@@ -136,6 +138,12 @@ typedef struct vmm_core {
     uint64_t (*tb_invalidations)(void *tcg_ctx);
     void *tcg_ctx;
     uint64_t code_invalidations;
+    void **jmp_cache;            /* CPUState::tb_jmp_cache, NULL if unknown */
+    uint64_t smc_pc;             /* VMM_STOP_SMC: the block that was cut ... */
+    uint64_t smc_cut;            /* ... at this instruction (which runs again) */
+    uint64_t smc_restarts;
+    uint32_t smc_pending;
+    vmm_tbc_entry smc_entry;     /* the store's one-instruction block */
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
     vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
@@ -188,7 +196,11 @@ static uint32_t tbc_fill(vmm_core *c, uc_engine *uc, vmm_tbc_entry *e, uint64_t 
 static int block_slow(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t size, uint32_t n)
 {
     uint32_t why = 0;
-    if (addr - c->trap_lo < c->trap_len)
+    if (c->slow & VMM_SLOW_SMC) {
+        c->slow &= ~VMM_SLOW_SMC;
+        why = VMM_STOP_SMC;
+    }
+    else if (addr - c->trap_lo < c->trap_len)
         why = VMM_STOP_TRAP;
     /* IF only goes from 0 to 1 through instructions that end their block
        (STI, POPF, IRET, ...), so a block boundary is the first boundary at
@@ -206,6 +218,26 @@ static int block_slow(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t size, 
     return 1;
 }
 
+/* QEMU's answer to a store into the block that is running it (a TB whose
+   own code a store of it rewrites, tb_invalidate_phys_page_range__locked):
+   the instructions before the store retired, EIP goes back to the store, and
+   the store runs again alone in a one-instruction block (cflags count 1), so
+   the counted block did not run in full.  The one-instruction block is the
+   one the CPU loop just looked up, so it sits in tb_jmp_cache (TranslationBlock
+   of Unicorn 2.1.4: pc at 0, size at 20, cflags at 24; CF_COUNT_MASK 0x7fff).
+   A block that merely jumps back into itself is a full-size block with
+   cflags 0 and does not match. */
+static int smc_restart(vmm_core *c, uint64_t addr, uint32_t size)
+{
+    uint64_t tmp = addr ^ (addr >> 6);
+    uint8_t *tb;
+    if (!c->jmp_cache)
+        return 0;
+    tb = c->jmp_cache[((tmp >> 6) & 0xFC0) | (tmp & 0x3F)];
+    return tb && *(uint64_t *)tb == addr && *(uint16_t *)(tb + 20) == size &&
+           (*(uint32_t *)(tb + 24) & 0x7FFF) == 1;
+}
+
 static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
@@ -214,6 +246,23 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     uint32_t n;
     uint64_t next;
 
+    if (__builtin_expect(c->cur != NULL && addr - c->cur->pc < c->cur->size, 0) && smc_restart(c, addr, size)) {
+        /* Take the cut block back whole (the VMM adds the part before the store
+           at the next exit, which comes before the next block: its count never
+           reaches the budget check, and the part is less than the block, which
+           fitted the budget), then count the store's own block, 1 instruction. */
+        c->icount -= c->cur->icount;
+        c->smc_pc = c->cur->pc;
+        c->smc_cut = addr;
+        c->smc_pending = 1;
+        c->smc_restarts++;
+        c->slow |= VMM_SLOW_SMC;
+        c->smc_entry.pc = addr; c->smc_entry.size = size; c->smc_entry.mode = mode; c->smc_entry.icount = 1;
+        c->icount += 1;
+        c->cur = &c->smc_entry;
+        c->mmio_log_len = 0;
+        return;
+    }
     if (__builtin_expect(e->pc == addr && e->size == size && e->mode == mode, 1))
         n = e->icount;
     else
@@ -565,6 +614,7 @@ static int vmm_core_attach(vmm_core *c, void *uc, uint64_t reg_read_fn, uint64_t
     for (i = 0; i < 0x1000; i += 8) {
         if (*(uint64_t *)(cpu + i) == (uint64_t)(uintptr_t)c->env) {
             c->mmio_pc_off = (uint64_t)i + 8 + 8 + 8 * 4096 + 16 + 16 + 16 + 8 + 8;
+            c->jmp_cache = (void **)(cpu + i + 8 + 8);
             break;
         }
     }
