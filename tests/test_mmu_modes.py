@@ -126,19 +126,34 @@ def paging_guest(mmu: str, program: str) -> Guest:
     return g
 
 
+# self-modifying code: a store into the immediate of an instruction of the same block (QEMU
+# cuts the block at the store and runs the store again alone); {k} becomes a unique label
+SMC_ITEMS = ["mov byte ptr [S{k}+1], cl; add eax, ebx; S{k}: mov bl, 0",
+             "mov byte ptr [S{k}+1], al; S{k}: mov dl, 0; add esi, edx"]
+
+
 def _program():
-    item = st.one_of(st.sampled_from(ALU), st.sampled_from(ACCESS),
-                     st.tuples(st.integers(1, 4), st.lists(st.sampled_from(ALU + ACCESS), min_size=1, max_size=4)))
+    simple = ALU + ACCESS + SMC_ITEMS
+    item = st.one_of(st.sampled_from(simple),
+                     st.tuples(st.integers(1, 4), st.lists(st.sampled_from(simple), min_size=1, max_size=4)))
 
     def render(items):
         out, label = [], 0
+
+        def one(text):
+            nonlocal label
+            label += 1
+            return text.replace("{k}", str(label))
+
         for it in items:
             if isinstance(it, tuple):
-                label += 1
                 n, body = it
-                out.append(f"push ecx; mov ecx, {n}; L{label}: " + "; ".join(body) + f"; dec ecx; jnz L{label}; pop ecx")
+                label += 1
+                top = label
+                out.append(f"push ecx; mov ecx, {n}; L{top}: " + "; ".join(one(b) for b in body)
+                           + f"; dec ecx; jnz L{top}; pop ecx")
             else:
-                out.append(it)
+                out.append(one(it))
         return "; ".join(out)
 
     return st.lists(item, min_size=1, max_size=20).map(render)
