@@ -720,4 +720,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m tools.cli` runs this file as __main__, a second copy of the module: call the
+    # tools.cli that the other tools/ modules import, so main() catches their UsageError
+    from tools.cli import main as _main
+
+    sys.exit(_main())

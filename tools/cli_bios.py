@@ -38,12 +38,13 @@ def bios_image(args, error: type[Exception]) -> tuple[str, bytes]:
         raise error(f"--boot {args.boot} and --bios exclude each other (the BIOS chooses the boot device)")
     if args.mem < (2 << 20) or args.mem > (3 << 30) or args.mem % 4096:
         raise error("--mem must be between 2M and 3G")
+    from vmm.firmware.imagefile import read_file
+    from vmm.firmware.rom import ROM_MAX, RomError, check_rom
+
     try:
-        with open(args.bios, "rb") as f:
-            data = f.read()
+        data = read_file(args.bios, ROM_MAX, "a BIOS image")   # a regular file, size checked before reading
     except OSError as e:
         raise error(f"cannot read the BIOS image {args.bios}: {e.strerror}") from None
-    from vmm.firmware.rom import RomError, check_rom
 
     try:
         check_rom(data, args.bios)

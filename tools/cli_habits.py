@@ -227,9 +227,13 @@ def live_input(args, stdio, usage_error):
                               "is not read")
         return "pipe", _StdinPipe().poll_input
     if spec:
+        from replay.logfile import MAX_EVENT_PAYLOAD
+        from vmm.firmware.imagefile import read_file
+
         try:
-            with open(spec, "rb") as f:
-                script = [f.read()]
+            # a regular file, size checked before reading: it is fed (and recorded) as one console
+            # event, whose payload the log format bounds
+            script = [read_file(spec, MAX_EVENT_PAYLOAD, "console input")]
         except OSError as e:
             raise usage_error(f"cannot read input file {spec}: {e.strerror}") from None
         return "file", lambda: script.pop() if script else b""

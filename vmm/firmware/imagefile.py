@@ -45,14 +45,26 @@ def open_regular(path):
     return f
 
 
-def read_file(path: str, max_size: int = MAX_IMAGE) -> bytes:
+READ_CHUNK = 1 << 20
+
+
+def read_file(path: str, max_size: int = MAX_IMAGE, what: str = "an image") -> bytes:
     """The bytes of the regular file ``path``, at most ``max_size`` of them; OSError
-    (one-line strerror) for anything else, before reading."""
+    (one-line strerror) for anything else, before reading.  ``what`` names the file in
+    the size refusal ("an image", "a BIOS image", ...)."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size > max_size:
-            raise OSError(errno.EFBIG, f"{size:,} bytes, more than the {max_size:,} an image may have", path)
-        data = f.read(max_size + 1)
-    if len(data) > max_size:  # it grew while being read
-        raise OSError(errno.EFBIG, f"more than the {max_size:,} bytes an image may have", path)
-    return data
+            raise OSError(errno.EFBIG, f"{size:,} bytes, more than the {max_size:,} {what} may have", path)
+        # read by pieces: f.read(max_size + 1) would reserve max_size bytes up front (4 GiB,
+        # a MemoryError under a memory limit) whatever the file's size
+        parts, total = [], 0
+        while total <= max_size:
+            part = f.read(min(READ_CHUNK, max_size + 1 - total))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+    if total > max_size:  # it grew while being read
+        raise OSError(errno.EFBIG, f"more than the {max_size:,} bytes {what} may have", path)
+    return b"".join(parts)
