@@ -144,6 +144,8 @@ typedef struct vmm_core {
     uint64_t smc_restarts;
     uint32_t smc_pending;
     vmm_tbc_entry smc_entry;     /* the store's one-instruction block */
+    uint32_t watch_inval;        /* nested MMU: no fills see code rewritten, watch QEMU's count */
+    uint64_t seen_inval;         /* ... of invalidated blocks, as of the last block */
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
     vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
@@ -238,6 +240,29 @@ static int smc_restart(vmm_core *c, uint64_t addr, uint32_t size)
            (*(uint32_t *)(tb + 24) & 0x7FFF) == 1;
 }
 
+/* Under the nested MMU nothing tells the VMM that a guest store rewrote
+   translated code elsewhere (the shadow MMU sees it through its write
+   protection), and a block retranslated at the same address with the same
+   size and mode would hit the block-count cache with its old count.  QEMU
+   counts the blocks it invalidates; when that count moved, the cache is
+   dropped, all but the entry of the block that just ran (the exit accounting
+   reads it; a block that rewrote itself went through smc_restart). */
+static void tbc_check_invalidations(vmm_core *c)
+{
+    uint64_t k = c->tcg_ctx ? c->tb_invalidations(c->tcg_ctx) : 0;
+    if (__builtin_expect(k == c->seen_inval, 1))
+        return;
+    c->seen_inval = k;
+    if (c->cur != NULL && c->cur >= c->tbc && c->cur < c->tbc + TBC_SIZE) {
+        vmm_tbc_entry keep = *c->cur;
+        memset(c->tbc, 0, sizeof(c->tbc));
+        *c->cur = keep;
+    } else {
+        memset(c->tbc, 0, sizeof(c->tbc));
+    }
+    c->code_invalidations++;
+}
+
 static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
@@ -263,6 +288,8 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
         c->mmio_log_len = 0;
         return;
     }
+    if (c->watch_inval)
+        tbc_check_invalidations(c);
     if (__builtin_expect(e->pc == addr && e->size == size && e->mode == mode, 1))
         n = e->icount;
     else

@@ -790,6 +790,8 @@ static bool nested_invalid(uc_engine *uc, uc_mem_type type, uint64_t address, in
 int vmm_mmu_install_nested(vmm_core *c, vmm_mmu *m)
 {
     c->mmu = m;
+    c->watch_inval = 1;
+    c->seen_inval = c->tcg_ctx ? c->tb_invalidations(c->tcg_ctx) : 0;
     return (int)uc_hook_add(c->uc, &c->mem_hook, UC_HOOK_MEM_UNMAPPED | UC_HOOK_MEM_PROT,
                             (void *)nested_invalid, c, 1, 0);
 }
