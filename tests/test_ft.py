@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 import ft_guest
 
+from replay.ft.arbiter import Arbiter
 from replay.ft.console import ConsoleClient, query_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,17 +261,112 @@ class Proxy:
                     return
 
 
+class FileViews:
+    """The arbiter as a lock file on shared storage; each side reaches it through its own
+    mount (a symlink), which a test can take away and give back."""
+
+    def __init__(self, tmp: Path):
+        self.shared = tmp / "shared"
+        self.shared.mkdir()
+        self.views = {"primary": tmp / "view-p", "backup": tmp / "view-b"}
+        for v in self.views.values():
+            v.symlink_to(self.shared)
+
+    def spec(self, side: str) -> str:
+        return str(self.views[side] / "lock")
+
+    def cut(self, side: str) -> None:
+        self.views[side].unlink()
+
+    def heal(self) -> None:
+        for v in self.views.values():
+            if not v.exists():
+                v.symlink_to(self.shared)
+
+    def holder(self) -> str:
+        return (self.shared / "lock").read_text()
+
+    def close(self) -> None:
+        pass
+
+
+class TcpViews:
+    """The arbiter as a `vmm ft arbiter` process; each side reaches it through its own relay,
+    which a test can cut (connections are closed unanswered) and heal."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.proc = vmm("ft", "arbiter", "--listen", f"127.0.0.1:{self.port}", "--state", str(tmp / "journal"))
+        self.cut_sides: set[str] = set()
+        self.relays = {}
+        for side in ("primary", "backup"):
+            srv = socket.socket()
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(16)
+            self.relays[side] = srv
+            threading.Thread(target=self._accept, args=(side, srv), daemon=True).start()
+        end = time.monotonic() + 30
+        while Arbiter(self.spec("primary")).check_free() is not None and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def _accept(self, side: str, srv: socket.socket) -> None:
+        while True:
+            try:
+                a, _ = srv.accept()
+            except OSError:
+                return
+            if side in self.cut_sides:
+                a.close()
+                continue
+            try:
+                b = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            except OSError:
+                a.close()
+                continue
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(4096):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def spec(self, side: str) -> str:
+        return f"tcp:127.0.0.1:{self.relays[side].getsockname()[1]}/pair"
+
+    def cut(self, side: str) -> None:
+        self.cut_sides.add(side)
+
+    def heal(self) -> None:
+        self.cut_sides.clear()
+
+    def holder(self) -> str:
+        return Arbiter(f"tcp:127.0.0.1:{self.port}/pair").holder() or ""
+
+    def close(self) -> None:
+        for srv in self.relays.values():
+            srv.close()
+        self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.mark.parametrize("kind", ["file", "tcp"])
 @pytest.mark.parametrize("reach", ["both", "backup-first", "primary-first"])
-def test_partition_never_two_live_sides(ask_guest, tmp_path, reach):
-    """The link is cut while both sides live.  The arbiter is reachable by both, or first by one
-    side only and then by both: exactly one side goes on, the other stops, the output never forks."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    view_p, view_b = tmp_path / "view-p", tmp_path / "view-b"   # each side's mount of the shared storage
-    view_p.symlink_to(shared)
-    view_b.symlink_to(shared)
+def test_partition_never_two_live_sides(ask_guest, tmp_path, reach, kind):
+    """The link is cut while both sides live.  The arbiter (a lock file, or an arbiter process)
+    is reachable by both, or first by one side only and then by both: exactly one side goes
+    on, the other stops, the output never forks."""
+    views = FileViews(tmp_path) if kind == "file" else TcpViews(tmp_path)
     proxy = Proxy()
-    pair = Pair(tmp_path, ask_guest, arbiter=(str(view_p / "lock"), str(view_b / "lock")),
+    pair = Pair(tmp_path, ask_guest, arbiter=(views.spec("primary"), views.spec("backup")),
                 backup_console=True, via=proxy.to)
     cut_done = threading.Event()
     total = len(ft_guest.expected(LINES, ASK, b"a" * 100))
@@ -280,9 +376,9 @@ def test_partition_never_two_live_sides(ask_guest, tmp_path, reach):
         if not cut_done.is_set() and len(c.transcript) >= total // 3:
             cut_done.set()
             if reach == "backup-first":
-                view_p.unlink()
+                views.cut("primary")
             elif reach == "primary-first":
-                view_b.unlink()
+                views.cut("backup")
             proxy.cut.set()
 
     primary_view: list[bytes] = []
@@ -295,22 +391,21 @@ def test_partition_never_two_live_sides(ask_guest, tmp_path, reach):
             def heal() -> None:
                 cut_done.wait()
                 time.sleep(1.0)   # one side alone can reach the arbiter for a second, then both
-                for v in (view_p, view_b):
-                    if not v.exists():
-                        v.symlink_to(shared)
+                views.heal()
             threading.Thread(target=heal, daemon=True).start()
         assert c.run(timeout=120, reconnect_for=30) == 0
         rc_p, err_p = finish(pair.primary)
         rc_b, err_b = finish(pair.backup)
         t.join(10)
+        holder = views.holder()
     finally:
         pair.close()
+        views.close()
         watcher.status = 0
     want = ft_guest.expected(LINES, ASK, bytes(c.typed))
     assert bytes(c.transcript) == want
     codes = sorted([rc_p, rc_b])
     assert codes == [0, 11], (rc_p, err_p, rc_b, err_b)       # one finished the guest, one was fenced
-    holder = (shared / "lock").read_text()
     if rc_p == 0:
         assert '"role": "primary"' in holder and "going on alone" in err_p
         assert "holds the arbiter" in err_b
@@ -733,3 +828,59 @@ def test_kill_primary_the_frames_go_on_from_the_backup(tmp_path_factory, at):
             assert first == list(range(1, lines + 1))
     else:
         assert nums == list(range(1, lines + 1))
+
+
+def test_arbiter_process_gives_each_lease_to_exactly_one_contender(tmp_path):
+    """Many sides ask for one lease at once: one wins, every other loses and is told who
+    holds it; the winner asking again (its answer lost) wins again; a restarted arbiter
+    with its journal still knows the holder; an arbiter nobody answers at is unreachable."""
+    from replay.ft.arbiter import LOST, UNREACHABLE, WON, ArbiterServer
+
+    journal = str(tmp_path / "journal")
+    srv = ArbiterServer("127.0.0.1", 0, state=journal)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    spec = f"tcp:127.0.0.1:{srv.address[1]}/pair"
+    sides = [Arbiter(spec) for _ in range(24)]
+    results: list[tuple[int, str, str]] = []
+    go = threading.Barrier(len(sides))
+
+    def contend(i: int) -> None:
+        go.wait()
+        results.append((i, *sides[i].try_acquire(f"side{i}")))
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(len(sides))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    won = [i for i, outcome, _ in results if outcome == WON]
+    assert len(results) == len(sides) and len(won) == 1
+    assert all(outcome == LOST and f'"role": "side{won[0]}"' in detail for i, outcome, detail in results if i != won[0])
+    assert sides[won[0]].try_acquire(f"side{won[0]}")[0] == WON          # idempotent for its holder
+    assert Arbiter(spec, generation=1).try_acquire("x")[0] == WON        # the next pairing's lease is another
+    assert "already held" in Arbiter(spec).check_free()
+    srv.close()
+    again = ArbiterServer("127.0.0.1", 0, state=journal)
+    try:
+        assert f'"role": "side{won[0]}"' in again.answer("GET pair")
+        assert again.answer("TAS pair {\"role\": \"late\"}").startswith("LOST ")
+        assert again.answer("nonsense").startswith("ERR ")
+    finally:
+        again.close()
+    assert Arbiter(f"tcp:127.0.0.1:{free_port()}").try_acquire("backup")[0] == UNREACHABLE
+
+
+def test_arbiter_usage_errors_are_one_line(tmp_path):
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    try:
+        for args in (["ft", "arbiter", "--listen", f"127.0.0.1:{held.getsockname()[1]}"],
+                     ["ft", "arbiter", "--listen", "x:y"],
+                     ["ft", "primary", "hello", "--backup", "127.0.0.1:1", "--arbiter", "tcp:nohost"],
+                     ["ft", "backup", "--listen", "1", "--arbiter", "tcp:h:1/bad name"]):
+            rc, err = finish(vmm(*args))
+            assert rc == 2, (args, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        held.close()

@@ -5,6 +5,7 @@
     vmm ft backup --listen [HOST:]PORT | --join HOST:PORT [--image PATH] [--arbiter PATH] [--console [HOST:]PORT]
     vmm ft console HOST:PORT [HOST:PORT ...]
     vmm ft status HOST:PORT
+    vmm ft arbiter --listen [HOST:]PORT [--state FILE]
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ the pair:
   waits, never the backup).  Console output leaves the primary only once the
   backup holds the log up to the instruction that produced it.  Heartbeats
   (--heartbeat) detect a failure; the side that then wins the arbiter
-  (--arbiter PATH: a lock file on storage both reach, created atomically) is
+  (--arbiter PATH: a lock file on storage both reach, created atomically; or
+  --arbiter tcp:HOST:PORT[/NAME]: a lease of a `vmm ft arbiter` process) is
   the one live side: a backup goes live at the primary's last horizon and
   serves the console at the same address; a primary goes on alone.
   A primary that runs alone takes a new backup: `vmm ft backup --join
@@ -81,6 +83,12 @@ def add_ft_parser(sub) -> None:
 
     cli_net.add_nic_options(b)     # the backends this side's cards join once it is live
     _common(b)
+    a = fsub.add_parser("arbiter", help="an arbiter process: atomic test-and-set leases for pairs "
+                        "(--arbiter tcp:HOST:PORT)")
+    a.add_argument("--listen", required=True, metavar="[HOST:]PORT", help="where the pairs ask")
+    a.add_argument("--state", default=None, metavar="FILE",
+                   help="a journal of the leases won, fsynced before each answer (a restarted arbiter "
+                        "forgets none); default: memory only")
     st = fsub.add_parser("status", help="the live side's role, lag, log bandwidth and last acknowledged horizon")
     st.add_argument("address", metavar="HOST:PORT", help="the pair's console address")
     c = fsub.add_parser("console", help="a console client that follows a pair across a failover")
@@ -93,8 +101,9 @@ def _common(p) -> None:
     p.add_argument("--console", default=None, metavar="[HOST:]PORT",
                    help="the console endpoint (default on the primary 127.0.0.1 and a free port; "
                         "on the backup: the primary's address)")
-    p.add_argument("--arbiter", default=None, metavar="PATH",
-                   help="a lock file on storage both sides reach; it must not exist when the pair starts")
+    p.add_argument("--arbiter", default=None, metavar="PATH|tcp:HOST:PORT[/NAME]",
+                   help="a lock file on storage both sides reach (it must not exist when the pair "
+                        "starts), or a lease NAME (default ft) of a `vmm ft arbiter` process")
     p.add_argument("--heartbeat", type=parse_duration, default=0.05, metavar="SECONDS",
                    help="heartbeat interval; 3 missed ones are a failure (default 50ms)")
     p.add_argument("--linger", type=parse_duration, default=10.0, metavar="SECONDS",
@@ -113,6 +122,8 @@ def cmd_ft(args) -> int:
         return _console_client(args)
     if args.ft_command == "status":
         return _status(args)
+    if args.ft_command == "arbiter":
+        return _arbiter(args)
     raise UsageError("ft needs a subcommand: primary, backup or console")
 
 
@@ -135,10 +146,16 @@ def _addr(text: str | None, what: str, default=("127.0.0.1", 0)):
 
 
 def _check_heartbeat(args) -> None:
+    from replay.ft.arbiter import parse_tcp
     from tools.cli import UsageError
 
     if not 0.001 <= args.heartbeat <= 60:
         raise UsageError("--heartbeat must be between 1ms and 60s")
+    if args.arbiter and args.arbiter.startswith("tcp:"):
+        try:
+            parse_tcp(args.arbiter)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def _primary(args) -> int:
@@ -271,6 +288,28 @@ def _backup(args) -> int:
     elif r.detected_after is not None:
         say(f"failure detected {r.detected_after * 1e3:.0f} ms after the primary was last heard")
     return _exit_status(r.result, args)
+
+
+def _arbiter(args) -> int:
+    from replay.ft.arbiter import ArbiterServer
+    from tools.cli import UsageError
+
+    host, port = _addr(args.listen, "--listen")
+    say = _say("arbiter")
+    try:
+        srv = ArbiterServer(host, port, state=args.state, say=say)
+    except OSError as e:
+        what = f"cannot read the journal {args.state}" if e.filename else f"cannot listen on {args.listen}"
+        raise UsageError(f"{what}: {e.strerror}") from None
+    say(f"listening on {srv.address[0]}:{srv.address[1]} ({len(srv.leases)} lease(s) held"
+        + (f", journal {args.state})" if args.state else ", in memory)"))
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.close()
+    return 0
 
 
 def _connect_nics(m, args) -> None:
