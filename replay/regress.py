@@ -89,6 +89,9 @@ def check(path: str) -> Verdict:
             rp.m.close()
 
 
+MAX_LIST = 16 << 20     # bytes of a LIST (some 300,000 paths)
+
+
 def collect(args: Iterable[str]) -> list[str]:
     """The recordings the arguments name (see the module docstring), in order, each once."""
     out: list[str] = []
@@ -99,8 +102,11 @@ def collect(args: Iterable[str]) -> list[str]:
         elif p.suffix == ".vmlog":
             out.append(str(p))     # a missing one is judged unreadable, not skipped
         elif p.is_file():
+            from vmm.firmware.imagefile import read_file
+
             try:
-                lines = p.read_text().splitlines()
+                # a regular file, its size checked before it is read
+                lines = read_file(a, MAX_LIST, "a list of recordings").decode().splitlines()
             except (OSError, UnicodeDecodeError) as e:
                 raise RegressUsageError(f"cannot read the list {a}: {getattr(e, 'strerror', None) or e}") from None
             for line in lines:

@@ -14,6 +14,7 @@ and refuses anything else in one line with exit status 2:
 | `ft backup --image` | 4 GiB, as IMAGE |
 | -hda/-hdb/-cdrom/--drive | a regular file (vmm/platform/storage.py; not read whole) |
 | --restore | a regular file (exit 7, an unusable snapshot) |
+| `regress LIST` | 16 MiB |
 
 Each case runs the CLI in a child with a 2 GiB address-space limit and a
 time bound, so the old behaviour fails the test (a MemoryError traceback or
@@ -133,3 +134,8 @@ def test_a_disk_that_is_no_regular_file_is_one_line_under_python_m_too(files, fl
     path, _why = files[kind]
     _refused(_vmm("run", files["flat"], "--boot", "flat", "--serial", "none", flag, path), path,
              "not a regular file")
+
+
+def test_a_regress_list_is_checked_before_it_is_read(files):
+    path, why = files["5 GiB"]
+    _refused(_vmm("regress", path), path, why, "list")
