@@ -53,7 +53,7 @@ from unicorn import x86_const as X
 from vmm.cpu import native
 from vmm.exits import ExitReason, VmExit
 from vmm.memory.ept import MMIO, PAGE, Ept, Violation
-from vmm.memory.mmu import mmu_view
+from vmm.memory.mmu import CWalk, mmu_view
 from vmm.memory.ram import GuestMemory
 
 if TYPE_CHECKING:
@@ -336,6 +336,9 @@ class Engine:
         ept.on_pool = self._ept_pool
         ept.on_code_write = self._frame_wrote
         self.walk_phys = ept.phys
+        # the VMM's own walks (delivery, the BIOS, the debugger): the C walk over the view the
+        # shadow MMU uses (its pool frames included); vmm/memory/paging.py is its reference
+        self.walk = CWalk(ept, m).translate
         self.on_ept_violation: Callable[[Violation], bool] = ept.handle_violation
         if self.mmu_mode == "nested":
             rc = lib.vmm_mmu_install_nested(self._core, m)

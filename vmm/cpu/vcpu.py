@@ -47,7 +47,6 @@ from vmm.cpu.engine import (
     VcpuError,
 )
 from vmm.exits import VmExit
-from vmm.memory.paging import translate
 
 __all__ = ["CS", "DS", "ES", "FS", "GS", "SS", "Segment", "Vcpu", "VcpuError"]
 
@@ -383,8 +382,8 @@ class Vcpu:
 
     # -- guest-linear memory (the VMM's own accesses) ---------------------------
     def translate(self, lin: int, access: str = "r", user: bool = False, set_ad: bool = True) -> int:
-        t = translate(self.engine.walk_phys, lin, access, user, self.cr0, self.cr3, self.cr4, self.efer,
-                      set_ad=set_ad, a20_mask=self.a20_mask)
+        t = self.engine.walk(lin, access, user, self.cr0, self.cr3, self.cr4, self.efer,
+                             set_ad=set_ad, a20_mask=self.a20_mask)
         return t.phys
 
     def read_linear(self, lin: int, n: int, access: str = "r", user: bool = False) -> bytes:
@@ -462,8 +461,8 @@ class Vcpu:
             return None
 
     def read_code_page(self, lin: int, n: int) -> bytes:
-        t = translate(self.engine.walk_phys, lin, "r", False, self.cr0, self.cr3, self.cr4, self.efer,
-                      set_ad=False, a20_mask=self.a20_mask)
+        t = self.engine.walk(lin, "r", False, self.cr0, self.cr3, self.cr4, self.efer,
+                             set_ad=False, a20_mask=self.a20_mask)
         return self.ept.read(t.phys, n)
 
     _code_bytes = code_bytes

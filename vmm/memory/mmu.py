@@ -47,9 +47,9 @@ def mmu_view(ept: Ept):
 class CWalk:
     """The C page walk over ``ept`` (GPA -> host frames), as a Python call."""
 
-    def __init__(self, ept: Ept):
+    def __init__(self, ept: Ept, view=None):
         self.ept = ept
-        self._m = mmu_view(ept)
+        self._m = mmu_view(ept) if view is None else view
         self._r = ffi.new("vmm_walk_result *")
 
     def translate(self, lin: int, access: str, user: bool, cr0: int, cr3: int, cr4: int, efer: int,
