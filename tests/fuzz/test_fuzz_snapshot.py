@@ -33,3 +33,4 @@ def test_decode_on_hostile_bytes(data):
 @given(state=plain_state)
 def test_plain_state_round_trips(state):
     assert decode(encode(state)) == state
+    tally("plain_state_round_trips", "round-tripped")
