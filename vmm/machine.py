@@ -130,7 +130,10 @@ class Machine:
     @property
     def icount(self) -> int:
         """Instructions retired by all vCPUs together."""
-        return sum(v.icount for v in self.vcpus)
+        n = 0
+        for v in self.vcpus:
+            n += v.icount
+        return n
 
     @property
     def current(self) -> Vcpu:

@@ -247,6 +247,7 @@ class Engine:
             64: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64),
         }
         self._count_cache: dict[tuple[int, bytes], int] = {}
+        self._nth_cache: dict[tuple[int, bytes, int], int] = {}
         memory.on_host_write = self._host_wrote
         self._stop_requested = False
         self._pending_error: BaseException | None = None
@@ -648,15 +649,39 @@ class Engine:
         self._count_cache[key] = count
         return count
 
-    def nth_insn_address(self, start: int, k: int) -> int:
-        """Linear address of the k-th instruction after ``start`` on a straight line."""
+    def nth_insn_address(self, start: int, k: int, size: int | None = None) -> int:
+        """Linear address of the k-th instruction after ``start`` on a straight line.
+
+        ``size``: the length of the block that starts there, if known (its
+        bytes hold the k instructions; the offset is cached by those bytes)."""
+        bits = self.code_bits
+        if size is not None:
+            code = self.code_bytes(start, size)
+            if code is not None:
+                key = (bits, code, k)
+                hit = self._nth_cache.get(key)
+                if hit is None:
+                    hit, whole = self._nth_offset(code, start, k, bits)
+                    if not whole:     # not k instructions in those bytes after all
+                        return self.nth_insn_address(start, k)
+                    if len(self._nth_cache) > 65536:
+                        self._nth_cache.clear()
+                    self._nth_cache[key] = hit
+                return start + hit
         code = self.code_bytes(start, 16 * k + 16) or b""
+        return start + self._nth_offset(code, start, k, bits)[0]
+
+    def _nth_offset(self, code: bytes, start: int, k: int, bits: int) -> tuple[int, bool]:
+        """(offset of the k-th instruction in ``code``, whether ``code`` holds k whole
+        instructions; if not, the offset is the end of the ones it holds)."""
         pos = 0
-        for i, (_a, size, _m, _o) in enumerate(self._disasm[self.code_bits].disasm_lite(code, start)):
+        i = 0
+        for _a, size, _m, _o in self._disasm[bits].disasm_lite(code, start):
             if i == k:
                 break
             pos += size
-        return start + pos
+            i += 1
+        return pos, i == k
 
     def disassemble(self, lin: int, n: int = 1) -> list[tuple[int, str]]:
         """(address, text) of up to ``n`` instructions at linear ``lin`` of the loaded vCPU."""
@@ -838,22 +863,44 @@ class Engine:
 
     def _finish_budget(self) -> VmExit:
         """Stopped before a block that would pass the deadline (which a timer armed
-        during the run may have brought forward): run its first k instructions."""
+        during the run may have brought forward): run its first k instructions.
+
+        TCG translates a block of exactly those k instructions (the core asks
+        for it through cflags_next_tb; the whole block stays translated for the
+        next pass), and the block hook stops before the next one.  A Unicorn
+        build whose CPU state the core does not recognise cuts the block at an
+        exit instead: decode to the k-th instruction, translate the block again
+        up to there, and drop that cut block after."""
         c = self._core
+        for _ in range(8):
+            k = c.budget - c.icount
+            if k <= 0:
+                return VmExit(ExitReason.DEADLINE, self.rip(), c.icount)
+            if lib.vmm_core_force_block(c, k) != 0:
+                break
+            x = self._enter(c.budget, NO_UNTIL)
+            if x is not None:
+                return x
+            # stopped before a block again (a retried EPT violation ran a whole block): go on
         k = c.budget - c.icount
         if k <= 0:
             return VmExit(ExitReason.DEADLINE, self.rip(), c.icount)
         start = self.cs_base() + self.rip()
-        target = self.nth_insn_address(start, k)
-        self.remove_code(target - 1, 1)   # the block through target-1 is translated again, stopping at target
-        self.uc.ctl_set_exits([target])
+        # the block the budget refused starts here: its bytes are all the decoding needs
+        target = self.nth_insn_address(start, k, c.budget_size if c.budget_pc == start else None)
+        # the block through target-1 is translated again, stopping at target (then dropped again)
+        self._exact_stop(target, True)
         try:
             x = self._enter(U64, target)
         finally:
-            self.uc.ctl_set_exits([])
+            self._exact_stop(target, False)
         if x is not None:
             return x
         return VmExit(ExitReason.DEADLINE, self.rip(), c.icount)
+
+    def _exact_stop(self, target: int, arm: bool) -> None:
+        if lib.vmm_core_exact_stop(self._core, target, 1 if arm else 0) != 0:
+            self.uc.ctl_remove_cache(target - 1, target)
 
     def _complete_mmio(self, x: VmExit) -> VmExit:
         """An MMIO access asked for a stop; the vCPU stopped *at* its instruction.
@@ -951,6 +998,11 @@ class Engine:
             c.icount += self.count_insns(c.smc_pc, c.smc_cut)
             if self._ref_hook is not None:
                 self.loaded.ref_icount -= 1   # the reference clock saw the store start twice
+        if flags == lib.VMM_STOP_BUDGET and err == 0 and c.cur == ffi.NULL:
+            # the common exit, a stop before a block past the budget (every turn
+            # and deadline ends so): nothing ran since the last block that counted
+            icount = c.icount
+            return VmExit(ExitReason.DEADLINE, self.rip(), icount) if icount >= budget else None
         lin = self.cs_base() + self.rip()
         # a guest #PF from the shadow MMU's fill, or an EPT violation: the access
         # did not happen and the instruction did not retire

@@ -412,7 +412,8 @@ class Vcpu:
     # -- the clock ----------------------------------------------------------------
     @property
     def icount(self) -> int:
-        return self.engine.icount if self.loaded else self._icount
+        # read several times per scheduler turn: no property chain
+        return self.engine._core.icount if self._where == "engine" else self._icount
 
     @icount.setter
     def icount(self, v: int) -> None:

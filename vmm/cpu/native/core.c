@@ -25,6 +25,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <setjmp.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unicorn/unicorn.h>
@@ -50,6 +51,8 @@
 #define VMM_SLOW_IRQ      0x1
 #define VMM_SLOW_TRAP     0x2
 #define VMM_SLOW_SMC      0x4   /* a block was cut by its own store: stop before the next one */
+#define VMM_SLOW_FORCED   0x8   /* the next block is the k-instruction block of an exact stop */
+#define VMM_FORCED_MAX    511u  /* k is less than the refused block's count, at most TCG_MAX_INSNS (512) */
 
 #define VMM_EV_RDTSC      1
 #define VMM_EV_RDTSCP     2
@@ -63,6 +66,7 @@
 #define ENV_EIP        128
 #define ENV_EFLAGS     136
 #define IF_MASK        0x200u
+#define RF_MASK        0x10000u
 #define ENV_HFLAGS     176
 #define ENV_SEG_CS     (184 + 24 * 1)
 #define ENV_ERROR_CODE 5384
@@ -146,6 +150,12 @@ typedef struct vmm_core {
     vmm_tbc_entry smc_entry;     /* the store's one-instruction block */
     uint32_t watch_inval;        /* nested MMU: no fills see code rewritten, watch QEMU's count */
     uint64_t seen_inval;         /* ... of invalidated blocks, as of the last block */
+    uint64_t budget_pc;   /* the block a budget stop refused (its linear pc and size), for the exact stop */
+    uint32_t budget_size;
+    uint32_t forced;      /* instructions of the block vmm_core_force_block asked for */
+    uint32_t forced_rf;   /* RFLAGS.RF was set when that block started */
+    uint64_t cflags_off;  /* offset of CPUState::cflags_next_tb, 0 if unknown */
+    vmm_tbc_entry forced_tb;   /* that block, once running (cur points here) */
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
     vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
@@ -186,6 +196,8 @@ static uint32_t tbc_fill(vmm_core *c, uc_engine *uc, vmm_tbc_entry *e, uint64_t 
                          uint32_t mode)
 {
     uc_tb tb;
+    if (c->slow & VMM_SLOW_FORCED)
+        return 0;   /* the cut block: forced_block counts it; Unicorn would answer for the whole block */
     c->tb_misses++;
     if (uc_ctl(uc, UC_CTL_READ_WRITE(UC_CTL_TB_REQUEST_CACHE, 2), addr, &tb) != UC_ERR_OK)
         tb.icount = 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
@@ -210,10 +222,20 @@ static int block_slow(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t size, 
        honoured by the VMM, which single-steps when hflags still inhibit. */
     else if (c->irq_pending && (*(uint64_t *)(c->env + ENV_EFLAGS) & IF_MASK))
         why = VMM_STOP_IRQWIN;
-    else if (c->icount + n > c->budget)
+    else if (c->icount + n > c->budget) {
         why = VMM_STOP_BUDGET;
+        c->budget_pc = addr;
+        c->budget_size = size;
+    }
     if (!why)
         return 0;
+    if (c->forced_rf) {
+        /* TCG clears RF at the end of every block; the cut block ended where the
+           whole block goes on with RF as it was (a breakpoint on the faulting
+           instruction stays suppressed exactly as without the cut) */
+        *(uint64_t *)(c->env + ENV_EFLAGS) |= RF_MASK;
+        c->forced_rf = 0;
+    }
     c->stop_flags |= why;
     c->cur = NULL;  /* nothing of this block ran */
     uc_emu_stop(uc);
@@ -263,6 +285,28 @@ static void tbc_check_invalidations(vmm_core *c)
     c->code_invalidations++;
 }
 
+/* The first block of a run after vmm_core_force_block: TCG translated it with
+   at most `forced` instructions (cflags_next_tb), and it holds exactly that
+   many, as the block the budget refused held more from the same address.
+   Its count is not asked of Unicorn (which would answer for the whole
+   block) nor kept in the block-count cache. */
+static void forced_block(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t size)
+{
+    vmm_tbc_entry *e = &c->forced_tb;
+    uint32_t n = c->forced;
+    c->slow &= ~VMM_SLOW_FORCED;
+    c->forced = 0;
+    e->pc = addr; e->size = size; e->mode = code_mode(c); e->icount = n;
+    c->forced_rf = (*(uint64_t *)(c->env + ENV_EFLAGS) & RF_MASK) != 0;
+    if (((c->icount + n) > c->budget) | c->slow) {
+        if (block_slow(c, uc, addr, size, n))
+            return;
+    }
+    c->icount += n;
+    c->cur = e;
+    c->mmio_log_len = 0;
+}
+
 static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
@@ -296,6 +340,10 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
         n = tbc_fill(c, uc, e, addr, size, mode);
     next = c->icount + n;
     if (__builtin_expect((next > c->budget) | c->slow, 0)) {
+        if (c->slow & VMM_SLOW_FORCED) {
+            forced_block(c, uc, addr, size);
+            return;
+        }
         if (block_slow(c, uc, addr, size, n))
             return;
     }
@@ -581,11 +629,12 @@ static void vmm_mmio_replay_clear(vmm_core *c)
    range.  If any block went, the block-count cache may now hold counts of
    code that changed under an unchanged (address, size, mode) key: it is
    dropped too.  Returns the number of blocks invalidated. */
-static uint64_t vmm_core_host_write(vmm_core *c, uint8_t *host, uint64_t n)
+static uint64_t host_write(vmm_core *c, uint8_t *host, uint64_t n, int code_changed)
 {
     uint64_t before, after, ram;
     if (!c->tb_invalidate_range || !c->ram_addr_from_host || !c->tb_invalidations || n == 0) {
-        memset(c->tbc, 0, sizeof(c->tbc));
+        if (code_changed)
+            memset(c->tbc, 0, sizeof(c->tbc));
         return 0;
     }
     ram = c->ram_addr_from_host(c->uc, host);
@@ -594,11 +643,17 @@ static uint64_t vmm_core_host_write(vmm_core *c, uint8_t *host, uint64_t n)
     before = c->tcg_ctx ? c->tb_invalidations(c->tcg_ctx) : 0;
     c->tb_invalidate_range(c->uc, ram, ram + n);
     after = c->tcg_ctx ? c->tb_invalidations(c->tcg_ctx) : 1;
-    if (after != before) {
+    if (after != before && code_changed) {
+        /* 1.5 MiB cleared: dear when it is done often, hence code_changed */
         memset(c->tbc, 0, sizeof(c->tbc));
         c->code_invalidations++;
     }
     return after - before;
+}
+
+static uint64_t vmm_core_host_write(vmm_core *c, uint8_t *host, uint64_t n)
+{
+    return host_write(c, host, n, 1);
 }
 
 /* Locate CPUState and CPUX86State behind the public handle.  uc_struct holds
@@ -642,6 +697,13 @@ static int vmm_core_attach(vmm_core *c, void *uc, uint64_t reg_read_fn, uint64_t
         if (*(uint64_t *)(cpu + i) == (uint64_t)(uintptr_t)c->env) {
             c->mmio_pc_off = (uint64_t)i + 8 + 8 + 8 * 4096 + 16 + 16 + 16 + 8 + 8;
             c->jmp_cache = (void **)(cpu + i + 8 + 8);
+            /* before env_ptr: cflags_next_tb (u32), interrupt_request (u32),
+               singlestep_enabled (int, padded), icount_budget, icount_extra,
+               random_seed (8 each), jmp_env (sigjmp_buf, 200 bytes on x86-64
+               glibc), cpu_ases, num_ases (padded), as, memory (8 each); a
+               CPU reset leaves cflags_next_tb at -1, which is checked */
+            if (i >= 272 && *(uint32_t *)(cpu + i - 272) == 0xFFFFFFFFu && sizeof(sigjmp_buf) == 200)
+                c->cflags_off = (uint64_t)i - 272;
             break;
         }
     }
@@ -675,14 +737,39 @@ static int vmm_vmem_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t size)
 static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
 {
     c->stop_flags = 0;
+    c->budget_pc = ~0ull;
     c->exc_vector = -1;
     c->trap_kind = 0;
     vmm_mmu_run_start(c);
     {
         int e = (int)uc_emu_start(c->uc, begin, until, 0, 0);
         vmm_mmu_run_end(c);
+        if (c->slow & VMM_SLOW_FORCED) {   /* a request no block took (the run stopped first) ends with it */
+            *(uint32_t *)((uint8_t *)c->cpu + c->cflags_off) = 0xFFFFFFFFu;
+            c->slow &= ~VMM_SLOW_FORCED;
+            c->forced = 0;
+        }
+        c->forced_rf = 0;
         return e;
     }
+}
+
+/* The exact stop inside a block, k instructions into it (engine.py,
+   Engine._finish_budget): the next run starts with a block TCG translates
+   with at most k instructions (CPUState::cflags_next_tb, as QEMU's icount
+   mode and precise self-modifying code use it), and the block hook stops
+   before the one after it.  The whole block stays translated: the cut one
+   is found only by a lookup that asks for k instructions.  Returns 0, or -1
+   if this Unicorn build's CPUState was not recognised or k is out of range
+   (the caller cuts the block with an exit instead). */
+static int vmm_core_force_block(vmm_core *c, uint32_t k)
+{
+    if (!c->cflags_off || k == 0 || k > VMM_FORCED_MAX)
+        return -1;
+    *(uint32_t *)((uint8_t *)c->cpu + c->cflags_off) = k;
+    c->forced = k;
+    c->slow |= VMM_SLOW_FORCED;
+    return 0;
 }
 
 /* Unicorn functions the core calls that its public API does not offer

@@ -858,7 +858,7 @@ static int vmm_code_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t n)
    own ctl_remove_cache would fill the TLB for it outside a run, which the
    shadow MMU's W^X bookkeeping does not expect.  Shadow mode only (returns
    -1 in nested mode, where Unicorn's walk is the right one). */
-int vmm_core_invalidate_linear(vmm_core *c, uint64_t lin, uint64_t len)
+static int invalidate_linear(vmm_core *c, uint64_t lin, uint64_t len, int code_changed)
 {
     vmm_shadow *s = c->shadow;
     uint8_t *env = c->env;
@@ -879,10 +879,36 @@ int vmm_core_invalidate_linear(vmm_core *c, uint64_t lin, uint64_t len)
             gpn = w.gpa >> 12;
             e = gpn < m->ept_pages ? m->ept[gpn] : 0;
             if ((e & VMM_EPT_VALID) && !(e & VMM_EPT_MMIO) && (p = frame_ptr(m, e >> 12)) != NULL)
-                vmm_core_host_write(c, p + (w.gpa & 0xFFF), chunk);
+                host_write(c, p + (w.gpa & 0xFFF), chunk, code_changed);
         }
         lin += chunk;
         len -= chunk;
     }
     return 0;
+}
+
+int vmm_core_invalidate_linear(vmm_core *c, uint64_t lin, uint64_t len)
+{
+    return invalidate_linear(c, lin, len, 1);
+}
+
+/* The exact stop inside a block (engine.py, Engine._finish_budget).  arm=1:
+   drop the translation of the block through target-1 and make target
+   Unicorn's one exit, so that block is translated again ending at target.
+   arm=0: no exit, and drop that cut block again, or it stays in the cache,
+   is found before the whole block, and splits every later pass through that
+   code in two (a loop then runs as two blocks, each with its block hook).
+   The code itself did not change, so the block-count cache stays.  Returns
+   0, or -1 when there is no shadow MMU to find the code (the caller drops
+   it through Unicorn). */
+int vmm_core_exact_stop(vmm_core *c, uint64_t target, int arm)
+{
+    uint64_t exits[1] = {target};
+    int rc;
+    if (!arm)
+        uc_ctl(c->uc, UC_CTL_WRITE(UC_CTL_UC_EXITS, 2), exits, (size_t)0);
+    rc = invalidate_linear(c, target - 1, 1, 0);
+    if (arm)
+        uc_ctl(c->uc, UC_CTL_WRITE(UC_CTL_UC_EXITS, 2), exits, (size_t)1);
+    return rc;
 }
