@@ -55,7 +55,7 @@ def _typist(out: bytearray, typed: bytearray) -> None:
 def _run_primary(guest: Path, vcpus: int = 1):
     image = guest.read_bytes()
     ref: dict = {}
-    console = ConsoleServer("primary", stamp=lambda: ref["m"].clock.now())
+    console = ConsoleServer("primary")
     p = Primary(("127.0.0.1", 0), console)
     link = p.link = _Recorder(p)
     p.handshake = "accepted"
@@ -77,6 +77,7 @@ def _run_primary(guest: Path, vcpus: int = 1):
                     input_kind="ft", serial=console, setup=setup, on_writer=p.on_writer, vcpus=vcpus)
     assert res.reason is StopReason.EXIT and res.status == 0
     m.close()
+    console.mark(p.last_tick)              # as Primary.finish: the output after the last horizon
     link.send(wire.HORIZON, wire.u64(wire.END_OF_LOG))
     return image, bytes(console.out), bytes(typed), link.msgs
 

@@ -179,7 +179,7 @@ def _primary(args) -> int:
     path, data = _load_image(args)
     say = _say("primary")
     ref: dict = {}
-    console = ConsoleServer("primary", stamp=lambda: ref["m"].clock.now())
+    console = ConsoleServer("primary")     # the Primary stamps its output (Primary.stamp)
     try:
         chost, cport = console.listen(*_addr(args.console, "--console"))
     except OSError as e:

@@ -34,16 +34,16 @@ from collections.abc import Callable
 class ConsoleServer:
     """The machine side is a serial backend (``write``, ``poll_input``, ``close``)."""
 
-    def __init__(self, role: str, stamp: Callable[[], int] | None = None):
+    def __init__(self, role: str):
         self.role = role
         self.status: Callable[[], dict] | None = None    # what a STATUS request is answered
         self.on_join: Callable[[socket.socket], None] | None = None   # a backup joining (its connection)
-        self.stamp = stamp
         self.lock = threading.Lock()
         self.out = bytearray()
         self.released = 0
         self.held = True                      # output waits for release_through()
-        self._pending: deque[tuple[int, int]] = deque()   # (end position, virtual time stamp)
+        # (end position, stamp): the output up to there was produced after the horizon ``stamp``
+        self._pending: deque[tuple[int, int]] = deque()
         self._inbuf = bytearray()
         self.in_received = 0                  # input position: bytes accepted from clients
         self.finished: int | None = None      # the guest's exit status once it ended
@@ -59,8 +59,7 @@ class ConsoleServer:
         with self.lock:
             self.out += data
             if self.held:
-                self._pending.append((len(self.out), self.stamp() if self.stamp else 0))
-                return
+                return          # held: mark() says, at the next horizon, after which one it came
             self.released = len(self.out)
         self._push()
 
@@ -74,6 +73,16 @@ class ConsoleServer:
         pass
 
     # -- the output rule -----------------------------------------------------------
+    def mark(self, stamp: int) -> None:
+        """The run loop's thread, at a horizon (and at the end): the output held since the
+        previous mark was produced after the horizon ``stamp`` (and before this one)."""
+        with self.lock:
+            if not self.held:
+                return
+            end = self._pending[-1][0] if self._pending else self.released
+            if len(self.out) > end:
+                self._pending.append((len(self.out), stamp))
+
     def release_through(self, tick: int) -> None:
         """Release the output produced before virtual time ``tick``."""
         with self.lock:

@@ -3,9 +3,9 @@ log going to the backup over a ``Link``, plus the output rule, the lag bound
 and what to do when the backup is lost.
 
 Every FLUSH_TICKS of virtual time a timer writes the events so far as a log
-chunk and sends a HORIZON (replay/ft/__init__.py).  Console output is stamped
-with the virtual time it was produced at and released to the console's
-clients once the backup acknowledged a horizon after it.  The same timer
+chunk and sends a HORIZON (replay/ft/__init__.py).  Console output (and each
+NIC frame, replay/ft/netgate.py) is stamped with the last horizon before it
+and released once the backup acknowledged a later horizon.  The same timer
 bounds the lag: while the backup's replay is more than ``max_lag`` ticks
 behind, the primary waits (it slows down; the backup never does).
 
@@ -22,6 +22,7 @@ import json
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ from replay.ft.netgate import hold_frames
 FLUSH_TICKS = 100_000     # 1 ms of virtual time between horizons
 FORMING_PATIENCE = 30.0   # seconds of silence allowed while the pair forms (the backup builds its machine)
 JOIN_SNAPSHOT = "<ft join>"   # the snapshot a joined backup's log starts from: the one sent before it
+LAG_SAMPLES = 1 << 16
 JOIN_PIECE = 4 << 20      # bytes of a snapshot or of the console's output per message to a joining backup
 
 
@@ -48,7 +50,8 @@ class Fenced(Exception):
 
 @dataclass
 class PrimaryStats:
-    lag_samples: list[int] = field(default_factory=list)   # ticks behind, at each horizon
+    # ticks behind, at each horizon (the latest LAG_SAMPLES: a long run keeps no unbounded list)
+    lag_samples: deque[int] = field(default_factory=lambda: deque(maxlen=LAG_SAMPLES))
     waits: int = 0                 # horizons at which --max-lag made the primary wait
     wait_seconds: float = 0.0
     log_bytes: int = 0
@@ -143,7 +146,7 @@ class Primary:
             self.link.close(drain=0)
             raise FtError(f"the backup refused: {self.handshake or 'no answer within 120 s'}")
         self.machine = m
-        self.gates = hold_frames(m, m.clock.now)
+        self.gates = hold_frames(m, self.stamp)
         m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
 
     def _new_link(self, sock: socket.socket) -> wire.Link:
@@ -164,6 +167,15 @@ class Primary:
         link = wire.Link(sock, self.heartbeat, on_message, on_lost)
         return link
 
+    def stamp(self) -> int:
+        """The virtual time an output is stamped with: the last horizon passed.  An output at
+        time t with last_tick <= t < next horizon is released by an ACK of a horizon > t, which
+        is an ACK > last_tick: the same outputs go as with t itself, and reading the exact
+        clock in the middle of a translated block (per console byte) costs far more (the
+        console marks its output so at each horizon, ConsoleServer.mark; each frame a NIC
+        sends is stamped so)."""
+        return self.last_tick
+
     def status(self) -> dict:
         """For `vmm ft status`: who this side is, the backup's lag, the log's bandwidth."""
         s = self.stats
@@ -176,6 +188,7 @@ class Primary:
 
     # -- the horizon timer (the run loop's thread) ------------------------------------
     def _tick(self, now: int) -> None:
+        self.console.mark(self.last_tick)     # the output since the last horizon came after it
         self.last_tick = now
         m = self.machine
         if self.fenced:
@@ -187,9 +200,10 @@ class Primary:
             self.writer.flush()
             sent = min((g.flushed_through for g in self.gates), default=None)
             self.link.send(wire.HORIZON, wire.u64(now) + (wire.u64(sent) if sent is not None else b""))
-            with self.cv:
-                self.stats.lag_samples.append(max(0, now - self.progress))
-                if now - self.progress > self.max_lag and not self.alone and not self.fenced:
+            lag = now - self.progress
+            self.stats.lag_samples.append(max(0, lag))
+            if lag > self.max_lag:
+                with self.cv:
                     t0 = time.perf_counter()
                     self.stats.waits += 1
                     while now - self.progress > self.max_lag and not self.alone and not self.fenced:
@@ -398,6 +412,7 @@ class Primary:
                 self.cv.wait_for(lambda: self.acked >= wire.END_OF_LOG or self.alone or self.fenced)
         if self.fenced:
             raise Fenced()
+        self.console.mark(self.last_tick)
         if self.acked >= wire.END_OF_LOG:
             self.console.release_through(wire.END_OF_LOG)
             for g in self.gates:
