@@ -18,6 +18,9 @@ From Python (the VMM's CLI uses these)::
     from guests.build import build_all, guest_path
     build_all(out_dir)         # {name: Path} of freshly built images
     guest_path("demo")         # guests/build/demo.elf, built first if missing
+
+Next to each image the build writes a gdb symbol file (``demo.elf`` ->
+``demo.sym``, guests/symbols.py): ``symbol-file guests/build/demo.sym`` in gdb.
 """
 from __future__ import annotations
 
@@ -115,13 +118,14 @@ def build_one(name: str, out_dir: os.PathLike | str = BUILD_DIR) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{guest.output}.", dir=out_dir)
     os.close(fd)
     tmp = Path(tmp_name)
+    symmap = tmp.with_name(tmp.name + ".map")   # nasm's symbol map, for the gdb symbol file
     try:
         # Relative source name, cwd = guests/: nothing about where the
         # checkout lives can leak into the output or into error messages.
         env = {k: v for k, v in os.environ.items() if not k.startswith("NASM")}
         env["SOURCE_DATE_EPOCH"] = "0"
         proc = subprocess.run(
-            [nasm, "-f", "bin", "-o", str(tmp), guest.source],
+            [nasm, "-f", "bin", "--before", f"[map symbols {symmap}]", "-o", str(tmp), guest.source],
             cwd=GUESTS_DIR, env=env, capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0:
@@ -132,12 +136,28 @@ def build_one(name: str, out_dir: os.PathLike | str = BUILD_DIR) -> Path:
         problem = validate(name, tmp.read_bytes())
         if problem:
             raise BuildError(f"{guest.output}: {problem}")
+        write_symbols(symmap.read_text(), (GUESTS_DIR / guest.source).read_text(), symbols_path(target))
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for t in (tmp, symmap):
+            if t.exists():
+                t.unlink()
     return target
+
+
+def symbols_path(image: Path) -> Path:
+    """The gdb symbol file built next to a guest image (demo.elf -> demo.sym; guests/symbols.py)."""
+    return image.with_suffix(".sym")
+
+
+def write_symbols(map_text: str, source: str, path: Path) -> None:
+    from guests.symbols import symbols_from_map
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(symbols_from_map(map_text, source))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def build_all(out_dir: os.PathLike | str = BUILD_DIR) -> dict[str, Path]:
@@ -163,9 +183,10 @@ def check(build_dir: os.PathLike | str = BUILD_DIR) -> list[str]:
         fresh = build_all(tmp)
         bad = []
         for name in sorted(fresh):
-            committed = build_dir / fresh[name].name
-            if not committed.is_file() or not filecmp.cmp(fresh[name], committed, shallow=False):
-                bad.append(fresh[name].name)
+            for built in (fresh[name], symbols_path(fresh[name])):
+                committed = build_dir / built.name
+                if not committed.is_file() or not filecmp.cmp(built, committed, shallow=False):
+                    bad.append(built.name)
         return bad
 
 

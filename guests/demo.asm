@@ -1224,6 +1224,7 @@ task_stack_top:                             ; kernel stack of each slot
 ; The tasks: ring 3 code, mapped read-only at USER_VA.  They can touch only
 ; their own stack page and the read-only tick counter at SHARED_VA; absolute
 ; addresses of labels here must go through U().
+; gdb symbols: section .user runs at USER_VA
 section .user
 user_begin:
 

@@ -7,6 +7,10 @@
 #   vmm-checkpoints     the replay's checkpoints (what makes going back cheap)
 #   vmm-exits           VM exits by reason so far
 #
+# Symbols of the bundled guests: `symbol-file guests/build/demo.sym` (hello.sym,
+# crash.sym, t_*.sym: written by guests/build.py next to each image), then
+# `break task_a`, `x/4i $pc` show the guest's labels.
+#
 # Why vmm-refresh: `monitor seek N` moves the machine, but gdb does not know a
 # monitor command changed anything and keeps showing the registers it cached
 # before.  vmm-seek does the seek and the refresh together, and the
