@@ -34,8 +34,8 @@ __all__ = [
 # The same lists as vmm.firmware.boot.KINDS, vmm.machine.MAX_VCPUS, vmm.platform.pc.PLATFORMS and the
 # CLI's --mem and --debug-exit ranges (a test holds them together); spelled out here so that checking
 # a log needs neither Unicorn nor a machine.
-BOOT_KINDS = ("auto", "linux", "disk", "floppy", "multiboot", "flat", "bios")
-BOOTED_KINDS = ("linux", "disk", "floppy", "multiboot", "flat", "bios")
+BOOT_KINDS = ("auto", "linux", "disk", "floppy", "multiboot", "flat", "bios", "cdrom")
+BOOTED_KINDS = ("linux", "disk", "floppy", "multiboot", "flat", "bios", "cdrom")
 MMU_MODES = ("shadow", "nested")
 PLATFORMS = ("pc-2", "pc-1")
 DEBUG_EXIT_SIZES = (1, 2, 4)

@@ -173,11 +173,11 @@ def build_machine(cfg: dict, image: bytes, serial, parts: dict | None = None,
         _start_harness_vcpus(m, cfg)
     else:
         kind = cfg.get("booted")
-        if kind not in ("disk", "floppy", "multiboot", "flat", "linux", "bios"):
+        if kind not in ("disk", "floppy", "multiboot", "flat", "linux", "bios", "cdrom"):
             raise ReplayError(f"the saved machine does not say how it was booted ({kind!r})")
         attach_firmware(m, image, kind, cfg["image"]["name"])
         m.load_state(parts, restorers)
-    if kind in ("disk", "floppy"):
+    if kind in ("disk", "floppy", "cdrom"):
         m.config.input_to = "keyboard"
     if cfg.get("input_to") is not None:   # chosen (vmm run --input-to, -serial stdio, -nographic)
         m.config.input_to = cfg["input_to"]

@@ -120,8 +120,8 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--serial", default="stdio", metavar="stdio|none|tcp:[HOST:]PORT|FILE",
                    help="where COM1 goes: the terminal (default), nowhere, a TCP socket (127.0.0.1 by default; "
                         "input comes from the client), or a file")
-    r.add_argument("--boot", default="auto", choices=["auto", "linux", "disk", "floppy", "multiboot", "flat"],
-                   help="boot protocol (default: detect from the image)")
+    r.add_argument("--boot", default="auto", choices=["auto", "linux", "disk", "floppy", "multiboot", "flat", "cdrom"],
+                   help="boot protocol (default: detect from the image); cdrom: El Torito from the CD-ROM drive")
     r.add_argument("--load-addr", type=parse_int, default=0x100000, metavar="ADDR",
                    help="load and entry address for --boot flat (default 0x100000)")
     r.add_argument("--cmdline", "--append", dest="cmdline", default=None, metavar="TEXT",

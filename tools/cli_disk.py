@@ -10,7 +10,8 @@ written twice, as QEMU wants)::
 
 ``if`` defaults to ide, ``media`` to disk, ``format`` to what the file
 holds.  With no IMAGE (nor --kernel, --bios), the built-in BIOS boots the
-first hard disk (-hda), which must then be raw.  ``readonly=on`` opens the file read-only (the guest's writes fail);
+first hard disk (-hda), which must then be raw, or with no hard disk (or with
+``--boot cdrom``) the first IDE CD-ROM, the El Torito way.  ``readonly=on`` opens the file read-only (the guest's writes fail);
 ``snapshot=on`` keeps the guest's writes in memory and leaves the file as it
 was.  A recording always runs its disks that way (vmm/platform/storage.py).
 
@@ -160,7 +161,13 @@ def boot_from_drive(args) -> None:
     if (args.image is not DEFAULT_IMAGE or getattr(args, "kernel", None) or getattr(args, "bios", None)
             or getattr(args, "restore", None)):
         return
-    disks = [s for s in specs_from_args(args) if s["media"] == "disk"]
+    specs = specs_from_args(args)
+    disks = [s for s in specs if s["media"] == "disk"]
+    cds = [s for s in specs if s["media"] == "cdrom" and s["if"] == "ide"]
+    boot = getattr(args, "boot", "auto")
+    if cds and (boot == "cdrom" or (not disks and boot == "auto")):
+        args.image, args.boot = min(cds, key=lambda s: s["index"])["file"], "cdrom"     # QEMU's order c, then d; vmm/firmware/eltorito.py
+        return
     if not disks:
         return
     first = next((s for s in disks if s["if"] == "ide" and s["index"] == 0), disks[0])

@@ -29,6 +29,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from devices.storage.disk import DiskImage
+from vmm.firmware import eltorito
 from vmm.firmware.keymap import FROM_SCAN
 from vmm.cpu.vcpu import CS, DS, ES, SS
 
@@ -57,6 +58,8 @@ class Bios:
     def __init__(self, machine: PcMachine, disks: dict[int, DiskImage] | None = None):
         self.m = machine
         self.disks = disks or {}
+        self.cdroms = eltorito.cd_drives(machine)     # E0h on: the IDE CD-ROMs, 2048-byte sectors
+        self.cd_boot: tuple[int, eltorito.BootEntry] | None = None    # (drive, entry) of an El Torito boot
         self.calls: dict[int, int] = {}
         self.screen = bytearray()
 
@@ -431,6 +434,9 @@ class Bios:
     def int_13(self) -> None:
         ah = self.ah
         dl = self._r(2) & 0xFF
+        if dl in self.cdroms:
+            self._int13_cd(ah, dl, self.cdroms[dl])
+            return
         disk = self.disks.get(dl)
         mem = self.m.memory
         cpu = self.m.vcpu
@@ -525,6 +531,62 @@ class Bios:
             info = struct.pack("<HHIIIQH", 0x1A, 0x02, cyls, heads, spt, disk.sectors, 512)
             self._write_buf(dst, info[:max(0, min(size, len(info)))])
             self._disk_status(dl, 0)
+        else:
+            self._disk_status(dl, 0x01)
+
+    def _int13_cd(self, ah: int, dl: int, cd: eltorito.CdDrive) -> None:
+        """INT 13h on a CD-ROM drive: the EDD functions in 2048-byte sectors, and El Torito's
+        4Bh (vmm/firmware/eltorito.py); a CD is read-only (03h: write-protected)."""
+        cpu = self.m.vcpu
+        if ah == 0x00:
+            self._disk_status(dl, 0)
+        elif ah == 0x01:
+            self._set8(0, True, self.m.memory.read_u8(BDA + 0x74))
+            self._set_cf(False)
+        elif not cd.present and ah != 0x4B:
+            self._disk_status(dl, 0xAA)          # drive not ready: no disc, or the tray is open
+        elif ah == 0x41:
+            if (self._r(3) & 0xFFFF) != 0x55AA:
+                self._disk_status(dl, 0x01)
+                return
+            self._set16(3, 0xAA55)
+            self._set8(0, True, 0x30)
+            self._set16(1, 0x0001 | 0x0002 | 0x0004)   # extended access, removable media, EDD
+            self._set_cf(False)
+        elif ah in (0x42, 0x43, 0x44):
+            dap = cpu.seg(DS).base + (self._r(6) & 0xFFFF)
+            size, _, count, off, seg, lba = struct.unpack("<BBHHHQ", self._read_buf(dap, 16))
+            if size < 16:
+                self._disk_status(dl, 0x01)
+            elif ah == 0x43:
+                self._disk_status(dl, 0x03)
+            else:
+                data = cd.read(lba, count)
+                if data is None:
+                    self._write_buf(dap + 2, b"\0\0")    # EDD: the count field says what was transferred
+                    self._disk_status(dl, 0x04 if cd.present else 0xAA)
+                    return
+                if ah == 0x42:
+                    self._write_buf((seg << 4) + off, data)
+                self._disk_status(dl, 0)
+        elif ah == 0x47:
+            self._disk_status(dl, 0)
+        elif ah == 0x48:
+            dst = cpu.seg(DS).base + (self._r(6) & 0xFFFF)
+            (size,) = struct.unpack("<H", self._read_buf(dst, 2))
+            # flags: DMA boundary errors handled, removable, change line, lockable, geometry is maximum
+            info = struct.pack("<HHIIIQH", 0x1A, 0x74, 0xFFFF_FFFF, 0xFFFF_FFFF, 0xFFFF_FFFF, cd.sectors,
+                               eltorito.CD_SECTOR)
+            self._write_buf(dst, info[:max(0, min(size, len(info)))])
+            self._disk_status(dl, 0)
+        elif ah == 0x4B and self.al in (0x00, 0x01):
+            if self.cd_boot is None or self.cd_boot[0] != dl:
+                self._disk_status(dl, 0x01)      # this drive was not booted the El Torito way
+                return
+            self._write_buf(cpu.seg(DS).base + (self._r(6) & 0xFFFF), eltorito.spec_packet(*self.cd_boot))
+            self._disk_status(dl, 0)
+        elif ah == 0x03 or ah == 0x05:
+            self._disk_status(dl, 0x03)
         else:
             self._disk_status(dl, 0x01)
 

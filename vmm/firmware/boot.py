@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from devices.storage.disk import DiskImage
+from vmm.firmware import eltorito
 from vmm.firmware.bios import Bios
 from vmm.cpu.vcpu import CS, DS, ES, FS, GS, SS
 
@@ -28,7 +29,8 @@ MB_CMDLINE_ADDR = 0x9800
 MB_MMAP_ADDR = 0x9400
 FLOPPY_SIZES = {368640, 737280, 1228800, 1474560, 2949120}
 
-KINDS = ("auto", "linux", "disk", "floppy", "multiboot", "flat", "bios")   # bios: a real BIOS image (rom.py)
+KINDS = ("auto", "linux", "disk", "floppy", "multiboot", "flat", "bios",   # bios: a real BIOS image (rom.py)
+         "cdrom")                                                          # cdrom: El Torito, from the IDE CD-ROM
 
 
 class BootError(ValueError):
@@ -80,6 +82,8 @@ def attach_firmware(machine, data: bytes, kind: str, name: str) -> Bios:
 
         return attach_rom(machine, data, name)
     bios = Bios(machine, boot_disks(data, kind, name))
+    if kind == "cdrom":
+        _cd_boot_entry(bios)
     bios.attach()
     machine.bios = bios
     return bios
@@ -116,6 +120,8 @@ def boot(machine, data: bytes, kind: str = "auto", name: str = "image", load_add
         e820 = [E820Entry(a, n, k) for a, n, k in bios.e820_map()]
         rsdp = getattr(machine, "acpi_rsdp", None)
         return load_linux(machine, data, initrd, cmdline, name=name, e820=e820, acpi_rsdp=rsdp)
+    if kind == "cdrom":
+        return _boot_cdrom(machine, bios)
     if initrd is not None:
         raise BootError(f"{name}: an initrd goes with a Linux kernel (bzImage) only")
     if kind == "multiboot":
@@ -128,6 +134,36 @@ def boot(machine, data: bytes, kind: str = "auto", name: str = "image", load_add
         machine.vcpu.rsp = load_addr if load_addr <= 0x100000 else 0x90000
         return BootInfo("flat", load_addr, f"flat binary at {load_addr:#x}, 32-bit protected mode")
     raise BootError(f"unknown boot kind {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def _cd_boot_entry(bios: Bios) -> tuple[int, eltorito.BootEntry]:
+    """The first CD-ROM drive's number and El Torito boot entry, noted in the BIOS (for INT 13h 4Bh)."""
+    if not bios.cdroms:
+        raise BootError("--boot cdrom needs a CD-ROM drive (-cdrom FILE or --drive file=FILE,media=cdrom)")
+    drive = min(bios.cdroms)
+    try:
+        entry = eltorito.boot_entry(bios.cdroms[drive])
+    except eltorito.ElToritoError as e:
+        raise BootError(f"CD-ROM: {e}") from None
+    bios.cd_boot = (drive, entry)
+    return drive, entry
+
+
+def _boot_cdrom(machine, bios: Bios) -> BootInfo:
+    """El Torito no-emulation boot: the boot image at load_segment:0, run in real mode with
+    DL = the CD's drive number (vmm/firmware/eltorito.py)."""
+    drive, entry = _cd_boot_entry(bios)
+    try:
+        image = eltorito.load_boot_image(bios.cdroms[drive], entry, machine.memory.size)
+    except eltorito.ElToritoError as e:
+        raise BootError(f"CD-ROM: {e}") from None
+    machine.memory.write(entry.load_segment << 4, image)
+    cpu = machine.vcpu
+    cpu.reset(entry.load_segment, 0)
+    cpu.set_u64(16, drive)          # DL = boot drive
+    cpu.rsp = 0x7C00
+    return BootInfo("cdrom", entry.load_segment << 4,
+                    f"El Torito boot image ({entry.image_bytes} bytes) from CD-ROM {drive:#x}")
 
 
 def _flat32(machine, entry: int) -> None:
