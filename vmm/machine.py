@@ -113,6 +113,9 @@ class Machine:
         # (vCPU id, its icount, rip) of the last breakpoint stop: the next run steps over it
         self._over_bp: tuple[int, int, int] | None = None
         self.trace: Callable[[VmExit], None] | None = None
+        # common exceptions delivered by the CPU core in C (deliver.c); False: every one
+        # is an exit delivered by vmm/cpu/delivery.py (the reference)
+        self.fast_delivery = True
         self.on_init: Callable[[Vcpu], None] | None = None   # the platform resets per-CPU devices (LAPIC)
         for v in self.vcpus:
             v.io_handler = self._io_for(v.id)
@@ -335,9 +338,10 @@ class Machine:
                 v.set_irq_pending(False)
                 if self._over_bp == (v.id, v.icount, v.rip):
                     self._over_bp = None
-                    x = self._lifting_breakpoint(v, lambda: v.step())
+                    x = self._lifting_breakpoint(v, lambda: v.step(), fast=False)
                 else:
-                    x = self._enter(v, lambda: v.step())
+                    # no delivery in C: a fault here is delivered before the interrupt is taken
+                    x = self._enter(v, lambda: v.step(), fast=False)
                 if x.reason is not ExitReason.DEADLINE:
                     return self._dispatch(v, x)
                 return None
@@ -363,24 +367,30 @@ class Machine:
         instruction under the breakpoint with that breakpoint lifted, then put it back."""
         return self._dispatch(v, self._lifting_breakpoint(v, lambda: v.run(v.icount + 1)))
 
-    def _lifting_breakpoint(self, v: Vcpu, go: Callable[[], VmExit]) -> VmExit:
+    def _lifting_breakpoint(self, v: Vcpu, go: Callable[[], VmExit], fast: bool = True) -> VmExit:
         bps = v.breakpoints
         here = v.seg(1).base + v.rip
         if here in bps:
             v.set_breakpoints(bps - {here})
         try:
-            return self._enter(v, go)
+            return self._enter(v, go, fast)
         finally:
             if here in bps:
                 v.set_breakpoints(bps)
 
-    def _enter(self, v: Vcpu, go: Callable[[], VmExit]) -> VmExit:
+    def _enter(self, v: Vcpu, go: Callable[[], VmExit], fast: bool = True) -> VmExit:
         self._others = self.icount - v.icount
         self._running = v
         self._in_run = True
+        eng = self.engine
+        # exceptions the CPU core delivers in C (vmm/cpu/native/deliver.c) count as
+        # exception exits; with a tracer or introspection each one is a real exit
+        eng.fast_delivery = fast and self.fast_delivery and self.trace is None
+        before = eng.fast_delivered
         try:
             return go()
         finally:
+            self.exit_counts["exception"] += eng.fast_delivered - before
             self._in_run = False
             self._running = None
             if self._preempt:

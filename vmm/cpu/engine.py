@@ -257,6 +257,9 @@ class Engine:
         self._bp_hit = False
         self.exits = 0
         self.switches = 0
+        # deliver common exceptions in C without leaving the guest (deliver.c); the
+        # machine turns it off where Python must see every exception (--trace, introspection)
+        self.fast_delivery = True
         self.loaded: Vcpu | None = None
         self._parked: Vcpu | None = None
         self.vcpus: list[Vcpu] = []
@@ -456,6 +459,11 @@ class Engine:
         """Drop all translated code (hooks added or removed change every block)."""
         self.uc.ctl_flush_tb()
         lib.vmm_core_flush_tbc(self._core)
+
+    @property
+    def fast_delivered(self) -> int:
+        """Exceptions and INT n delivered in C (deliver.c), not exits."""
+        return int(self._core.fast_delivered)
 
     @property
     def code_invalidations(self) -> int:
@@ -977,6 +985,13 @@ class Engine:
     def _enter_once_inner(self, budget: int, until: int):
         c = self._core
         c.budget = budget
+        # exceptions delivered in the hooks (deliver.c), except in an exact stop's last
+        # block (cut by Unicorn's `until`, its count is not the block's) or under the
+        # test-only reference clock
+        if self.fast_delivery and until == NO_UNTIL and self._ref_hook is None:
+            c.fast = lib.FD_ON | (lib.FD_LOG if self.ept.logging else 0)
+        else:
+            c.fast = 0
         self._stop_requested = False
         self._bp_hit = False
         self._in_emu = True
@@ -1022,6 +1037,10 @@ class Engine:
                 retired = tb_icount
             elif tb_start <= lin <= end:
                 retired = self.count_insns(tb_start, lin)
+                if (pf or flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD)) and lin < end:
+                    # the C delivery's count for this EIP of this block, next time (deliver.c)
+                    cur.xoff = lin - tb_start + 1
+                    cur.xn = retired
             else:
                 retired = tb_icount
             c.icount += retired - tb_icount

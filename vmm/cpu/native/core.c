@@ -17,7 +17,8 @@
  *   taken only after the Python callback has returned);
  * * SYSCALL and SYSENTER stop exactly *at* the instruction the same way, so the
  *   VMM emulates them from their MSRs while the vCPU is stopped;
- * * the interrupt and invalid-instruction hooks record the exception and stop;
+ * * the interrupt and invalid-instruction hooks deliver the common exceptions
+ *   in C (deliver.c), and record any other and stop;
  * * RDTSC/RDTSCP (the Python binding refuses these hooks) and CPUID call back
  *   into Python and skip the native instruction.
  *
@@ -82,6 +83,8 @@ typedef struct {
     uint32_t icount;
     uint32_t mode;
     uint32_t pad;
+    uint32_t xoff;        /* 1 + offset in the block of an exception's EIP whose retired count is xn (0: none) */
+    uint32_t xn;
 } vmm_tbc_entry;
 
 #define VMM_MMIO_LOG 16
@@ -156,6 +159,9 @@ typedef struct vmm_core {
     uint32_t forced_rf;   /* RFLAGS.RF was set when that block started */
     uint64_t cflags_off;  /* offset of CPUState::cflags_next_tb, 0 if unknown */
     vmm_tbc_entry forced_tb;   /* that block, once running (cur points here) */
+    uint32_t fast;               /* FD_* (deliver.c): exceptions delivered in the hooks */
+    uint64_t fast_delivered;     /* exceptions delivered in C */
+    uint64_t fast_misses;        /* ... tried in C and left to Python */
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
     vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
@@ -164,6 +170,8 @@ typedef struct vmm_core {
 static int vmm_code_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t n);
 static void vmm_mmu_run_start(vmm_core *c);
 static void vmm_mmu_run_end(vmm_core *c);
+static int fast_deliver(vmm_core *c, int vector, int sw, uint32_t error);
+static int fast_page_fault(vmm_core *c);
 
 static int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
                      uint32_t value, uint32_t *result);
@@ -202,6 +210,7 @@ static uint32_t tbc_fill(vmm_core *c, uc_engine *uc, vmm_tbc_entry *e, uint64_t 
     if (uc_ctl(uc, UC_CTL_READ_WRITE(UC_CTL_TB_REQUEST_CACHE, 2), addr, &tb) != UC_ERR_OK)
         tb.icount = 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
     e->pc = addr; e->size = size; e->mode = mode; e->icount = tb.icount;
+    e->xoff = 0;
     return tb.icount;
 }
 
@@ -297,6 +306,7 @@ static void forced_block(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t siz
     c->slow &= ~VMM_SLOW_FORCED;
     c->forced = 0;
     e->pc = addr; e->size = size; e->mode = code_mode(c); e->icount = n;
+    e->xoff = 0;
     c->forced_rf = (*(uint64_t *)(c->env + ENV_EFLAGS) & RF_MASK) != 0;
     if (((c->icount + n) > c->budget) | c->slow) {
         if (block_slow(c, uc, addr, size, n))
@@ -327,6 +337,7 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
         c->smc_restarts++;
         c->slow |= VMM_SLOW_SMC;
         c->smc_entry.pc = addr; c->smc_entry.size = size; c->smc_entry.mode = mode; c->smc_entry.icount = 1;
+        c->smc_entry.xoff = 0;
         c->icount += 1;
         c->cur = &c->smc_entry;
         c->mmio_log_len = 0;
@@ -440,6 +451,8 @@ static void intr_hook(uc_engine *uc, uint32_t intno, void *ud)
     /* Unicorn never runs do_interrupt, so QEMU's double-fault bookkeeping
        would turn the next fault into #DF: the VMM applies the SDM rules. */
     *(int32_t *)(c->env + ENV_OLD_EXC) = -1;
+    if (c->fast && fast_deliver(c, (int)intno, c->exc_is_int != 0, c->exc_error))
+        return;   /* delivered: the guest goes on at its handler */
     c->stop_flags |= VMM_STOP_EXC;
     uc_emu_stop(uc);
 }
@@ -451,6 +464,8 @@ static bool invalid_hook(uc_engine *uc, void *ud)
     c->exc_eip = *(uint64_t *)(c->env + ENV_EIP);
     c->exc_error = 0;
     c->exc_is_int = 0;
+    if (c->fast && fast_deliver(c, 6, 0, 0))
+        return true;   /* delivered: Unicorn goes on at the handler */
     c->stop_flags |= VMM_STOP_UD;
     uc_emu_stop(uc);
     return true;
@@ -736,13 +751,16 @@ static int vmm_vmem_read(vmm_core *c, uint64_t addr, uint8_t *buf, size_t size)
 /* One entry into guest code.  Resets the per-run stop state first. */
 static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
 {
+    int forced;
     c->stop_flags = 0;
     c->budget_pc = ~0ull;
     c->exc_vector = -1;
     c->trap_kind = 0;
-    vmm_mmu_run_start(c);
-    {
-        int e = (int)uc_emu_start(c->uc, begin, until, 0, 0);
+    forced = c->forced != 0;   /* an exact stop's cut block: no second entry in this run */
+    for (;;) {
+        int e;
+        vmm_mmu_run_start(c);
+        e = (int)uc_emu_start(c->uc, begin, until, 0, 0);
         vmm_mmu_run_end(c);
         if (c->slow & VMM_SLOW_FORCED) {   /* a request no block took (the run stopped first) ends with it */
             *(uint32_t *)((uint8_t *)c->cpu + c->cflags_off) = 0xFFFFFFFFu;
@@ -750,6 +768,11 @@ static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
             c->forced = 0;
         }
         c->forced_rf = 0;
+        /* a guest #PF from the shadow MMU stops emu_start: deliver it here and go on */
+        if (e == UC_ERR_EXCEPTION && c->fast && !c->stop_flags && !forced && c->shadow && fast_page_fault(c)) {
+            begin = *(uint64_t *)(c->env + ENV_EIP);
+            continue;
+        }
         return e;
     }
 }
