@@ -12,6 +12,7 @@ tests/test_ft.py does the same with real processes and SIGKILL, at fewer points.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ft_guest
 
 from replay.ft import wire
-from replay.ft.backup import LiveReplica, _Feed
+from replay.ft.backup import JoinState, LiveReplica, _Feed
 from replay.ft.console import ConsoleServer
 from replay.ft.primary import LinkSink, Primary
 from replay.session import record
@@ -36,15 +37,23 @@ class _Recorder:
     """The primary's link: keeps each message with what the console had released after it;
     a HORIZON is acknowledged at once (a backup that keeps up)."""
 
+    lost = None
+
     def __init__(self, p: Primary):
         self.p = p
         self.msgs: list[tuple[bytes, bytes, int]] = []
         self.patience = None
+        self.sock = self
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         if kind == wire.HORIZON:
-            self.p._on_message(wire.ACK, payload)
+            self.p._on_message(wire.ACK, payload[:8])
+            if wire.read_u64(payload) != wire.END_OF_LOG:
+                self.p._on_message(wire.PROGRESS, payload[:8])
         self.msgs.append((kind, payload, self.p.console.released))
+
+    def getpeername(self):
+        return ("127.0.0.1", 0)
 
 
 def _typist(out: bytearray, typed: bytearray) -> None:
@@ -52,7 +61,10 @@ def _typist(out: bytearray, typed: bytearray) -> None:
         typed.append(ord("a") + len(typed) % 26)
 
 
-def _run_primary(guest: Path, vcpus: int = 1):
+def _run_primary(guest: Path, vcpus: int = 1, join_at: int | None = None):
+    """The primary's run: (image, output, typed, messages).  With ``join_at``, its backup is
+    lost at that input poll (it goes on alone), a backup joins at the next one, and the
+    messages are the joined link's."""
     image = guest.read_bytes()
     ref: dict = {}
     console = ConsoleServer("primary")
@@ -61,13 +73,24 @@ def _run_primary(guest: Path, vcpus: int = 1):
     p.handshake = "accepted"
     typed = bytearray()
     fed = [0]
+    polls = [0]
 
     def source() -> bytes:
-        # the consumer types when it sees a prompt among the released output
+        polls[0] += 1
+        if join_at is not None and polls[0] == join_at:
+            p.alone = True                      # the backup died: the primary goes on alone
+            console.go_alone()
+        elif join_at is not None and polls[0] == join_at + 1:
+            p.joining = (_Recorder(p), None)    # a backup joins: the state goes at the next horizon
+            ref["joined"] = p.joining[0]
+        # the consumer types when it sees a prompt among the released output; its bytes reach
+        # the machine through the console, as a client's do (the console counts them)
         _typist(console.out[:console.released], typed)
-        data = bytes(typed[fed[0]:])
+        with console.lock:
+            console._inbuf += typed[fed[0]:]
+            console.in_received += len(typed) - fed[0]
         fed[0] = len(typed)
-        return data
+        return console.poll_input()
 
     def setup(m) -> None:
         ref["m"] = m
@@ -78,6 +101,9 @@ def _run_primary(guest: Path, vcpus: int = 1):
     assert res.reason is StopReason.EXIT and res.status == 0
     m.close()
     console.mark(p.last_tick)              # as Primary.finish: the output after the last horizon
+    if join_at is not None:
+        assert p.joins == 1 and p.link is ref["joined"]
+        link = p.link
     link.send(wire.HORIZON, wire.u64(wire.END_OF_LOG))
     return image, bytes(console.out), bytes(typed), link.msgs
 
@@ -88,18 +114,30 @@ def _take_over_at(k: int, image: bytes, primary_out: bytes, msgs) -> tuple[bytes
     seen = msgs[k][2]                       # what the consumer had when the primary died
     feed = _Feed()
     horizon = -1
+    meta, snap, output = None, bytearray(), bytearray()
     for kind, payload, _ in msgs[:k + 1]:
         if kind == wire.LOG:
             feed.put(payload)
         elif kind == wire.HORIZON:
             horizon = wire.read_u64(payload)
+        elif kind == wire.JOIN:
+            meta = json.loads(payload)
+        elif kind == wire.SNAP:
+            snap += payload
+        elif kind == wire.OUTPUT:
+            output += payload
     feed.end()
     if horizon < 0:
         return None                          # died before the pair formed: no instruction ran
     console = ConsoleServer("backup")
-    rp = LiveReplica(feed, image, console, lambda now: None)
+    join = None
+    if meta is not None:                     # a joined backup: the machine from the primary's state
+        join = JoinState(meta["generation"], meta["icount"], meta["digests"], meta["input"], bytes(snap))
+        console.preload(bytes(output))
+    rp = LiveReplica(feed, image, console, lambda now: None, join)
     rp.stop_at = horizon
-    rp.start_ticks()
+    if join is None:
+        rp.start_ticks()
     res = rp.replay()
     typed = bytearray()
     _typist(bytearray(primary_out[:seen]), typed)   # what the consumer had typed so far
@@ -149,3 +187,23 @@ def test_every_kill_point_with_two_vcpus():
             assert r[0] == out, f"kill point {k}"
             points += 1
     assert points > 20
+
+
+def test_every_kill_point_after_a_backup_joined():
+    """The primary's backup dies, the primary goes on alone, a new backup joins (the
+    machine's saved state, the console's positions, a log from there); at every message
+    boundary of the joined link the joined backup takes over: nothing lost, nothing repeated."""
+    image, out, _typed, msgs = _run_primary(ft_guest.build(lines=2 * LINES, ask=ASK, delay=2000), join_at=2)
+    kinds = [kind for kind, _, _ in msgs]
+    assert kinds[0] == wire.JOIN and wire.SNAP in kinds and wire.OUTPUT in kinds
+    joined_at = next(released for kind, _, released in msgs if kind == wire.LOG)
+    assert 0 < joined_at < len(out)          # output before the join, and after it
+    assert msgs[-1][2] == len(out)
+    points = 0
+    for k in range(len(msgs)):
+        r = _take_over_at(k, image, out, msgs)
+        if r is not None:
+            served, typed_k = r
+            assert served == ft_guest.expected(2 * LINES, ASK, typed_k), f"kill point {k}"
+            points += 1
+    assert points > 50, points
