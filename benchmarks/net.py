@@ -1,4 +1,5 @@
-"""Network throughput and latency between two Debian Linux guests on the in-process switch.
+"""Network throughput and latency: two Debian Linux guests on the in-process switch, and a guest
+talking to the host through user-mode networking, the latter against QEMU TCG in the same run.
 
 Two machines (e1000 or virtio-net, Debian's kernel and modules in a busybox initramfs) run in
 one process in turns (replay/group.py); one sends BYTES of zeros to the other with busybox
@@ -12,7 +13,15 @@ one process in turns (replay/group.py); one sends BYTES of zeros to the other wi
   the stream backend's framing (4-byte big-endian length), in the same run: the cost of moving
   frames through the host alone.
 
-    python benchmarks/net.py [--model e1000|virtio|both] [--mbytes N]
+Guest to host (``--what user``, also in the default ``both``): one guest, the same kernel and
+initramfs under `vmm run --nic model=M,net=user` and under `qemu-system-x86_64 -accel tcg -nic
+user,model=M` (libslirp in both), sends BYTES of zeros with busybox ``nc`` to a TCP server
+this script runs on the host's loopback (10.0.2.2 from the guest) and pings 10.0.2.2 (libslirp
+answers).  Reported per model and emulator: bytes per host second as the host's server
+counts them (first byte to end of stream), the guest's ping round trip (vmm: virtual time;
+QEMU TCG: its guest clock, about host time), and the vmm/QEMU throughput ratio.
+
+    python benchmarks/net.py [--model e1000|virtio|both] [--mbytes N] [--what switch|user|both] [--no-qemu]
 
 Needs Debian's kernel packages (tools/debian.py); says so and exits 0 without them.
 """
@@ -21,9 +30,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import socket
 import struct
+import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -146,10 +158,100 @@ def socketpair_baseline(sizes: list[int], total_frames: int) -> tuple[float, int
     return dt, moved
 
 
+USER_GUEST = """ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+P=$(sed -n 's/.*hostport=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+ping -c 5 10.0.2.2
+echo XFER-START
+dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | nc 10.0.2.2 $P; echo XFER-DONE
+poweroff -f
+"""
+QEMU_MODEL = {"e1000": "e1000", "virtio": "virtio-net-pci"}
+
+
+class Sink:
+    """A TCP server on the host's loopback that counts what one connection sends (host clock)."""
+
+    def __init__(self) -> None:
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(1)
+        self.port = self.ls.getsockname()[1]
+        self.bytes = 0
+        self.first = self.last = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            c, _ = self.ls.accept()
+        except OSError:
+            return
+        with c:
+            while chunk := c.recv(1 << 20):
+                now = time.perf_counter()
+                self.first = self.first or now
+                self.last = now
+                self.bytes += len(chunk)
+
+    def close(self) -> None:
+        self.ls.close()
+        self.thread.join(5)
+
+
+def run_user(model: str, mbytes: int, emulator: str) -> dict:
+    """One guest sending ``mbytes`` MiB to the host through user-mode networking, under vmm or QEMU."""
+    kernel = debian.kernel()
+    initrd = debian.initramfs(debian.INIT_HEADER + debian.LOAD_MODULES + USER_GUEST.format(blocks=mbytes * 16),
+                              MODULES[model])
+    sink = Sink()
+    append = f"console=ttyS0 panic=-1 hostport={sink.port}"
+    if emulator == "vmm":
+        cmd = [sys.executable, "-m", "tools.cli", "run", "--kernel", str(kernel), "--initrd", str(initrd),
+               "--mem", "256M", "--append", append, "--nic", f"model={model},net=user"]
+    else:
+        cmd = [shutil.which("qemu-system-x86_64"), "-accel", "tcg", "-m", "256", "-kernel", str(kernel),
+               "-initrd", str(initrd), "-append", append, "-nic", f"user,model={QEMU_MODEL[model]}",
+               "-no-reboot", "-nographic", "-monitor", "none"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                       text=True, errors="replace", timeout=1800, check=False, stdin=subprocess.DEVNULL)
+    total = time.perf_counter() - t0
+    sink.close()
+    out = p.stdout
+    rtt = re.search(r"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms", out)
+    if "XFER-DONE" not in out or sink.first is None or sink.bytes != mbytes << 20:
+        raise RuntimeError(f"{emulator} {model}: the transfer did not complete ({sink.bytes} bytes, "
+                           f"rc {p.returncode}):\n{out[-1500:]}{p.stderr[-800:]}")
+    host_s = max(sink.last - sink.first, 1e-9)
+    return {"bytes": sink.bytes, "host_s": host_s, "rtt_ms": "/".join(rtt.groups()) if rtt else "?",
+            "total_s": total}
+
+
+def user_table(models: list[str], mbytes: int, qemu: bool) -> None:
+    print(f"\nguest -> host over user networking (libslirp), {mbytes} MiB with busybox nc, host clock:")
+    print(f"{'model':7s} {'vmm MB/s':>9} {'QEMU MB/s':>10} {'vmm/QEMU':>9}   {'vmm ping min/avg/max':>22}   "
+          f"{'QEMU ping min/avg/max':>22}   {'vmm run s':>9} {'QEMU run s':>10}")
+    for model in models:
+        v = run_user(model, mbytes, "vmm")
+        q = run_user(model, mbytes, "qemu") if qemu else None
+        vr = v["bytes"] / v["host_s"] / 1e6
+        qr = q["bytes"] / q["host_s"] / 1e6 if q else None
+        print(f"{model:7s} {vr:9.2f} {qr if qr is not None else float('nan'):10.2f} "
+              f"{(vr / qr if qr else float('nan')):8.2f}x   {v['rtt_ms'] + ' ms':>22}   "
+              f"{(q['rtt_ms'] + ' ms') if q else '-':>22}   {v['total_s']:9.1f} "
+              f"{q['total_s'] if q else float('nan'):10.1f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["e1000", "virtio", "both"], default="both")
-    ap.add_argument("--mbytes", type=int, default=4, help="MiB sent guest to guest (default 4)")
+    ap.add_argument("--mbytes", type=int, default=4, help="MiB sent guest to guest, and guest to host (default 4)")
+    ap.add_argument("--what", choices=["switch", "user", "both"], default="both",
+                    help="guest to guest on the switch, guest to host over user networking, or both")
+    ap.add_argument("--no-qemu", action="store_true", help="no QEMU column in the user-networking table")
     a = ap.parse_args()
     try:
         debian.kernel()
@@ -158,7 +260,7 @@ def main() -> int:
         print(f"net: skipped, Debian packages unavailable: {e}")
         return 0
     models = ["e1000", "virtio"] if a.model == "both" else [a.model]
-    for model in models:
+    for model in models if a.what != "user" else []:
         r = run_model(model, a.mbytes)
         base_s, base_bytes = socketpair_baseline(r["sizes"], r["frames"])
         print(f"{model:7s} guest->guest over the switch: {r['frames']} frames, {r['bytes'] / 1e6:.1f} MB in "
@@ -170,6 +272,11 @@ def main() -> int:
         print(f"{model:7s} host socketpair, same frames with 4-byte framing: {r['frames'] / base_s:,.0f} frames/s, "
               f"{base_bytes / base_s / 1e6:.0f} MB/s ({base_s * 1e3:.1f} ms): the switch path is "
               f"{base_s / r['host_s'] * 100:.2f}% as fast")
+    if a.what != "switch":
+        qemu = not a.no_qemu and shutil.which("qemu-system-x86_64") is not None
+        if not a.no_qemu and not qemu:
+            print("net: no qemu-system-x86_64 on PATH: the QEMU column is left out")
+        user_table(models, a.mbytes, qemu)
     return 0
 
 
