@@ -207,3 +207,17 @@ def test_every_kill_point_after_a_backup_joined():
             assert served == ft_guest.expected(2 * LINES, ASK, typed_k), f"kill point {k}"
             points += 1
     assert points > 50, points
+
+
+def test_every_kill_point_after_a_backup_joined_with_two_vcpus():
+    """As above with 2 vCPUs: the joined backup's machine holds both vCPUs' saved state and
+    the schedule goes on from there exactly (the AP's counter in every line shows it)."""
+    image, out, _typed, msgs = _run_primary(ft_guest.build(lines=240, smp=True, delay=20000), vcpus=2, join_at=2)
+    assert len({line.split()[1] for line in out.splitlines()}) > 10    # the AP's counter moves
+    points = 0
+    for k in range(len(msgs)):
+        r = _take_over_at(k, image, out, msgs)
+        if r is not None:
+            assert r[0] == out, f"kill point {k}"
+            points += 1
+    assert points > 40, points
