@@ -240,3 +240,20 @@ def test_dns_at_10_0_2_3_is_answered_by_the_hosts_resolver(slirp):
     a = answers()[0]
     assert a.id == 0x4242 and a.qr == dpkt.dns.DNS_R and a.rcode == dpkt.dns.DNS_RCODE_NOERR
     assert any(rr.type == dpkt.dns.DNS_A for rr in a.an), a.an
+
+
+def test_libslirps_timer_runs_on_host_time_and_sends_router_advertisements(slirp, monkeypatch):
+    """The IPv6 router advertisement timer (libslirp arms it for minutes ahead): nothing until
+    the host clock passes its deadline, then an RA to all nodes and the timer armed again."""
+    u, got = slirp()
+    armed = [t[0] for t in u._timers.values() if t[0] is not None]
+    assert len(armed) == 1
+    u.poll()
+    assert not got
+    monkeypatch.setattr(usernet, "_host_ns", lambda: (armed[0] + 1) * 1_000_000)   # the deadline (ms) passed
+    u.poll()
+    ra = [e for e in map(dpkt.ethernet.Ethernet, got) if isinstance(e.data, dpkt.ip6.IP6)
+          and isinstance(e.data.data, dpkt.icmp6.ICMP6) and e.data.data.type == 134]
+    assert ra and ra[0].dst == bytes.fromhex("333300000001"), got
+    again = [t[0] for t in u._timers.values() if t[0] is not None]
+    assert len(again) == 1 and again[0] > armed[0]

@@ -237,7 +237,7 @@ class UserNet:
             self.last_guest_error = ffi.string(msg).decode(errors="replace")
 
         def clock_get_ns(_opaque: Any) -> int:
-            return time.monotonic_ns()
+            return _host_ns()
 
         def timer_new(cb: Any, cb_opaque: Any, _opaque: Any) -> Any:
             return self._new_timer(None, cb_opaque, cb)
@@ -328,7 +328,7 @@ class UserNet:
         return self.frames_in - before
 
     def _fire_timers(self) -> None:
-        now_ms = time.monotonic_ns() // 1_000_000
+        now_ms = _host_ns() // 1_000_000
         for handle, t in list(self._timers.items()):
             if t[0] is None or t[0] > now_ms or self._slirp is None:
                 continue
@@ -343,6 +343,11 @@ class UserNet:
             self.lib.slirp_cleanup(self._slirp)
             self._slirp = None
         self._timers.clear()
+
+
+def _host_ns() -> int:
+    """libslirp's clock: host monotonic time (outside every machine; module doc)."""
+    return time.monotonic_ns()
 
 
 def _minus_one(*_args: Any) -> int:
