@@ -23,11 +23,15 @@ same run; each timing is the best of --repeat runs (the machine is shared).
    through the LAPIC, the AP counts in memory, the BSP prints lines) and its
    1-vCPU build, each run plainly and recorded (replay/session.py record, to
    a file), in process from machine construction to the guest's exit.
-   Needs nasm (skipped with a note without it).
+   Needs nasm (skipped with a note without it).  With --linux, also
+   Debian's kernel booted to the end of /init (as benchmarks/linux.py boots
+   it) with --smp 1 and --smp 2: `vmm run` and `vmm record` as processes,
+   their CPU time (a boot takes a minute or more; the machine is shared, so
+   CPU time rather than wall time).
 
 Then a verdict line.
 
-    python benchmarks/smp.py [--scale S] [--repeat N] [--only 1,5]
+    python benchmarks/smp.py [--scale S] [--repeat N] [--only 1,5] [--cpu-time] [--linux]
 
 Timings are wall time, or CPU time of this process with --cpu-time (steadier
 on a machine other jobs share; the ratios are what to compare).
@@ -38,6 +42,7 @@ import argparse
 import ctypes
 import mmap
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -533,6 +538,49 @@ def report_record(rep: int, scale: float) -> dict | None:
     return out
 
 
+def report_record_linux(rep: int) -> dict | None:
+    """CPU seconds of `vmm run` and `vmm record` booting Debian's kernel, per vCPU count."""
+    import resource
+    import subprocess
+
+    from benchmarks.linux import APPEND, INIT
+    from tools import debian
+
+    try:
+        kernel, initrd = debian.kernel(), debian.initramfs(INIT)
+    except debian.DebianUnavailable as e:
+        print(f"\n== 5b. Linux record overhead: skipped (Debian packages unavailable: {e})")
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = ["--kernel", str(kernel), "--initrd", str(initrd), "--append", APPEND, "--mem", "256M",
+            "--serial", "none"]
+
+    def cpu_of(args: list[str]) -> tuple[float, str]:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        p = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=root, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=3600, check=False)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if p.returncode != 0:
+            raise RuntimeError(f"vmm {args[0]} failed: {p.stderr[-400:]}")
+        return (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), p.stderr
+
+    print(f"\n== 5b. Linux record overhead: {kernel.name}, CPU seconds of the process (best of {rep})")
+    print(f"{'vCPUs':>5} {'instructions':>15} {'run':>8} {'record':>8} {'rec/run':>8}")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for smp in (1, 2):
+            log = os.path.join(tmp, f"linux{smp}.vmlog")
+            got = interleaved({"run": lambda smp=smp: cpu_of(["run", *base, "--smp", str(smp)]),
+                               "record": lambda smp=smp, log=log: cpu_of(["record", *base, "--smp", str(smp),
+                                                                          "-o", log])}, rep)
+            m = re.search(r"recorded ([\d,]+) instructions", got["record"][1])
+            n = m.group(1) if m else "?"
+            ratio = got["record"][0] / got["run"][0]
+            out[smp] = ratio
+            print(f"{smp:>5} {n:>15} {got['run'][0]:7.1f}s {got['record'][0]:7.1f}s {ratio:8.2f}")
+    return out
+
+
 # -- report ----------------------------------------------------------------------------------
 def _n(v, fmt="{:,}") -> str:
     return "n/a" if v is None else fmt.format(v)
@@ -669,6 +717,8 @@ def main() -> None:
                     help="run only these parts, e.g. 1,5 (the verdict needs 1 to 4)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with this process's CPU time instead of wall time")
+    ap.add_argument("--linux", action="store_true",
+                    help="part 5 also records Debian's kernel booting with 1 and 2 vCPUs (minutes)")
     a = ap.parse_args()
     if a.cpu_time:
         time.perf_counter = time.process_time
@@ -684,6 +734,8 @@ def main() -> None:
     co = report_coherence() if 4 in parts else None
     if 5 in parts:
         report_record(rep, a.scale)
+        if a.linux:
+            report_record_linux(rep)
     if None not in (vm, sh, dup, co):
         print("\n" + verdict(a.blocks, vm, sh, dup, co))
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not ft_guest.have_nasm(), reason="nasm builds the SMP test guest")
 
-PER_VCPU = re.compile(r"^  vCPU (\d+) +([\d,]+) instructions", re.M)
+PER_VCPU = re.compile(r"^  vCPU (\d+) +([\d,]+) instructions", re.MULTILINE)
 
 
 def vmm(*args: str) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def record(tmp_path: Path, smp: int) -> Path:
 def shown(log: Path) -> tuple[dict[int, int], int]:
     r = vmm("log", "show", str(log))
     assert r.returncode == 0, r.stderr
-    end = re.search(r"^  end +icount (\d+),", r.stdout, re.M)
+    end = re.search(r"^  end +icount (\d+),", r.stdout, re.MULTILINE)
     assert end, r.stdout
     return {int(v): int(n.replace(",", "")) for v, n in PER_VCPU.findall(r.stdout)}, int(end.group(1))
 
