@@ -599,17 +599,19 @@ def _wait_status(port: int, want, timeout: float = 60.0) -> dict:
     raise AssertionError(f"the status on port {port} never got there: {last}")
 
 
-@pytest.mark.parametrize("kill_after", [0.0, 0.4])
-def test_a_joined_backup_restores_redundancy(ask_guest, tmp_path, kill_after):
+@pytest.mark.parametrize("joins, kill_after", [(1, 0.0), (1, 0.4), (2, 0.2)])
+def test_a_joined_backup_restores_redundancy(ask_guest, tmp_path, joins, kill_after):
     """The backup dies, the primary goes on alone; `vmm ft backup --join` gets the running
-    machine's state from it and follows it in lockstep; then the primary dies, and the
-    joined backup takes over at the same console address: the consumer's transcript equals
-    an uninterrupted run's, nothing lost, nothing repeated."""
+    machine's state from it and follows it in lockstep (with joins=2 that one dies too and a
+    third joins); then the primary dies, and the last joined backup takes over at the same
+    console address: the consumer's transcript equals an uninterrupted run's, nothing lost,
+    nothing repeated, and each pairing's lease went to the side that went on."""
     pair = Pair(tmp_path, ask_guest)
     lock = tmp_path / "arbiter.lock"
-    gates = {2: threading.Event(), 6: threading.Event()}   # prompts answered only once a step is done
+    # prompts answered only once a step is done: the guest waits (its virtual time goes on)
+    gates = {2 + 3 * r: threading.Event() for r in range(joins + 1)}
     typing = threading.Lock()
-    joined: list[subprocess.Popen] = []
+    backups: list[subprocess.Popen] = [pair.backup]
     total = len(ft_guest.expected(LINES, ASK, b"a" * 100))
     kill_at: list[int | None] = [None]
 
@@ -619,7 +621,7 @@ def test_a_joined_backup_restores_redundancy(ask_guest, tmp_path, kill_after):
             while len(c.typed) < asked:
                 gate = gates.get(len(c.typed) + 1)
                 if gate is not None and not gate.is_set():
-                    return        # the guest waits (its virtual time goes on) until the step is done
+                    return
                 c.type(bytes([ord("a") + len(c.typed) % 26]))
             if kill_at[0] is not None and len(c.transcript) >= kill_at[0] and pair.primary.poll() is None:
                 kill_at[0] = None
@@ -627,20 +629,21 @@ def test_a_joined_backup_restores_redundancy(ask_guest, tmp_path, kill_after):
 
     def steps(c: ConsoleClient) -> None:
         _wait_status(pair.console, lambda s: s.get("state") == "paired" and int(s.get("acked_horizon", 0)) > 0)
-        while c.transcript.count(b"?\n") < 2:
-            time.sleep(0.02)
-        pair.backup.send_signal(signal.SIGKILL)
-        _wait_status(pair.console, lambda s: s.get("state") == "alone")
-        gates[2].set()
-        answer(c)
-        joined.append(vmm("ft", "backup", "--join", f"127.0.0.1:{pair.console}", "--arbiter", str(lock),
-                          "--linger", "5", "--heartbeat", "100ms"))
-        st = _wait_status(pair.console, lambda s: s.get("state") == "paired" and s.get("joins") == 1
-                          and int(s.get("acked_horizon", 0)) > 0)
-        assert st["lease_generation"] == 1
+        for r in range(joins):
+            while c.transcript.count(b"?\n") < 2 + 3 * r:
+                time.sleep(0.02)
+            backups[-1].send_signal(signal.SIGKILL)
+            _wait_status(pair.console, lambda s: s.get("state") == "alone")
+            gates[2 + 3 * r].set()
+            answer(c)
+            backups.append(vmm("ft", "backup", "--join", f"127.0.0.1:{pair.console}", "--arbiter", str(lock),
+                               "--linger", "5", "--heartbeat", "100ms"))
+            st = _wait_status(pair.console, lambda s, r=r: s.get("state") == "paired" and s.get("joins") == r + 1
+                              and int(s.get("acked_horizon", 0)) > 0)
+            assert st["lease_generation"] == r + 1
         # the pair runs in lockstep again: kill the primary at a point of the output still to come
         kill_at[0] = len(c.transcript) + int(kill_after * (total - len(c.transcript)))
-        gates[6].set()
+        gates[2 + 3 * joins].set()
         answer(c)
 
     c = ConsoleClient([("127.0.0.1", pair.console)], answer)
@@ -649,27 +652,28 @@ def test_a_joined_backup_restores_redundancy(ask_guest, tmp_path, kill_after):
     try:
         assert c.run(timeout=180, reconnect_for=30) == 0
         t.join(5)
-        rc_j, err_j = finish(joined[0])
+        rc_j, err_j = finish(backups[-1])
         rc_p, err_p = finish(pair.primary)
     finally:
         if sys.exc_info()[0] is not None:      # what each side said, for the failure report
-            for p in (*joined, pair.primary, pair.backup):
+            for p in (*backups, pair.primary):
                 if p.poll() is None:
                     p.kill()
                 print(p.args[4:6], p.communicate()[1].decode(errors="replace"))
         pair.close()
-        for p in joined:
+        for p in backups:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
     assert bytes(c.transcript) == ft_guest.expected(LINES, ASK, bytes(c.typed))
     assert rc_p == -signal.SIGKILL, err_p
-    assert "a backup joins" in err_p and "lockstep again (lease generation 1)" in err_p, err_p
+    assert "a backup joins" in err_p and f"lockstep again (lease generation {joins})" in err_p, err_p
     assert rc_j == 0, err_j
     assert "joined the primary" in err_j and "live from tick" in err_j, err_j
     assert c.served_by[0] == "primary" and c.served_by[-1] == "backup"
-    assert '"role": "backup"' in (tmp_path / "arbiter.lock.1").read_text()
-    assert '"role": "primary"' in lock.read_text()
+    leases = [lock] + [Path(f"{lock}.{g}") for g in range(1, joins + 1)]
+    assert all('"role": "primary"' in x.read_text() for x in leases[:-1])   # the primary went on alone
+    assert '"role": "backup"' in leases[-1].read_text()                      # the last backup took over
 
 
 def test_join_is_refused_by_a_primary_that_has_a_backup(ask_guest, tmp_path):
