@@ -8,8 +8,10 @@ backup a ``Replayer`` reading from it; nothing below replay/ knows about it.
 
 Modules:
   wire     the link between the two: framed messages, heartbeats, failure detection
-  arbiter  the atomic test-and-set that decides who may be live (no split brain)
+  arbiter  the atomic test-and-set that decides who may be live (no split brain): a lock
+           file, or an arbiter process's lease (`vmm ft arbiter`, --arbiter tcp:HOST:PORT)
   console  the console endpoint: outputs carry their stream position, inputs theirs
+  netgate  the output rule for the frames the primary's NICs send
   primary  ``run_primary``: record to the link, the output rule, --max-lag
   backup   ``run_backup``: replay from the link, take over at the last horizon
 
