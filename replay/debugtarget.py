@@ -387,9 +387,9 @@ class LiveTarget(_Inspect):
         if kind in (WATCH_WRITE, WATCH_READ, WATCH_ACCESS):
             h = self.watchpoints.pop((kind, addr, max(1, length)), None)
             if h is not None:
-                self.m.vcpu.remove_hook(h)
+                self.m.vcpu.remove_linear_watch(h)
             if not self.watchpoints and self._stop_hook is not None:
-                self.m.vcpu.remove_hook(self._stop_hook)
+                self.m.vcpu.engine.watch_stops(False)
                 self._stop_hook = None
             return True
         raise NotImplementedError(kind)
@@ -407,20 +407,17 @@ class LiveTarget(_Inspect):
             if kind == WATCH_WRITE and access == vcpu.ACCESS_WRITE and _stores_same(m, who, address, size, value):
                 return  # gdb's `watch` reports a write only when it changes the value
             self._watch_hit = (kind, address, who.id)
+            # stop before the next instruction (a BREAKPOINT exit; the C check in watch.c)
+            vcpu.engine.stop_after_access()
 
         key = (kind, addr, length)
         if key in self.watchpoints:
             return
-        self.watchpoints[key] = vcpu.add_watch_hook(kinds, addr, addr + length - 1, on_access)
+        # gdb's addresses are linear: the watch follows them to whatever frame they map to
+        self.watchpoints[key] = vcpu.add_linear_watch(kinds, addr, addr + length - 1, on_access)
         if self._stop_hook is None:
-            self._stop_hook = vcpu.add_code_hook(self._after_access)
-
-    def _after_access(self, address: int, size: int) -> None:
-        """Before each instruction while watchpoints are set: the one before it made a
-        watched access, so stop here (a BREAKPOINT exit, the instruction not executed)."""
-        if self._watch_hit is not None:
-            eng = self.m.vcpu.engine
-            eng._on_breakpoint(eng.uc, address, size, None)
+            vcpu.engine.watch_stops(True)
+            self._stop_hook = True
 
     def monitor(self, command: str) -> str:
         words = command.split()

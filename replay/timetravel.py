@@ -331,7 +331,8 @@ class TimeTravel:
             # record the instruction now executing; the stop point is just after it
             self._watch_hits.append(Hit(m.clock.now() - m.clock.idle + 1, kind, address, who.id))
 
-        self.watchpoints[(kind, addr, length)] = vcpu.add_watch_hook(kinds, addr, addr + length - 1, hook)
+        # gdb's addresses are linear: the watch follows them to whatever frame they map to
+        self.watchpoints[(kind, addr, length)] = vcpu.add_linear_watch(kinds, addr, addr + length - 1, hook)
 
     def _unchanged(self, cpu, address: int, size: int, value: int) -> bool:
         """Does this store write the bytes memory already holds? (Called before the store.)"""
@@ -347,7 +348,7 @@ class TimeTravel:
     def remove_watchpoint(self, kind: int, addr: int, length: int) -> None:
         h = self.watchpoints.pop((kind, addr, length), None)
         if h is not None:
-            self.m.vcpu.remove_hook(h)
+            self.m.vcpu.remove_linear_watch(h)
 
     # -- forward ------------------------------------------------------------------------
     def step(self, vcpu: int | None = None) -> Stop:

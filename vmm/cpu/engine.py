@@ -95,6 +95,7 @@ MSR_EFER = 0xC000_0080
 
 MMU_MODES = ("shadow", "nested")
 _RETRY = object()  # an EPT violation a handler fixed: enter the guest again
+_WATCH = object()  # a watched linear page maps elsewhere now: its hooks moved, enter again
 _SMC = object()    # a block cut by its own store was accounted for: enter again
 # the error Unicorn reports in nested mode for each (access, hole) violation
 _VIOLATION_ERR = {
@@ -260,6 +261,8 @@ class Engine:
         # deliver common exceptions in C without leaving the guest (deliver.c); the
         # machine turns it off where Python must see every exception (--trace, introspection)
         self.fast_delivery = True
+        self._lwatch: dict[int, tuple] = {}    # linear watches: handle -> (kinds, begin, end, callback, hooks)
+        self._lwatch_next = 1
         self.loaded: Vcpu | None = None
         self._parked: Vcpu | None = None
         self.vcpus: list[Vcpu] = []
@@ -719,6 +722,98 @@ class Engine:
         self.invalidate_code()
         return h
 
+    def add_linear_watch(self, kinds: int, begin: int, end: int, callback) -> int:
+        """Call ``callback(access, address, size, value)`` for guest data accesses to
+        linear [begin, end] of the loaded vCPU's address space, ``address`` linear.
+
+        Unicorn's memory hooks see physical addresses (the frames behind the EPT),
+        so each watched page is hooked at the frame it maps to now, and follows it:
+        the shadow MMU refuses a fill that maps a watched page elsewhere (a CR3
+        switch, a changed PTE once flushed), the hooks move, the instruction runs
+        again (watch.c).  Under the nested MMU the pages are looked up again at
+        every exit.  Returns a handle for remove_linear_watch."""
+        pages = set(range(begin & ~0xFFF, end + 1, PAGE))
+        for _kinds, b, e, _cb, _hooks in self._lwatch.values():
+            pages.update(range(b & ~0xFFF, e + 1, PAGE))
+        if end < begin or len(pages) > lib.VMM_WATCH_PAGES:
+            raise ValueError(f"watchpoints cover at most {lib.VMM_WATCH_PAGES} pages together")
+        h = self._lwatch_next
+        self._lwatch_next += 1
+        self._lwatch[h] = (kinds, begin, end, callback, {})
+        self.flush_tlb()   # every access to the page fills again, through the check
+        self._watch_follow()
+        return h
+
+    def remove_linear_watch(self, handle: int) -> None:
+        w = self._lwatch.pop(handle, None)
+        if w is None:
+            return
+        for _phys, hook in w[4].values():
+            if hook is not None:
+                self.uc.hook_del(hook)
+        self._watch_follow()
+        self.invalidate_code()
+
+    def _watch_phys(self, page: int) -> int | None:
+        """The Unicorn-physical page linear ``page`` maps to now (None: not mapped, MMIO)."""
+        v = self.loaded if self.loaded is not None else self.vcpus[0]
+        try:
+            gpa = v.translate(page, "r", set_ad=False)
+        except Exception:  # noqa: BLE001 - not mapped (a #PF), or no memory there
+            return None
+        if self.mmu_mode == "nested":
+            return gpa & ~0xFFF
+        gpn = gpa >> 12
+        e = int(self.ept.entries[gpn]) if gpn < self.ept.npages else 0
+        if not e & lib.VMM_EPT_VALID or e & MMIO:
+            return None
+        return (e >> 12) << 12
+
+    def _watch_follow(self) -> None:
+        """Hook every watched page at the frame it maps to now; list them for the fill's check."""
+        table: dict[int, int | None] = {}
+        changed = False
+        for kinds, begin, end, callback, hooks in self._lwatch.values():
+            types = (unicorn.UC_HOOK_MEM_READ if kinds & WATCH_READ else 0) | (
+                unicorn.UC_HOOK_MEM_WRITE if kinds & WATCH_WRITE else 0)
+            for page in range(begin & ~0xFFF, end + 1, PAGE):
+                phys = table[page] if page in table else self._watch_phys(page)
+                table[page] = phys
+                old = hooks.get(page)
+                if old is not None and old[0] == phys:
+                    continue
+                if old is not None and old[1] is not None:
+                    self.uc.hook_del(old[1])
+                hook = None
+                if phys is not None:
+                    shift = phys - page
+                    hook = self.uc.hook_add(
+                        types, lambda uc, access, address, size, value, _, d=shift, cb=callback:
+                        cb(access, address - d, size, value), None, max(begin, page) + shift,
+                        min(end, page + PAGE - 1) + shift)
+                hooks[page] = (phys, hook)
+                changed = True
+        c = self._core
+        c.watch_n = 0
+        for i, page in enumerate(sorted(table)):
+            c.watch_lin[i] = page
+            c.watch_phys[i] = U64 if table[page] is None else table[page]
+        c.watch_n = len(table)
+        if changed:
+            self.invalidate_code()
+
+    def watch_stops(self, on: bool) -> None:
+        """While on, stop_after_access() stops the vCPU right after the instruction
+        making the access (a C check before each instruction)."""
+        rc = lib.vmm_core_watch_stops(self._core, 1 if on else 0)
+        if rc != 0:
+            raise VcpuError(f"the watchpoint stop hook failed (uc_err {rc})")
+        self.invalidate_code()
+
+    def stop_after_access(self) -> None:
+        """From a watch callback: stop before the next instruction (a BREAKPOINT exit)."""
+        self._core.stop_next = 1
+
     def add_code_hook(self, callback, begin: int = 1, end: int = 0) -> int:
         """Call ``callback(address, size)`` before each instruction in [begin, end] (all when begin > end)."""
         h = self.uc.hook_add(unicorn.UC_HOOK_CODE, lambda uc, address, size, _: callback(address, size),
@@ -946,9 +1041,17 @@ class Engine:
         means the handler did not fix it, and ends the run.
         """
         last = None
+        moves = 0
         while True:
             x = self._enter_once(budget, until)
             if x is _SMC:
+                budget = min(budget, self._core.budget)
+                continue
+            if x is _WATCH:
+                moves += 1
+                if moves > 64:
+                    return VmExit(ExitReason.ERROR, self.rip(), self._core.icount,
+                                  detail="a watched page's translation would not settle")
                 budget = min(budget, self._core.budget)
                 continue
             if x is not _RETRY:
@@ -976,6 +1079,8 @@ class Engine:
 
     def _enter_once(self, budget: int, until: int):
         x = self._enter_once_inner(budget, until)
+        if self._lwatch and self.mmu_mode == "nested":
+            self._watch_follow()   # no fills to tell: look again at every exit
         if self._deferred:
             # after the exit is accounted for: a memory-map change may drop translated code
             # and the block-count cache the accounting reads
@@ -1023,7 +1128,9 @@ class Engine:
         # did not happen and the instruction did not retire
         sh = self._shadow
         pf = sh != ffi.NULL and err == unicorn.UC_ERR_EXCEPTION and sh.pending in (lib.VMM_PEND_PF, lib.VMM_PEND_GP)
-        viol = None if err == 0 or pf else self._violation(err)
+        # a fill that would move a watched page's frame (watch.c): nothing happened yet
+        moved = sh != ffi.NULL and err == unicorn.UC_ERR_EXCEPTION and sh.pending == lib.VMM_PEND_WATCH
+        viol = None if err == 0 or pf or moved else self._violation(err)
         fetch_fault = (pf and sh.pend_access == 2) or (viol is not None and viol.access == "x") or bool(
             flags & (lib.VMM_STOP_EXC | lib.VMM_STOP_UD) and c.exc_vector == 14 and self._is_fetch_fault(lin))
         cur = c.cur
@@ -1048,6 +1155,11 @@ class Engine:
         icount = c.icount
         v = self.loaded
         rip = self.rip()
+        if moved:
+            if self._ref_hook is not None:
+                v.ref_icount -= 1   # the instruction started, and will run again
+            self._watch_follow()
+            return _WATCH
         if pf:
             vec = 14 if sh.pending == lib.VMM_PEND_PF else 13
             if vec == 14:
@@ -1101,7 +1213,7 @@ class Engine:
             return None
         if until != NO_UNTIL and lin == until:
             return None
-        if self._bp_hit:
+        if self._bp_hit or flags & lib.VMM_STOP_WATCH:
             self._bp_hit = False
             return VmExit(ExitReason.BREAKPOINT, rip, icount)
         # emu_start returned by itself: HLT (it ends its block, EIP is past it)

@@ -16,7 +16,7 @@ import os
 from cffi import FFI
 
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
-SOURCES = ("core.c", "mmu.c", "deliver.c")
+SOURCES = ("core.c", "mmu.c", "deliver.c", "watch.c")
 
 
 def _unicorn_paths() -> tuple[str, str]:

@@ -471,6 +471,13 @@ class Vcpu:
     def add_watch_hook(self, kinds: int, begin: int, end: int, callback) -> int:
         return self.engine.add_watch_hook(kinds, begin, end, callback)
 
+    def add_linear_watch(self, kinds: int, begin: int, end: int, callback) -> int:
+        """Watch linear [begin, end] wherever it maps (Engine.add_linear_watch)."""
+        return self.engine.add_linear_watch(kinds, begin, end, callback)
+
+    def remove_linear_watch(self, handle: int) -> None:
+        self.engine.remove_linear_watch(handle)
+
     def add_code_hook(self, callback, begin: int = 1, end: int = 0) -> int:
         return self.engine.add_code_hook(callback, begin, end)
 

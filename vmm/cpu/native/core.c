@@ -47,6 +47,8 @@
 #define VMM_STOP_IRQWIN   0x80u
 #define VMM_STOP_MMIO     0x100u  /* an MMIO access asked for a stop: EIP is back at its instruction */
 #define VMM_STOP_SMC      0x200u  /* a store rewrote the block that ran it: count what of it retired */
+#define VMM_STOP_WATCH    0x400u  /* a watchpoint hit: stopped before the instruction after the access */
+#define VMM_WATCH_PAGES   64      /* linear pages whose translation a watch follows */
 
 #define VMM_IO_STOP       0x1
 #define VMM_SLOW_IRQ      0x1
@@ -159,6 +161,15 @@ typedef struct vmm_core {
     uint32_t forced_rf;   /* RFLAGS.RF was set when that block started */
     uint64_t cflags_off;  /* offset of CPUState::cflags_next_tb, 0 if unknown */
     vmm_tbc_entry forced_tb;   /* that block, once running (cur points here) */
+    /* Watchpoints on linear addresses (watch.c): Unicorn's memory hooks see physical
+       addresses, so the VMM hooks the frames the watched pages map to now; a TLB fill
+       that maps one of them elsewhere fails (VMM_PEND_WATCH) so the VMM re-hooks first */
+    uint32_t watch_n;
+    uint64_t watch_lin[VMM_WATCH_PAGES];    /* linear page */
+    uint64_t watch_phys[VMM_WATCH_PAGES];   /* the Unicorn-physical page it maps to, ~0: none */
+    uint64_t watch_moves;
+    uint32_t stop_next;                     /* stop before the next instruction (set by a hit) */
+    uc_hook next_hook;
     uint32_t fast;               /* FD_* (deliver.c): exceptions delivered in the hooks */
     uint64_t fast_delivered;     /* exceptions delivered in C */
     uint64_t fast_misses;        /* ... tried in C and left to Python */

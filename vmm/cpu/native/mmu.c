@@ -69,6 +69,7 @@
 #define VMM_PEND_PF  1
 #define VMM_PEND_EPT 2
 #define VMM_PEND_GP  3   /* a non-canonical address in long mode: #GP(0), as QEMU's walk raises */
+#define VMM_PEND_WATCH 4  /* a watched linear page maps to another frame than the one hooked (watch.c) */
 
 #define PHYS_BITS 40
 #define PHYS_MASK ((1ull << PHYS_BITS) - 1)
@@ -433,6 +434,19 @@ static void (*vmm_tlb_set_page)(void *cs, uint64_t vaddr, uint64_t paddr, int pr
 static bool shadow_resolve(struct vmm_shadow *s, uint64_t addr, int access, int idx, int quiet,
                            uint64_t *paddr, uint32_t *prot, uint64_t *size);
 
+/* Does watched linear page `va` now map to another frame than the one hooked? */
+static int watch_moved(vmm_core *c, uint64_t va, uint64_t phys)
+{
+    uint32_t i;
+    for (i = 0; i < c->watch_n; i++) {
+        if (c->watch_lin[i] == va && c->watch_phys[i] != phys) {
+            c->watch_moves++;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* In front of Unicorn's unicorn_fill_tlb.  A fill that succeeds is entered
    into the TLB here directly: unicorn_fill_tlb would first run
    cpu_restore_state (re-decoding the block up to the access, Unicorn issue
@@ -617,6 +631,14 @@ static bool shadow_resolve(vmm_shadow *s, uint64_t addr, int access, int idx, in
         }
     }
     hfn = e >> 12;
+    if (c->watch_n && access != 2 && watch_moved(c, vaddr, hfn << 12)) {
+        if (!quiet) {
+            s->pending = VMM_PEND_WATCH;
+            s->pend_access = (uint32_t)access;
+            s->pf_addr = addr;
+        }
+        return false;
+    }
     slot = frame_slot(m, hfn);
     perms = (uint32_t)(e & VMM_EPT_R);
     if (access == 1) {
