@@ -16,7 +16,9 @@
   FT console (where the echo also waits for the backup's acknowledgement);
 - failover: the time from the primary's death to the console client's first new
   byte from the backup, after SIGKILL (the link closes) and after SIGSTOP (only
-  the heartbeats can tell), with the backup's own detection time.
+  the heartbeats can tell), with the backup's own detection time;
+- join: the time a new backup takes to join a primary that runs alone (`vmm ft
+  backup --join`) until the pair is whole again, and the size of the state sent.
 
 Needs nasm (the guest is tests/ft_guest.py).
 """
@@ -233,6 +235,48 @@ def failover(guest: Path, tmp: Path, kills: int, sig: int) -> None:
           f"it last heard the primary: {', '.join(map(str, detected))}")
 
 
+def rejoin(tmp: Path, rounds: int) -> None:
+    """Restoring redundancy: a pair whose backup is killed; the primary goes on alone (its
+    guest waits for a console byte, running); the time from starting `vmm ft backup --join`
+    to the primary saying the pair is whole again, and the state it sent."""
+    from replay.ft.console import query_status
+
+    guest = ft_guest.build(lines=100, ask=50)
+    times, sizes = [], []
+
+    def until(cp: int, want) -> None:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                if want(query_status("127.0.0.1", cp)):
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        raise RuntimeError("the pair never got there")
+
+    for _ in range(rounds):
+        p, b, cp = start_pair(guest, tmp)
+        until(cp, lambda s: s.get("state") == "paired" and int(s.get("acked_horizon", 0)) > 0)
+        b.kill()
+        b.communicate()
+        until(cp, lambda s: s.get("state") == "alone")
+        t0 = time.perf_counter()
+        j = vmm("ft", "backup", "--join", f"127.0.0.1:{cp}", "--heartbeat", "50ms")
+        until(cp, lambda s: s.get("state") == "paired" and s.get("joins") == 1)
+        times.append(time.perf_counter() - t0)
+        for x in (j, p):
+            x.kill()
+        err = p.communicate()[1].decode()
+        j.communicate()
+        m = re.search(r"icount \d+, ([\d,]+) bytes\)", err)
+        if m:
+            sizes.append(int(m.group(1).replace(",", "")))
+    print(f"join ({rounds}): `vmm ft backup --join` started to the pair whole again, s: "
+          f"{', '.join(f'{t:.2f}' for t in times)} (the backup's start-up included); machine state sent: "
+          f"{', '.join(f'{n:,}' for n in sizes)} bytes (32 MiB of RAM, compressed)")
+
+
 def _drop_when_stopped(c: ConsoleClient, mark: dict) -> None:
     while "t" not in mark:
         time.sleep(0.005)
@@ -256,6 +300,7 @@ def main() -> None:
     latency(tmp, args.trips)
     failover(guest, tmp, args.kills, signal.SIGKILL)
     failover(guest, tmp, args.kills, signal.SIGSTOP)
+    rejoin(tmp, args.kills)
 
 
 if __name__ == "__main__":
