@@ -466,7 +466,8 @@ def test_usage_errors_are_one_line(tmp_path):
     for args in (["ft", "primary", "hello", "--backup", "nohost"],
                  ["ft", "primary", "hello", "--backup", ":1", "--max-lag", "1us"],
                  ["ft", "backup", "--listen", "x:y"], ["ft", "backup"],
-                 ["ft", "backup", "--listen", "1", "--join", "127.0.0.1:2"], ["ft", "backup", "--join", "h:x"]):
+                 ["ft", "backup", "--listen", "1", "--join", "127.0.0.1:2"], ["ft", "backup", "--join", "h:x"],
+                 ["ft", "primary", "hello", "--backup", "127.0.0.1:1", "-hda", str(tmp_path / "disk.img")]):
         rc, err = finish(vmm(*args))
         assert rc == 2, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -171,6 +171,10 @@ def _primary(args) -> int:
         if getattr(args, opt) != default:
             raise UsageError(f"vmm ft primary: --{opt.replace('_', '-')} is not for a pair "
                              f"(the console is --console)")
+    from tools import cli_disk
+
+    if cli_disk.specs_from_args(args) or getattr(args, "bios", None):
+        raise UsageError("vmm ft primary: disks (--drive, -hda, -cdrom) and --bios do not run under FT yet")
     _check_heartbeat(args)
     max_lag = int(args.max_lag * 1e8)
     if max_lag < 4 * FLUSH_TICKS:
