@@ -124,7 +124,7 @@ def cmd_ft(args) -> int:
         return _status(args)
     if args.ft_command == "arbiter":
         return _arbiter(args)
-    raise UsageError("ft needs a subcommand: primary, backup or console")
+    raise UsageError("ft needs a subcommand: primary, backup, console, status or arbiter")
 
 
 def _say(role: str):
