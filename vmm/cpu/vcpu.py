@@ -371,13 +371,16 @@ class Vcpu:
         return bool(self.hflags2 & HF2_NMI_MASK)
 
     def snapshot_regs(self) -> dict[str, int]:
-        d = {n: self.gpr(i) for i, n in enumerate(GPR_ORDER)}
-        d["rip"] = self.rip
+        # every periodic digest reads these of every vCPU: the CPU state is found once
+        env = self._env
+        d = dict(zip(GPR_ORDER, struct.unpack_from("<16Q", env, ENV_REGS), strict=True))
+        d["rip"] = struct.unpack_from("<Q", env, ENV_EIP)[0]
         d["rflags"] = self.rflags
         for i, n in enumerate(SEG_NAMES):
-            d[n] = self.seg(i).selector
-        d["cr0"], d["cr2"], d["cr3"], d["cr4"] = self.cr0, self.cr2, self.cr3, self.cr4
-        d["cpl"] = self.cpl
+            d[n] = struct.unpack_from("<I", env, ENV_SEGS + i * SEG_SIZE)[0] & 0xFFFF
+        cr0, _cr1, cr2, cr3, cr4 = struct.unpack_from("<5Q", env, ENV_CR)
+        d["cr0"], d["cr2"], d["cr3"], d["cr4"] = cr0, cr2, cr3, cr4
+        d["cpl"] = struct.unpack_from("<I", env, ENV_HFLAGS)[0] & HF_CPL_MASK
         return d
 
     # -- guest-linear memory (the VMM's own accesses) ---------------------------
