@@ -25,7 +25,7 @@ import struct
 import numpy as np
 
 from devices.base import DmaError
-from vmm.memory.ept import LOG, PAGE, VALID, Ept, EptViolation, R, Violation, W
+from vmm.memory.ept import LOG, PAGE, POOL_FIRST, VALID, Ept, EptViolation, R, Violation, W
 
 MAX_TRANSFER = 64 << 20
 
@@ -54,6 +54,16 @@ class DmaView:
         first, last = gpa // PAGE, (gpa + n - 1) // PAGE
         if last >= len(entries):
             raise DmaError(gpa, n, "past the end of guest-physical memory")
+        if first == last:
+            # one page (ring entries, headers, status bytes, a 4 KiB block): the same test on
+            # one int, without numpy's per-call cost; anything it does not pass takes the
+            # full path below, which names the reason
+            e = int(entries[first])
+            f = e >> 12
+            ept = self.ept
+            ram = f < ept.ram_frames or (ept.pool is not None and POOL_FIRST <= f < POOL_FIRST + ept.pool_frames)
+            if e & VALID and ram and e & (R if access == 0 else (W | LOG)):
+                return
         span = entries[first:last + 1]
         ok = (span & VALID) != 0
         if not ok.all():
@@ -61,7 +71,6 @@ class DmaView:
         frames = span >> 12
         ram = frames < self.ept.ram_frames
         if self.ept.pool is not None:
-            from vmm.memory.ept import POOL_FIRST
             ram |= (frames >= POOL_FIRST) & (frames < POOL_FIRST + self.ept.pool_frames)
         if not ram.all():
             raise DmaError(gpa, n, "into a region that is not RAM")
