@@ -90,6 +90,9 @@ SAVED_MSRS = (
 STATE_VERSION = 1
 
 
+XMM_MASK = (1 << 128) - 1
+
+
 @dataclass(frozen=True)
 class Segment:
     selector: int
@@ -533,7 +536,9 @@ class Vcpu:
             "hflags": self.hflags, "hflags2": self.hflags2, "a20": self.a20_mask,
             "fpu": {k: rf.reg_read(k) for k in ("fpcw", "fpsw", "fptag", "fip", "fcs", "fdp", "fds", "fop", "mxcsr")},
             "st": [rf.reg_read(f"st{i}") for i in range(8)],
-            "ymm": [rf.reg_read(f"ymm{i}") for i in range(16)],
+            # the XMM halves: the CPU offers no AVX (vmm/cpu/cpuid.py), and Unicorn's YMM
+            # read returns whatever its upper-half storage holds (host pointers were seen)
+            "ymm": [rf.reg_read(f"xmm{i}") & XMM_MASK for i in range(16)],
             "icount": self.icount, "irq_pending": self._irq_pending, "tsc_aux": self.tsc_aux,
             "pins": self.pins.save_state(),
         }
@@ -573,7 +578,7 @@ class Vcpu:
         for i, v in enumerate(st["st"][:8]):
             rf.reg_write(f"st{i}", int(v))
         for i, v in enumerate(st["ymm"][:16]):
-            rf.reg_write(f"ymm{i}", int(v))
+            rf.reg_write(f"xmm{i}", int(v) & XMM_MASK)
         gpr = [int(x) for x in st["gpr"]]
         if len(gpr) != 16:
             raise DeviceStateError("vcpu: 16 general registers expected")
