@@ -125,3 +125,34 @@ def test_the_committed_symbol_files_match_a_fresh_build():
     from guests.build import check
 
     assert check(BUILD_DIR) == []
+
+
+@needs_gdb
+def test_vmm_run_demo_gdb_names_the_symbol_file_and_gdb_loads_it():
+    """`vmm run demo --gdb`: the waiting message says which symbol file to load; gdb loads
+    it, breaks on task_a, and the guest runs to its end once gdb has gone."""
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "run", "demo", "--serial", "none",
+                             "--gdb", "127.0.0.1:0"], cwd=root, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = sym = None
+        while port is None or sym is None:
+            line = proc.stderr.readline()
+            assert line, "vmm ended before naming the gdb port and the symbol file"
+            if m := re.search(r"target remote [\d.]+:(\d+)", line):
+                port = int(m.group(1))
+            if m := re.search(r"symbol-file (\S+)", line):
+                sym = m.group(1)
+        assert Path(sym) == symbols_path(guest_path("demo")).resolve()
+        out = run_gdb(port, [f"symbol-file {sym}", "break task_a", "continue", "info symbol $pc"])
+        assert "task_a in section .user" in out, out
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -366,6 +366,20 @@ def gdb_hint() -> str:
     return f"\nvmm: gdb commands (vmm-seek, vmm-icount, vmm-refresh): source {path}" if os.path.exists(path) else ""
 
 
+def symbols_hint(image: str | None) -> str:
+    """The gdb symbol file of a bundled guest (guests/build/NAME.sym, guests/symbols.py),
+    for the waiting message."""
+    from guests.build import BUILD_DIR
+
+    path = find_image(image) if image else None
+    if path is None:
+        return ""
+    sym = os.path.splitext(os.path.realpath(path))[0] + ".sym"
+    if os.path.dirname(sym) != str(BUILD_DIR) or not os.path.exists(sym):
+        return ""
+    return f"\nvmm: guest symbols: symbol-file {sym}"
+
+
 def _gdb_stub_class():
     from replay.gdbstub import GdbStub
 
@@ -432,10 +446,10 @@ def serve_gdb(m, args, stdio, parse_hostport, usage_error, exit_status) -> int:
         if wait:
             _release_terminal(stdio)            # cooked until gdb connects: Ctrl-C ends the wait
             print(f"vmm: waiting for gdb: target remote {stub.host}:{stub.port} (Ctrl-C quits)"
-                  + gdb_hint(), file=sys.stderr, flush=True)
+                  + gdb_hint() + symbols_hint(getattr(args, "image", None)), file=sys.stderr, flush=True)
         else:
-            print(f"vmm: gdb may attach at any time: target remote {stub.host}:{stub.port}" + gdb_hint(),
-                  file=sys.stderr, flush=True)
+            print(f"vmm: gdb may attach at any time: target remote {stub.host}:{stub.port}" + gdb_hint()
+                  + symbols_hint(getattr(args, "image", None)), file=sys.stderr, flush=True)
         while True:
             if not wait:
                 if stdio is not None:
