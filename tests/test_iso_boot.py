@@ -195,3 +195,17 @@ def test_a_cd_boot_records_and_replays(tmp_path, capsys):
                      "-o", str(log)]) == 0, capsys.readouterr().err
     assert cli.main(["replay", str(log), "--serial", str(rep)]) == 0, capsys.readouterr().err
     assert rec.read_bytes()[:16] == MARKER and rep.read_bytes() == rec.read_bytes()
+
+
+def test_a_snapshot_of_a_cd_booted_run_restores(tmp_path, capsys):
+    """The CD is read-only, and a snapshot taken mid-run restores with it (it used to lack the
+    drive's overlay part and was refused)."""
+    iso, snap = tmp_path / "t.iso", tmp_path / "s.snap"
+    make_disc(iso)
+    first, rest = tmp_path / "a.bin", tmp_path / "b.bin"
+    assert cli.main(["run", "-cdrom", str(iso), "--serial", str(first), "--save-at", f"20:{snap}",
+                     "--max-instructions", "200000"]) == 0, capsys.readouterr().err
+    assert cli.main(["run", "--restore", str(snap), "--serial", str(rest), "--max-instructions", "200000"]) == 0, \
+        capsys.readouterr().err
+    whole = first.read_bytes()
+    assert whole[:16] == MARKER and len(rest.read_bytes()) > 0 and whole.endswith(rest.read_bytes())

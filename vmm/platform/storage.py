@@ -180,8 +180,10 @@ def open_drive(d: dict, mode: str) -> Any:
     """The block object for one described drive (see the module docstring for ``mode``)."""
     path, fmt = d["path"], d["format"]
     try:
-        if mode == "run" and not d["snapshot"]:
-            return open_image(path, not d["readonly"], fmt)
+        if mode == "run" and not d["snapshot"] and not d["readonly"]:
+            return open_image(path, True, fmt)
+        # a read-only drive (a CD-ROM) sits behind an overlay that takes no writes in every
+        # mode, so a snapshot of a run holds its (empty) part and restores as it was saved
         img = ReplayOverlay(open_image(path, False, fmt), writable=not d["readonly"])
         if mode == "replay" and d.get("sha256") is not None \
                 and (img.size != d["size"] or img.sha256() != d["sha256"]):
