@@ -755,7 +755,8 @@ class Engine:
         self.invalidate_code()
 
     def _watch_phys(self, page: int) -> int | None:
-        """The Unicorn-physical page linear ``page`` maps to now (None: not mapped, MMIO)."""
+        """The Unicorn-physical page linear ``page`` maps to now (None: not mapped).  An
+        MMIO page is the bus's region at its own address: the frame the fill sees too."""
         v = self.loaded if self.loaded is not None else self.vcpus[0]
         try:
             gpa = v.translate(page, "r", set_ad=False)
@@ -765,7 +766,7 @@ class Engine:
             return gpa & ~0xFFF
         gpn = gpa >> 12
         e = int(self.ept.entries[gpn]) if gpn < self.ept.npages else 0
-        if not e & lib.VMM_EPT_VALID or e & MMIO:
+        if not e & lib.VMM_EPT_VALID:
             return None
         return (e >> 12) << 12
 
