@@ -541,6 +541,38 @@ static void wx_grant(vmm_shadow *s, int64_t slot, uint64_t va, int idx, uint8_t 
     s->fowner[slot] = bit < 0x1000 ? (va | bit) : FOWN_MANY;
 }
 
+/* A write grant to frame hfn (page va) drops the frame's translated code.  QEMU
+   checks only the first store through a new write entry against translated code
+   (notdirty_write then clears TLB_NOTDIRTY, as the entry has no addr_code), so the
+   stores after it through the same entry went unseen: GRUB's BIOS-call trampoline
+   patches the ES, DS, FLAGS and EAX immediates of its real-mode code in a row, and
+   the block holding the first three ran with the values of its first call.  Code on
+   the frame runs again only after a fetch fill, which takes the write grant back, so
+   every store in between is covered.  The block now running is kept when it sits on
+   the page written: QEMU's check of the first store handles a block that rewrites
+   itself (smc_restart in core.c). */
+static void wx_drop_code(vmm_shadow *s, uint64_t va, uint64_t hfn)
+{
+    vmm_core *c = s->core;
+    uint8_t *p = frame_ptr(s->mmu, hfn);
+    uint64_t ram, lo = 0, hi = 0;
+    if (!p || !c->tb_invalidate_range || !c->ram_addr_from_host)
+        return;
+    ram = c->ram_addr_from_host(c->uc, p);
+    if (ram == ~0ull)
+        return;
+    if (c->cur != NULL && (c->cur->pc & ~0xFFFull) == va) {
+        lo = c->cur->pc & 0xFFF;
+        hi = lo + c->cur->size;
+        if (hi > 0x1000)
+            hi = 0x1000;
+    }
+    if (lo > 0)
+        c->tb_invalidate_range(c->uc, ram, ram + lo);
+    if (hi < 0x1000)
+        c->tb_invalidate_range(c->uc, ram + hi, ram + 0x1000);
+}
+
 /* A fetch fill of page va -> frame hfn: is the block-count cache for va
    still about the same code? */
 static void pgt_note_exec(vmm_shadow *s, uint64_t va, int64_t slot, uint64_t hfn)
@@ -644,8 +676,12 @@ static bool shadow_resolve(vmm_shadow *s, uint64_t addr, int access, int idx, in
     if (access == 1) {
         s->fills_write++;
         perms |= UC_PROT_WRITE;
-        if (slot >= 0)
+        if (slot >= 0) {
+            uint8_t was = s->fstate[slot];
             wx_grant(s, slot, vaddr, idx, FST_W);
+            if (was != FST_W)
+                wx_drop_code(s, vaddr, hfn);
+        }
     } else if (access == 2) {
         s->fills_fetch++;
         perms |= UC_PROT_EXEC;
