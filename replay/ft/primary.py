@@ -345,14 +345,18 @@ class Primary:
                 # a joining backup that refused never goes live: back to running alone
                 self.say(f"the joining backup refused: {self.handshake}; going on alone")
                 link = self.link
-                with self.cv:
-                    self.alone = True
-                    self.stats.outcome = "alone"
-                    self.cv.notify_all()
-                self.console.go_alone()
-                for g in self.gates:
-                    g.go_alone()
+                self._go_alone()
                 link.close(drain=0)
+
+    def _go_alone(self) -> None:
+        """No backup any more: output leaves on the primary's word alone."""
+        with self.cv:
+            self.alone = True
+            self.stats.outcome = "alone"
+            self.cv.notify_all()
+        self.console.go_alone()
+        for g in self.gates:
+            g.go_alone()
 
     def _on_lost(self, reason: str) -> None:
         self.stats.lost_at = time.monotonic()
@@ -378,13 +382,7 @@ class Primary:
                 self.say(f"the backup is lost ({reason}); "
                          + ("holding the arbiter's lease, " if self.arbiter.path else "")
                          + "going on alone")
-                with self.cv:
-                    self.alone = True
-                    self.stats.outcome = "alone"
-                    self.cv.notify_all()
-                self.console.go_alone()
-                for g in self.gates:
-                    g.go_alone()
+                self._go_alone()
                 return
             if outcome == LOST:
                 self.say(f"the backup is lost ({reason}) and holds the arbiter ({detail}): stopping")
