@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from devices.legacy.debugports import DebugExit
 from tools.guestkit import Guest
-from vmm.memory.ept import LOG, POOL_FIRST, RWX, VALID, Ept, EptError, EptViolation, Violation, W
+from vmm.memory.ept import LOG, MMIO, POOL_FIRST, RWX, VALID, Ept, EptError, EptViolation, Violation, W
 from vmm.machine import Machine, StopReason
 from vmm.memory.ram import GuestMemory
 
@@ -34,6 +34,30 @@ def guest(mmu: str, code: str, mem: int = 4 << 20) -> Guest:
 
 
 # -- the table itself -------------------------------------------------------------------------
+def test_saved_table_restores_into_a_fresh_or_a_changed_table():
+    # a fresh table (never changed) takes a saved state as it is; a changed one goes back
+    mem = GuestMemory(1 << 20)
+    changed = Ept(mem)
+    changed.unmap(0x3000)
+    changed.protect(0x5000, "r")
+    changed.set_mmio(0x200000, True)
+    changed.start_dirty_log()
+    changed.write(0x9000, b"x")
+    saved, boot = changed.save_state(), Ept(mem).save_state()
+    fresh = Ept(mem)
+    fresh.load_state(saved)
+    assert (fresh.perms(0x3000), fresh.perms(0x5000), fresh.perms(0x6000)) == ("", "r", "rwx")
+    assert np.flatnonzero(fresh.dirty).tolist() == [9]
+    fresh.load_state(boot)
+    assert np.array_equal(fresh.entries, fresh.boot_entries()) and not fresh.dirty.any()
+    changed.load_state(boot)         # the MMIO claim stays (its device puts it back), the rest is undone
+    assert (changed.perms(0x3000), changed.perms(0x5000), changed.perms(0x9000)) == ("rwx", "rwx", "rwx")
+    assert changed.entry(0x200000) & MMIO and not changed.dirty.any()
+    untouched = Ept(mem)
+    untouched.load_state(boot)
+    assert np.array_equal(untouched.entries, untouched.boot_entries()) and not untouched.touched
+
+
 def test_map_unmap_protect_translate():
     mem = GuestMemory(1 << 20)
     ept = Ept(mem)

@@ -298,13 +298,16 @@ class Ept:
             for i, f in enumerate(used):
                 self.frame(f)[:] = np.frombuffer(data[i * PAGE:(i + 1) * PAGE], dtype=np.uint8)
             self._free = [int(f) for f in pool["free"]]
-        mmio = (self.entries & np.uint64(MMIO)) != 0
-        new = self.boot_entries()
-        new[mmio] = self.entries[mmio]
-        new[gpns] = vals
-        changed = np.flatnonzero(new != self.entries)
-        if changed.size:
-            self._set_many(changed, new[changed])
+        if self.touched or gpns.size:
+            mmio = (self.entries & np.uint64(MMIO)) != 0
+            new = self.boot_entries()
+            new[mmio] = self.entries[mmio]
+            new[gpns] = vals
+            changed = np.flatnonzero(new != self.entries)
+            if changed.size:
+                self._set_many(changed, new[changed])
+        # else: never changed since made (no MMIO claim either), so already the boot table
+        # the state asks for: skip building and comparing two whole tables
         self.logging = bool(st.get("logging", False))
         self.dirty[:] = 0
         self.dirty[dirty] = 1
