@@ -113,10 +113,14 @@ data:
 """
 
 
+def paging_program(program: str) -> str:
+    """The whole code of a paging guest: set-up, the random program, the exit."""
+    return "mov eax, 1; mov ebx, 2; xor esi, esi; " + program + "; mov dx, 0x501; mov al, 0; out dx, al; hlt"
+
+
 def paging_guest(mmu: str, program: str) -> Guest:
     g = guest(mmu)
-    g.protected_mode("mov eax, 1; mov ebx, 2; xor esi, esi; " + program
-                     + "; mov dx, 0x501; mov al, 0; out dx, al; hlt", paging=True)
+    g.protected_mode(paging_program(program), paging=True)
     g.idt32(14, PF_HANDLER)
     pt = PT + 0x1000
     for va, flags in ((NP, 0), (RO, 5), (RW, 7), (EXEC, 5), (NPX, 0)):
@@ -132,8 +136,9 @@ SMC_ITEMS = ["mov byte ptr [S{k}+1], cl; add eax, ebx; S{k}: mov bl, 0",
              "mov byte ptr [S{k}+1], al; S{k}: mov dl, 0; add esi, edx"]
 
 
-def _program():
-    simple = ALU + ACCESS + SMC_ITEMS
+def programs(simple: list[str], counter: str = "ecx"):
+    """Random programs: items of ``simple`` and short loops of them (``counter`` counts
+    the loop); ``{k}`` in an item becomes a label of its own."""
     item = st.one_of(st.sampled_from(simple),
                      st.tuples(st.integers(1, 4), st.lists(st.sampled_from(simple), min_size=1, max_size=4)))
 
@@ -150,13 +155,17 @@ def _program():
                 n, body = it
                 label += 1
                 top = label
-                out.append(f"push ecx; mov ecx, {n}; L{top}: " + "; ".join(one(b) for b in body)
-                           + f"; dec ecx; jnz L{top}; pop ecx")
+                out.append(f"push {counter}; mov {counter}, {n}; L{top}: " + "; ".join(one(b) for b in body)
+                           + f"; dec {counter}; jnz L{top}; pop {counter}")
             else:
                 out.append(one(it))
         return "; ".join(out)
 
     return st.lists(item, min_size=1, max_size=20).map(render)
+
+
+def _program():
+    return programs(ALU + ACCESS + SMC_ITEMS)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
