@@ -1,7 +1,9 @@
 """Port-I/O and MMIO buses.
 
-A bus maps address ranges to devices and refuses overlapping claims.  An
-access nobody claims reads as all ones and writes are dropped; both are
+A bus maps address ranges to devices and refuses overlapping claims.  A
+port nobody claims reads as all ones, memory nobody claims as zeros (QEMU's
+unassigned I/O and memory, tests/test_hostile_mmu.py), and writes to either
+are dropped; both are
 counted (``unclaimed_reads``/``unclaimed_writes``, and per port in
 ``unclaimed_ports``), never raised: a guest probing for hardware that is not
 there is normal (Bochs and Firecracker behave the same way).
@@ -400,11 +402,9 @@ class MmioBus:
         value = 0
         for a, n, c in self._pieces(addr, size):
             if c is None:
-                self.unclaimed_reads += 1
-                v = (1 << (8 * n)) - 1
-            else:
-                v = self._claim_read(c, a - c.base, n, vcpu)
-            value |= v << (8 * (a - addr))
+                self.unclaimed_reads += 1   # unassigned memory reads zeros, as under QEMU
+                continue
+            value |= self._claim_read(c, a - c.base, n, vcpu) << (8 * (a - addr))
         return value
 
     def write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:

@@ -238,7 +238,7 @@ ENDINGS = {
         3, "shutdown"),
     "HLT with IF=0": ("cli\nhlt\n", 0, "halted"),
     "CPU error: a fetch outside RAM": ("mov eax, 0x40000000\njmp eax\n", 4, "error"),
-    # (a read of unclaimed space above RAM is no ending: it reads all ones, as on a PC)
+    # (a read of unclaimed space above RAM is no ending: it reads zeros, as under QEMU)
 }
 
 

@@ -14,7 +14,7 @@ Interrupt Controller (APIC)" (chapter 11 in editions from 2023 on):
   this machine has 40 physical address bits), BSP flag (bit 8, read-only),
   global enable (bit 11).  Clearing bit 11 takes the APIC off the bus and
   returns it to its power-up register state (10.4.3 allows that); while it is
-  off its registers are not there (reads are all ones, as unclaimed MMIO) and
+  off its registers are not there (reads are all ones) and
   the 8259's INTR and the LINT1 pin reach the CPU directly as INTR and NMI.
   Setting bit 11 again brings it back software-disabled.  Writes that set
   reserved bits, or the x2APIC enable bit 10 (no x2APIC here), are refused.

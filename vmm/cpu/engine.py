@@ -267,7 +267,7 @@ class Engine:
         self._parked: Vcpu | None = None
         self.vcpus: list[Vcpu] = []
         self._mmio_pages: dict[int, int] = {}          # page -> number of bus claims on it
-        self._background: set[int] = set()             # pages above RAM nobody claims, answering all ones
+        self._background: set[int] = set()             # pages above RAM nobody claims, answering zeros
         self._in_emu = False                           # inside emu_start (a device callback is running)
         self._deferred: list[tuple[int, int, bool]] = []   # MMIO claim changes made during a run
         self._mmio_regions: dict[int, tuple[int, object]] = {}   # first page -> (pages, C region)
@@ -585,9 +585,10 @@ class Engine:
 
     def _background_page(self, v: Violation) -> bool:
         """A guest access to guest-physical space above RAM that nothing claims: it
-        reads all ones and writes go nowhere, as on a PC bus (a master abort).  The
-        page is routed to the MMIO bus, which answers so for unclaimed addresses,
-        and the instruction is retried."""
+        reads zeros and writes go nowhere, as QEMU's unassigned memory (a PC bus would
+        answer all ones, a master abort: tests/test_hostile_mmu.py).  The page is
+        routed to the MMIO bus, which answers so for unclaimed addresses, and the
+        instruction is retried."""
         page = v.gpa // PAGE
         if not v.hole or page < self.ept.ram_frames or page >= self.ept.npages or page in self._mmio_regions:
             return False
@@ -902,7 +903,7 @@ class Engine:
     def _on_mmio(self, is_write: int, gpa: int, size: int, value: int, result) -> int:
         h = self.mmio_handler
         if h is None:
-            result[0] = (1 << (8 * size)) - 1
+            result[0] = 0             # no bus: unassigned memory, zeros
         elif is_write:
             h(1, gpa, size, value)
         else:

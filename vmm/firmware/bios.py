@@ -18,7 +18,7 @@ and RTC time/date; IRQ0 (08h) keeps the BDA tick count and chains 1Ch; IRQ1
 A service's memory accesses are the CPU's: the guest's segments can put a
 buffer anywhere in the 4 GiB space (unreal mode keeps a base loaded in
 protected mode), and past RAM an access reaches the MMIO bus (a device's
-registers, or unclaimed space that reads all ones and drops writes), never an
+registers, or unclaimed space that reads zeros and drops writes), never an
 error in the VMM.  A protected-mode jump into the trap range is no BIOS call
 (the services are real-mode and virtual-8086 interfaces): the CPU executes
 what is at that address, the ROM's IRET or, under paging, the guest's own page.
@@ -613,7 +613,7 @@ class Bios:
                 self._bus_write(pa + inside, data[i + inside:i + k])
 
     def _read_buf(self, lin: int, n: int) -> bytes:
-        """Read as the CPU would: RAM, else the MMIO bus (unclaimed space reads all ones)."""
+        """Read as the CPU would: RAM, else the MMIO bus (unclaimed space reads zeros)."""
         mem, size = self.m.memory, self.m.memory.size
         out = bytearray()
         for pa, _i, k in self._pieces(lin, n):
@@ -644,7 +644,7 @@ class Bios:
         for a, k, claimed in self._bus_spans(pa, n):
             if not claimed:
                 bus.unclaimed_reads += 1
-                out += b"\xff" * k
+                out += bytes(k)
                 continue
             for off in range(0, k, 4):
                 if (a + off) % 4 == 0 and k - off >= 4:

@@ -16,15 +16,15 @@ Representation (readable from C, used by the shadow MMU's TLB fill):
   R=1, W=2, X=4, LOG=8 (W withheld for dirty logging: the first write marks
   the page dirty and gives W back, in C, without an exit), VALID=16 (the VMM
   owns the page).  An entry that is not VALID is a hole: nothing answers
-  there (reads of the guest's page tables see zeros, as in QEMU; a guest
-  access above RAM is routed to the MMIO bus, which answers all ones; one
-  inside RAM stops the run).  A VALID entry without the
+  there (it reads zeros, as unassigned space in QEMU: the guest's page
+  tables, and a guest access above RAM, which is routed to the MMIO bus; a
+  guest access to a hole inside RAM stops the run).  A VALID entry without the
   right permission is a violation.
 * ``dirty``: numpy uint8 per GPA page.
 * ``MMIO``=32: the page belongs to the MMIO bus (a device claims it); the
   entry is VALID|MMIO|R|W with the GPA's own frame number, where the vCPU
   maps a Unicorn MMIO region.  The guest's accesses reach the device; DMA
-  treats it as no memory (refused), the page walk reads all ones there.
+  treats it as no memory (refused), the page walk reads zeros there.
 * host frames: Unicorn physical pages.  Frames [0, ram_frames) are the
   guest RAM buffer (``GuestMemory``), identity-mapped at boot; an optional
   pool of spare frames (``add_pool``) starts at ``POOL_FIRST``.
@@ -409,12 +409,13 @@ class Ept:
         raise EptViolation(Violation(gpa, access))
 
     def read(self, gpa: int, n: int) -> bytes:
-        """Guest-physical read through the EPT; holes read as all ones."""
+        """Guest-physical read through the EPT; holes (and device pages) read as zeros, as the
+        guest reads unassigned space (devices/bus.py)."""
         out = bytearray()
         while n > 0:
             chunk = min(n, PAGE - (gpa & (PAGE - 1)))
             fr, off = self._host_range(gpa, "r")
-            out += b"\xff" * chunk if fr is None else fr[off:off + chunk].tobytes()
+            out += bytes(chunk) if fr is None else fr[off:off + chunk].tobytes()
             gpa += chunk
             n -= chunk
         return bytes(out)
@@ -449,7 +450,7 @@ class EptPhys:
     """PhysMem for vmm/memory/paging.py: paging-structure accesses through the EPT.
 
     A hole raises GuestMemoryError, which the walk turns into zeros (writes
-    dropped); a page of the MMIO bus reads as all ones and drops writes, as the
+    dropped); a page of the MMIO bus reads as zeros and drops writes, as the
     nested MMU's walker (Unicorn's own, through the bus) sees an unclaimed page
     there; a trapping page, or an A/D write to a page the EPT keeps read-only,
     raises EptViolation after the handlers had their chance.
@@ -485,7 +486,7 @@ class EptPhys:
 
     def _read(self, pa: int, n: int) -> int:
         if self._bus_page(pa):
-            return (1 << (8 * n)) - 1
+            return 0          # what the bus answers where nothing claims (the C walk: the same)
         hpa, fr, off = self._loc(pa, "r")
         if fr is None:
             return int.from_bytes(self._mem.read(hpa, n), "little")

@@ -117,8 +117,8 @@ def translate(
     not present, a #PF.  A PC's bus would answer all ones (a master abort),
     but QEMU reads unassigned space as zeros, in its walk as everywhere, and
     Unicorn's walker (the nested MMU) is QEMU's: we behave like QEMU.  A page
-    routed to the MMIO bus reads what the bus answers there, all ones where no
-    device claims it (``mem`` decides: vmm/memory/ept.py's ``EptPhys``).
+    routed to the MMIO bus reads zeros too, what the bus answers where no device
+    claims it (``mem`` decides: vmm/memory/ept.py's ``EptPhys``).
     """
     mode = paging_mode(cr0, cr4, efer)
     if mode == "off":

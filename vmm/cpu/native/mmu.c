@@ -8,9 +8,9 @@
  *   of vmm/memory/paging.py's `translate` (the reference; tests/test_paging.py holds
  *   the two equal).  Paging-structure entries are read through the EPT from the
  *   host frames, bounds-checked: a GPA with nothing behind it reads as zeros, as
- *   QEMU's walk (and so Unicorn's, the nested MMU) reads unassigned space; a page
- *   routed to the MMIO bus reads as all ones (what the bus answers there); A/D
- *   writes to either are dropped; a GPA the VMM made to
+ *   QEMU's walk (and so Unicorn's, the nested MMU) reads unassigned space; so
+ *   does a page routed to the MMIO bus (what the bus answers where nothing
+ *   claims); A/D writes to either are dropped; a GPA the VMM made to
  *   trap, or a write to a page the EPT keeps read-only, is an EPT violation.
  * * the EPT itself is two numpy arrays owned by vmm/memory/ept.py: `ept[gpn]` =
  *   host frame << 12 | flags, and `dirty[gpn]`.  Host frames are Unicorn
@@ -164,10 +164,8 @@ static int walk_load(vmm_mmu *m, uint64_t gpa, int width, uint64_t *val, uint64_
     e = m->ept[gpn];
     if (!(e & VMM_EPT_VALID))
         return 0;
-    if (e & VMM_EPT_MMIO) {
-        *val = width == 8 ? ~0ull : 0xFFFFFFFFull;   /* the bus's page: all ones */
-        return 0;
-    }
+    if (e & VMM_EPT_MMIO)
+        return 0;                       /* the bus's page: zeros, as the bus answers there */
     if (!(e & VMM_EPT_R)) {
         note_violation(m, gpa, lin, 0, 1, 0);
         return -1;
