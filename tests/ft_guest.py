@@ -53,6 +53,10 @@ line:
     mov eax, ebx
     call nic_send
 %endif
+%if DISK
+    mov eax, ebx
+    call disk_write
+%endif
 %if ASK
     mov eax, ebx
     xor edx, edx
@@ -92,6 +96,9 @@ no_ask:
     loop $
     cmp ebx, LINES
     jb line
+%if DISK
+    call disk_hash
+%endif
     mov dx, 0x501
     mov ax, 0
     out dx, ax
@@ -208,6 +215,96 @@ nic_send:                   ; eax: one broadcast frame of ethertype 0x88B5 carry
     ret
 %endif
 
+%if DISK
+ATA equ 0x1F0
+
+disk_write:                 ; eax: the line number n; sector n % DISK gets the words n, n+1, ...
+    pushad
+    mov ebx, eax
+    xor edx, edx
+    mov ecx, DISK
+    div ecx
+    mov eax, edx
+    mov cl, 0x30            ; WRITE SECTORS
+    call ata_command
+    mov dx, ATA
+    xor ecx, ecx
+.w: lea eax, [ebx + ecx]
+    out dx, ax
+    inc ecx
+    cmp ecx, 256
+    jb .w
+    call ata_idle
+    popad
+    ret
+
+disk_hash:                  ; reads sectors 0 .. DISK-1 back; prints "disk " and h = rol(h, 5) ^ word
+    xor esi, esi
+    xor edi, edi
+.s: mov eax, esi
+    mov cl, 0x20            ; READ SECTORS
+    call ata_command
+    mov dx, ATA
+    mov ecx, 256
+.r: in ax, dx
+    movzx eax, ax
+    rol edi, 5
+    xor edi, eax
+    loop .r
+    inc esi
+    cmp esi, DISK
+    jb .s
+    mov al, 'd'
+    call putc
+    mov al, 'i'
+    call putc
+    mov al, 's'
+    call putc
+    mov al, 'k'
+    call putc
+    mov al, ' '
+    call putc
+    mov eax, edi
+    call print_hex
+    mov al, 10
+    call putc
+    ret
+
+ata_command:                ; eax: LBA (< 256), cl: the command; returns once the drive wants data
+    push eax
+    call ata_idle
+    mov dx, ATA + 6
+    mov al, 0xE0            ; LBA, the master
+    out dx, al
+    mov dx, ATA + 2
+    mov al, 1
+    out dx, al
+    pop eax
+    mov dx, ATA + 3
+    out dx, al
+    xor al, al
+    mov dx, ATA + 4
+    out dx, al
+    mov dx, ATA + 5
+    out dx, al
+    mov dx, ATA + 7
+    mov al, cl
+    out dx, al
+.q: in al, dx
+    test al, 0x80
+    jnz .q
+    test al, 8
+    jz .q
+    ret
+
+ata_idle:
+    mov dx, ATA + 7
+.b: in al, dx
+    test al, 0x80
+    jnz .b
+    ret
+%endif
+
 %if SMP
 bits 16
 ap_tramp:
@@ -226,11 +323,15 @@ def have_nasm() -> bool:
     return shutil.which("nasm") is not None
 
 
-def build(lines: int = 300, ask: int = 0, smp: bool = False, delay: int = 20000, net: bool = False) -> Path:
+def build(lines: int = 300, ask: int = 0, smp: bool = False, delay: int = 20000, net: bool = False,
+          disk: int = 0) -> Path:
     """The guest image (a flat binary for `--boot flat`), built once per option set.  With
     ``net`` it also sends, after each line, a broadcast frame of ethertype 0x88B5 carrying
-    the line's number (u32 little-endian) on the first NIC (an e1000 at PCI device 3)."""
-    defs = {"LINES": lines, "ASK": ask, "SMP": int(smp), "DELAY": delay, "NET": int(net)}
+    the line's number (u32 little-endian) on the first NIC (an e1000 at PCI device 3).
+    With ``disk`` (a sector count) it writes, after each line n, sector n % disk of the IDE
+    primary master (ATA PIO: the words n, n+1, ... n+255), and before it exits reads those
+    sectors back and prints "disk XXXXXXXX", a hash of their content (``disk_line``)."""
+    defs = {"LINES": lines, "ASK": ask, "SMP": int(smp), "DELAY": delay, "NET": int(net), "DISK": disk}
     key = hashlib.sha256((SOURCE + repr(sorted(defs.items()))).encode()).hexdigest()[:16]
     out = _CACHE / f"ft-{key}.bin"
     if out.exists():
@@ -245,12 +346,32 @@ def build(lines: int = 300, ask: int = 0, smp: bool = False, delay: int = 20000,
     return out
 
 
-def expected(lines: int, ask: int, typed: bytes) -> bytes:
-    """The transcript of a uniprocessor run: numbered lines, a "?" and the echo every ``ask`` lines."""
+def expected(lines: int, ask: int, typed: bytes, disk: bytes | None = None, sectors: int = 0) -> bytes:
+    """The transcript of a uniprocessor run: numbered lines, a "?" and the echo every ``ask`` lines
+    (and with ``disk``, the image the guest started with, its last line: ``disk_line``)."""
     out = bytearray()
     it = iter(typed)
     for n in range(1, lines + 1):
         out += b"%06d\n" % n
         if ask and n % ask == 0:
             out += b"?\ngot %c\n" % next(it)
+    if disk is not None:
+        out += disk_line(disk_after(disk, lines, sectors), sectors)
     return bytes(out)
+
+
+def disk_after(image: bytes, lines: int, sectors: int) -> bytes:
+    """The disk's content after the guest's writes (line n writes sector n % sectors)."""
+    img = bytearray(image)
+    for n in range(1, lines + 1):
+        s = n % sectors
+        img[s * 512:(s + 1) * 512] = b"".join(((n + i) & 0xFFFF).to_bytes(2, "little") for i in range(256))
+    return bytes(img)
+
+
+def disk_line(image: bytes, sectors: int) -> bytes:
+    """The line the guest prints last: a hash of its first ``sectors`` sectors as it reads them."""
+    h = 0
+    for i in range(0, sectors * 512, 2):
+        h = (((h << 5) | (h >> 27)) & 0xFFFFFFFF) ^ int.from_bytes(image[i:i + 2], "little")
+    return b"disk %08X\n" % h

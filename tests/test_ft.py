@@ -60,7 +60,8 @@ class Pair:
     """A backup, a primary and the ports between them (the primary may talk through a proxy)."""
 
     def __init__(self, tmp: Path, guest: Path, smp: int = 1, arbiter: tuple[str, str] | None = None,
-                 backup_console: bool = False, via=None, heartbeat: str = "100ms"):
+                 backup_console: bool = False, via=None, heartbeat: str = "100ms",
+                 primary_args: tuple[str, ...] = (), backup_args: tuple[str, ...] = ()):
         self.listen = free_port()
         self.console = free_port()
         self.backup_console = free_port() if backup_console else self.console
@@ -69,17 +70,32 @@ class Pair:
             arb_p, arb_b = arbiter
         battrs = ["--console", f"127.0.0.1:{self.backup_console}"] if backup_console else []
         self.backup = vmm("ft", "backup", "--listen", f"127.0.0.1:{self.listen}", "--arbiter", arb_b,
-                          "--linger", "5", "--heartbeat", heartbeat, *battrs)
+                          "--linger", "5", "--heartbeat", heartbeat, *battrs, *backup_args)
         target = via(self.listen) if via else self.listen
         self.primary = vmm("ft", "primary", str(guest), "--boot", "flat", "--smp", str(smp),
                            "--backup", f"127.0.0.1:{target}", "--console", f"127.0.0.1:{self.console}",
-                           "--arbiter", arb_p, "--linger", "5", "--heartbeat", heartbeat)
+                           "--arbiter", arb_p, "--linger", "5", "--heartbeat", heartbeat, *primary_args)
 
     def close(self) -> None:
         for p in (self.primary, self.backup):
             if p.poll() is None:
                 p.kill()
             p.communicate()
+
+    def run_unharmed(self, on_output) -> tuple[ConsoleClient, str, str]:
+        """A console client to the end of a run without faults: (client, primary's stderr,
+        backup's); both sides ended with status 0, the backup's replay as the primary ended."""
+        try:
+            c = ConsoleClient([("127.0.0.1", self.console)], on_output)
+            assert c.run(timeout=120) == 0
+            rc_p, err_p = finish(self.primary)
+            rc_b, err_b = finish(self.backup)
+        finally:
+            self.close()
+        assert rc_p == 0, err_p
+        assert rc_b == 0, err_b
+        assert "the primary finished; the replay ended the same way" in err_b
+        return c, err_p, err_b
 
 
 def typist(c: ConsoleClient) -> None:
@@ -122,16 +138,7 @@ def test_pair_without_faults_prints_what_a_plain_run_prints(ask_guest, tmp_path)
                                env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False, timeout=60)
             status.append((p.returncode, p.stdout.decode()))
 
-    try:
-        c = ConsoleClient([("127.0.0.1", pair.console)], on_output)
-        assert c.run(timeout=120) == 0
-        rc_p, err_p = finish(pair.primary)
-        rc_b, err_b = finish(pair.backup)
-    finally:
-        pair.close()
-    assert rc_p == 0, err_p
-    assert rc_b == 0, err_b
-    assert "the primary finished; the replay ended the same way" in err_b
+    c, _err_p, _err_b = pair.run_unharmed(on_output)
     want = ft_guest.expected(LINES, ASK, bytes(c.typed))
     assert bytes(c.transcript) == want
     assert want == reference(ask_guest, 1, bytes(c.typed), tmp_path)
@@ -143,8 +150,9 @@ def test_pair_without_faults_prints_what_a_plain_run_prints(ask_guest, tmp_path)
     assert int(shown["acked_horizon"]) > 0 and int(shown["log_bytes"]) > 0 and float(shown["lag_ms"]) >= 0
 
 
-def _kill_primary_run(guest: Path, tmp: Path, at: float, delay: float, smp: int, want_of) -> None:
-    pair = Pair(tmp, guest, smp=smp)
+def _kill_primary_run(guest: Path, tmp: Path, at: float, delay: float, smp: int, want_of,
+                      primary_args: tuple[str, ...] = ()) -> None:
+    pair = Pair(tmp, guest, smp=smp, primary_args=primary_args)
     killed = threading.Event()
     total = len(want_of(b"a" * 100))
 
@@ -184,6 +192,68 @@ def test_kill_primary_with_two_vcpus(smp_guest, tmp_path_factory, at, delay):
     want = reference(smp_guest, 2, b"", tmp)
     assert len({line.split()[1] for line in want.splitlines()}) > 10   # the AP's counter moves
     _kill_primary_run(smp_guest, tmp, at, delay, 2, lambda typed: want)
+
+
+DISK_SECTORS = 32
+
+
+def _disk(tmp: Path, seed: int = 3) -> tuple[Path, bytes]:
+    """A raw disk image of 64 KiB with a pattern of its own (the guest writes its first sectors)."""
+    data = bytes((i * 7 + seed) & 0xFF for i in range(64 << 10))
+    path = tmp / f"disk-{seed}.img"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.fixture(scope="module")
+def disk_guest() -> Path:
+    return ft_guest.build(lines=LINES, ask=ASK, disk=DISK_SECTORS)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@given(at=st.floats(0.0, 0.85), delay=st.floats(0.0, 0.3))
+def test_kill_primary_with_a_disk_the_backup_holds_what_the_guest_wrote(disk_guest, tmp_path_factory, at, delay):
+    """A guest that writes a sector of an IDE disk after every line and, at its end, reads
+    them back and prints a hash of them: killing the primary, the backup's disk holds every
+    write the primary's guest made before (its replay made them again) and the transcript,
+    the hash included, is an uninterrupted run's; the image file is left as it was."""
+    tmp = tmp_path_factory.mktemp("kill-disk")
+    path, data = _disk(tmp)
+    _kill_primary_run(disk_guest, tmp, at, delay, 1,
+                      lambda typed: ft_guest.expected(LINES, ASK, typed, data, DISK_SECTORS),
+                      primary_args=("-hda", str(path)))
+    assert path.read_bytes() == data
+
+
+def test_a_pair_with_a_disk_prints_what_a_plain_run_prints(disk_guest, tmp_path):
+    path, data = _disk(tmp_path)
+    c, _err_p, _err_b = Pair(tmp_path, disk_guest, primary_args=("-hda", str(path))).run_unharmed(typist)
+    assert bytes(c.transcript) == ft_guest.expected(LINES, ASK, bytes(c.typed), data, DISK_SECTORS)
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("case", ["differs", "missing", "unknown-name"])
+def test_handshake_refuses_a_backup_without_the_same_disk(disk_guest, tmp_path, case):
+    """The backup checks its copy of each of the primary's disks (size and SHA-256) before
+    the first instruction: another content, no file, or a --drive-file for a drive the
+    primary does not have is refused in one line, and neither side runs the guest."""
+    path, _ = _disk(tmp_path)
+    other, _ = _disk(tmp_path, seed=4)
+    given = {"differs": f"ide0.0={other}", "missing": f"ide0.0={tmp_path / 'none.img'}",
+             "unknown-name": f"virtio3={other}"}[case]
+    port = free_port()
+    backup = vmm("ft", "backup", "--listen", f"127.0.0.1:{port}", "--drive-file", given)
+    primary = vmm("ft", "primary", str(disk_guest), "--boot", "flat", "--backup", f"127.0.0.1:{port}",
+                  "-hda", str(path))
+    rc_p, err_p = finish(primary)
+    rc_b, err_b = finish(backup)
+    assert rc_p == 10 and rc_b == 10, err_p + err_b
+    line = [x for x in err_p.splitlines() if "error" in x]
+    want = {"differs": "the disk ide0.0 differs", "missing": "this backup cannot open the disk ide0.0",
+            "unknown-name": "--drive-file virtio3: the primary's machine has no drive of that name"}[case]
+    assert len(line) == 1 and f"the backup refused: {want}" in line[0], err_p
+    assert "Traceback" not in err_p + err_b
+    assert "000001" not in err_p
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ft_guest
@@ -27,6 +29,7 @@ from replay.ft.console import ConsoleServer
 from replay.ft.primary import LinkSink, Primary
 from replay.session import record
 from vmm.machine import StopReason
+from vmm.platform.storage import describe
 
 pytestmark = pytest.mark.skipif(not ft_guest.have_nasm(), reason="nasm builds the FT test guest")
 
@@ -61,10 +64,26 @@ def _typist(out: bytearray, typed: bytearray) -> None:
         typed.append(ord("a") + len(typed) % 26)
 
 
-def _run_primary(guest: Path, vcpus: int = 1, join_at: int | None = None):
-    """The primary's run: (image, output, typed, messages).  With ``join_at``, its backup is
+def _disk_drives(path: Path | None) -> list[dict] | None:
+    """The drives of a run with ``path`` as its IDE disk (hashed, as vmm ft primary describes them)."""
+    if path is None:
+        return None
+    return describe([{"file": str(path), "if": "ide", "media": "disk", "format": "raw", "index": 0,
+                      "readonly": False, "snapshot": False}], with_hash=True)
+
+
+def _disk_blocks(m) -> list | None:
+    """What the guest wrote to its disk (the overlay's blocks), None without one."""
+    images = getattr(m, "drive_images", None) or {}
+    return images["ide0.0"].save_blocks() if "ide0.0" in images else None
+
+
+def _run_primary(guest: Path, vcpus: int = 1, join_at: int | None = None, disk: Path | None = None,
+                 type_every: int = 1, mem: int = MEM):
+    """The primary's run: (image, output, typed, messages, the disk's written blocks).  With ``join_at``, its backup is
     lost at that input poll (it goes on alone), a backup joins at the next one, and the
-    messages are the joined link's."""
+    messages are the joined link's.  With ``disk``, the IDE disk image.  The consumer answers a prompt at an input poll whose
+    number ``type_every`` divides (a slower or faster consumer: input at other points)."""
     image = guest.read_bytes()
     ref: dict = {}
     console = ConsoleServer("primary")
@@ -85,7 +104,8 @@ def _run_primary(guest: Path, vcpus: int = 1, join_at: int | None = None):
             ref["joined"] = p.joining[0]
         # the consumer types when it sees a prompt among the released output; its bytes reach
         # the machine through the console, as a client's do (the console counts them)
-        _typist(console.out[:console.released], typed)
+        if polls[0] % type_every == 0:
+            _typist(console.out[:console.released], typed)
         with console.lock:
             console._inbuf += typed[fed[0]:]
             console.in_received += len(typed) - fed[0]
@@ -96,21 +116,25 @@ def _run_primary(guest: Path, vcpus: int = 1, join_at: int | None = None):
         ref["m"] = m
         p.setup(m)
 
-    res, m = record(str(guest), image, LinkSink(p), mem_size=MEM, boot_kind="flat", live_input=source,
-                    input_kind="ft", serial=console, setup=setup, on_writer=p.on_writer, vcpus=vcpus)
+    res, m = record(str(guest), image, LinkSink(p), mem_size=mem, boot_kind="flat", live_input=source,
+                    input_kind="ft", serial=console, setup=setup, on_writer=p.on_writer, vcpus=vcpus,
+                    drives=_disk_drives(disk))
     assert res.reason is StopReason.EXIT and res.status == 0
+    disk_blocks = _disk_blocks(m)
     m.close()
     console.mark(p.last_tick)              # as Primary.finish: the output after the last horizon
     if join_at is not None:
         assert p.joins == 1 and p.link is ref["joined"]
         link = p.link
     link.send(wire.HORIZON, wire.u64(wire.END_OF_LOG))
-    return image, bytes(console.out), bytes(typed), link.msgs
+    return image, bytes(console.out), bytes(typed), link.msgs, disk_blocks
 
 
-def _take_over_at(k: int, image: bytes, primary_out: bytes, msgs) -> tuple[bytes, bytes] | None:
+def _take_over_at(k: int, image: bytes, primary_out: bytes, msgs, disk: list | None = None) -> tuple[bytes, bytes] | None:
     """The backup given the messages up to k (the primary died after sending message k):
-    (what it served in all, what the consumer typed), or None if the pair had not formed."""
+    (what it served in all, what the consumer typed), or None if the pair had not formed.
+    With ``disk`` (the blocks the primary's guest wrote in the whole run), the backup's disk
+    holds the same at the end: what its replay wrote again, then what it wrote live."""
     seen = msgs[k][2]                       # what the consumer had when the primary died
     feed = _Feed()
     horizon = -1
@@ -155,15 +179,17 @@ def _take_over_at(k: int, image: bytes, primary_out: bytes, msgs) -> tuple[bytes
 
         rp.m.boundary.attach("console", source)
         res = rp.m.run(None)
+    blocks = _disk_blocks(rp.m)
     rp.m.close()
     assert res.reason is StopReason.EXIT and res.status == 0
+    assert blocks == disk, f"kill point {k}: the backup's disk differs from the primary's"
     out = bytes(console.out)
     assert out[:seen] == primary_out[:seen], f"kill point {k}: the output forked"
     return out, bytes(typed)
 
 
 def test_every_kill_point_of_a_guest_that_reads_input():
-    image, out, typed, msgs = _run_primary(ft_guest.build(lines=LINES, ask=ASK, delay=2000))
+    image, out, typed, msgs, _disk = _run_primary(ft_guest.build(lines=LINES, ask=ASK, delay=2000))
     assert out == ft_guest.expected(LINES, ASK, typed)
     assert sum(1 for kind, _, _ in msgs if kind == wire.HORIZON) > 30
     assert msgs[-1][2] == len(out)          # in the end everything was released
@@ -178,7 +204,7 @@ def test_every_kill_point_of_a_guest_that_reads_input():
 
 
 def test_every_kill_point_with_two_vcpus():
-    image, out, _typed, msgs = _run_primary(ft_guest.build(lines=120, smp=True, delay=20000), vcpus=2)
+    image, out, _typed, msgs, _disk = _run_primary(ft_guest.build(lines=120, smp=True, delay=20000), vcpus=2)
     assert len({line.split()[1] for line in out.splitlines()}) > 10    # the AP's counter moves
     points = 0
     for k in range(len(msgs)):
@@ -193,7 +219,7 @@ def test_every_kill_point_after_a_backup_joined():
     """The primary's backup dies, the primary goes on alone, a new backup joins (the
     machine's saved state, the console's positions, a log from there); at every message
     boundary of the joined link the joined backup takes over: nothing lost, nothing repeated."""
-    image, out, _typed, msgs = _run_primary(ft_guest.build(lines=2 * LINES, ask=ASK, delay=2000), join_at=2)
+    image, out, _typed, msgs, _disk = _run_primary(ft_guest.build(lines=2 * LINES, ask=ASK, delay=2000), join_at=2)
     kinds = [kind for kind, _, _ in msgs]
     assert kinds[0] == wire.JOIN and wire.SNAP in kinds and wire.OUTPUT in kinds
     joined_at = next(released for kind, _, released in msgs if kind == wire.LOG)
@@ -212,7 +238,7 @@ def test_every_kill_point_after_a_backup_joined():
 def test_every_kill_point_after_a_backup_joined_with_two_vcpus():
     """As above with 2 vCPUs: the joined backup's machine holds both vCPUs' saved state and
     the schedule goes on from there exactly (the AP's counter in every line shows it)."""
-    image, out, _typed, msgs = _run_primary(ft_guest.build(lines=240, smp=True, delay=20000), vcpus=2, join_at=2)
+    image, out, _typed, msgs, _disk = _run_primary(ft_guest.build(lines=240, smp=True, delay=20000), vcpus=2, join_at=2)
     assert len({line.split()[1] for line in out.splitlines()}) > 10    # the AP's counter moves
     points = 0
     for k in range(len(msgs)):
@@ -221,3 +247,86 @@ def test_every_kill_point_after_a_backup_joined_with_two_vcpus():
             assert r[0] == out, f"kill point {k}"
             points += 1
     assert points > 40, points
+
+
+def test_every_kill_point_of_a_guest_that_ends_before_the_first_horizon():
+    """A guest whose whole run is shorter than one horizon interval: the log holds HORIZON 0
+    and then the END.  A backup that holds only HORIZON 0 must not replay past it (the
+    primary may have taken input there that never reached the backup): it goes live at
+    tick 0 and runs the guest from its first instruction."""
+    image, out, _typed, msgs, _disk = _run_primary(ft_guest.build(lines=12, delay=500))
+    assert [wire.read_u64(p) for kind, p, _ in msgs if kind == wire.HORIZON] == [0, wire.END_OF_LOG]
+    points = 0
+    for k in range(len(msgs)):
+        r = _take_over_at(k, image, out, msgs)
+        if r is not None:
+            assert r[0] == out == ft_guest.expected(12, 0, b""), f"kill point {k}"
+            points += 1
+    assert points >= 2, points
+
+
+DISK_SECTORS = 16
+
+
+def _disk_image(tmp: Path) -> tuple[Path, bytes]:
+    data = bytes((i * 7 + 3) & 0xFF for i in range(32 << 10))
+    path = tmp / "disk.img"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.parametrize("join_at", [None, 2])
+def test_every_kill_point_with_a_disk(tmp_path, join_at):
+    """A guest that writes a sector after every line and prints a hash of what it reads back
+    at its end: at every kill point (and after a backup joined, whose machine's state holds
+    the disk's overlay) the backup's disk holds exactly what the primary's guest wrote, and
+    the transcript, that hash included, is an uninterrupted run's."""
+    path, data = _disk_image(tmp_path)
+    lines = 80 if join_at is None else 160
+    image, out, _typed, msgs, disk = _run_primary(ft_guest.build(lines=lines, ask=ASK, delay=2000, disk=DISK_SECTORS),
+                                                  join_at=join_at, disk=path)
+    assert disk                              # the guest wrote its disk (to the recording's overlay)
+    points = 0
+    for k in range(len(msgs)):
+        r = _take_over_at(k, image, out, msgs, disk)
+        if r is not None:
+            served, typed_k = r
+            assert served == ft_guest.expected(lines, ASK, typed_k, data, DISK_SECTORS), f"kill point {k}"
+            points += 1
+    assert points > 40, points
+    assert path.read_bytes() == data         # neither side wrote the image file
+
+
+def test_every_kill_point_of_drawn_runs(tmp_path_factory):
+    """Hypothesis draws the run (the guest's length and pace, how often it asks for input,
+    how quickly the consumer answers, 1 or 2 vCPUs, a disk or none) and the primary is
+    killed at every message boundary of it: each takeover serves an uninterrupted run's
+    transcript (and the same disk).  With the tests above, over a thousand kill points."""
+    counted: list[int] = []
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(lines=st.integers(30, 60), ask=st.sampled_from([0, 12, 25]), delay=st.sampled_from([10000, 20000]),
+           type_every=st.integers(1, 3), smp=st.booleans(), disk=st.booleans())
+    def one(lines, ask, delay, type_every, smp, disk):
+        tmp = tmp_path_factory.mktemp("drawn")
+        path, data = _disk_image(tmp) if disk else (None, None)
+        ask = 0 if smp else ask
+        guest = ft_guest.build(lines=lines, ask=ask, delay=delay, smp=smp, disk=DISK_SECTORS if disk else 0)
+        image, out, _typed, msgs, blocks = _run_primary(guest, vcpus=2 if smp else 1, disk=path,
+                                                        type_every=type_every)
+        points = 0
+        for k in range(len(msgs)):
+            r = _take_over_at(k, image, out, msgs, blocks)
+            if r is None:
+                continue
+            served, typed_k = r
+            if smp:
+                assert served == out, f"kill point {k}"
+            else:
+                assert served == ft_guest.expected(lines, ask, typed_k, data, DISK_SECTORS), f"kill point {k}"
+            points += 1
+        assert points >= 6, points
+        counted.append(points)
+
+    one()
+    assert len(counted) == 25 and sum(counted) >= 450, counted

@@ -2,7 +2,8 @@
 
     vmm ft primary [IMAGE and run options] --backup HOST:PORT [--console [HOST:]PORT]
                    [--arbiter PATH] [--heartbeat SECONDS] [--max-lag DURATION] [--linger SECONDS]
-    vmm ft backup --listen [HOST:]PORT | --join HOST:PORT [--image PATH] [--arbiter PATH] [--console [HOST:]PORT]
+    vmm ft backup --listen [HOST:]PORT | --join HOST:PORT [--image PATH] [--drive-file NAME=PATH]
+                  [--arbiter PATH] [--console [HOST:]PORT]
     vmm ft console HOST:PORT [HOST:PORT ...]
     vmm ft status HOST:PORT
     vmm ft arbiter --listen [HOST:]PORT [--state FILE]
@@ -64,8 +65,9 @@ def add_ft_parser(sub) -> None:
     add_machine_options(p)
     p.add_argument("--backup", required=True, metavar="HOST:PORT", help="the backup's --listen address")
     _common(p)
-    p.add_argument("--max-lag", type=parse_duration, default=0.1, metavar="DURATION",
-                   help="the most virtual time the backup's replay may be behind (default 100ms)")
+    p.add_argument("--max-lag", type=parse_duration, default=0.02, metavar="DURATION",
+                   help="the most virtual time the backup's replay may be behind (default 20ms); it is "
+                        "what a takeover replays after the primary's death, so it bounds the failover time")
     p.add_argument("--connect-timeout", type=parse_duration, default=30.0, metavar="SECONDS",
                    help="how long to keep trying to reach the backup (default 30)")
     b = fsub.add_parser("backup", help="replay a primary's log live and take over when it dies",
@@ -76,6 +78,9 @@ def add_ft_parser(sub) -> None:
                         "console address; it sends the machine's state and lockstep resumes")
     b.add_argument("--image", default=None, metavar="PATH",
                    help="this host's copy of the image (default: the primary's path, or the bundled guest)")
+    b.add_argument("--drive-file", dest="drive_files", action="append", default=[], metavar="NAME=PATH",
+                   help="this host's copy of the primary's disk NAME (ide0.0, virtio0, ...; default: the "
+                        "primary's path); it must hold what the primary's did when its run began")
     b.add_argument("--exit-code", choices=["guest", "qemu"], default="guest")
     b.add_argument("--wait", type=parse_duration, default=None, metavar="SECONDS",
                    help="give up when no primary connects within this time (default: wait)")
@@ -172,15 +177,17 @@ def _primary(args) -> int:
             raise UsageError(f"vmm ft primary: --{opt.replace('_', '-')} is not for a pair "
                              f"(the console is --console)")
     from tools import cli_disk
+    from tools.cli_bios import bios_image, bios_quantum
 
-    if cli_disk.specs_from_args(args) or getattr(args, "bios", None):
-        raise UsageError("vmm ft primary: disks (--drive, -hda, -cdrom) and --bios do not run under FT yet")
     _check_heartbeat(args)
     max_lag = int(args.max_lag * 1e8)
     if max_lag < 4 * FLUSH_TICKS:
         raise UsageError(f"--max-lag must be at least {4 * FLUSH_TICKS / 1e5:g}ms of virtual time")
     backup = _addr(args.backup, "--backup")
-    path, data = _load_image(args)
+    path, data = bios_image(args, UsageError) if args.bios else _load_image(args)
+    # the disks, with their hashes: the backup checks its copies against them before the first
+    # instruction; each side keeps the guest's writes in an overlay of its own (as a recording does)
+    drives = cli_disk.drives_from_args(args, with_hash=True, recording=True)
     say = _say("primary")
     ref: dict = {}
     console = ConsoleServer("primary")     # the Primary stamps its output (Primary.stamp)
@@ -205,7 +212,7 @@ def _primary(args) -> int:
                         live_input=console.poll_input, input_kind="ft", max_instructions=args.max_instructions,
                         serial=console, pace_idle=True, setup=setup, mmu=args.mmu, vcpus=args.smp,
                         initrd=_initrd(args), debug_exit=args.debug_exit, on_writer=p.on_writer,
-                        nics=cli_net.nics_from_args(args))
+                        nics=cli_net.nics_from_args(args), drives=drives, quantum=bios_quantum(args))
         if p.fenced:
             raise Fenced()
         dt = time.perf_counter() - t0
@@ -225,6 +232,7 @@ def _primary(args) -> int:
         console.stop()
         if "m" in ref:
             cli_net.close(ref["m"])
+            cli_disk.close(ref["m"])
     if args.stats:
         _primary_stats(p, res, dt, m)
     return status
@@ -263,6 +271,12 @@ def _backup(args) -> int:
             image = read_file(args.image)     # a regular file of an image's size, checked before reading
         except OSError as e:
             raise UsageError(f"cannot read image {args.image}: {e.strerror}") from None
+    drive_files = {}
+    for spec in args.drive_files:
+        name, eq, file = spec.partition("=")
+        if not eq or not name or not file:
+            raise UsageError(f"--drive-file wants NAME=PATH (a drive name such as ide0.0), not {spec!r}")
+        drive_files[name] = file
     say = _say("backup")
     from tools import cli_net
 
@@ -270,7 +284,7 @@ def _backup(args) -> int:
     b = Backup(listen, image=image, arbiter=args.arbiter,
                console=_addr(args.console, "--console") if args.console else None,
                heartbeat=args.heartbeat, say=say,
-               nics=(len(reqs), lambda m: _connect_nics(m, args)) if reqs else None)
+               nics=(len(reqs), lambda m: _connect_nics(m, args)) if reqs else None, drive_files=drive_files)
     if listen is not None:
         try:
             host, port = b.bind()

@@ -90,8 +90,9 @@ class LiveReplica(Replayer):
     stops at the tick ``stop_at`` when told to, and then runs live."""
 
     def __init__(self, feed: _Feed, image: bytes | None, serial, gate: Callable[[int], None],
-                 join: JoinState | None = None):
+                 join: JoinState | None = None, drive_files: dict[str, str] | None = None):
         self.live = False
+        self._drive_files = drive_files or {}
         self.stop_at: int | None = None
         self._feed = feed
         self._join = join
@@ -105,6 +106,7 @@ class LiveReplica(Replayer):
     def _build_machine(self, cfg: dict, image: bytes, serial):
         """A joining backup's machine: the snapshot the primary sent, with the timers of the
         pair (the digest timer, the horizon timer) at their deadlines and in their order."""
+        _local_drives(cfg, self._drive_files)
         if self._join is None:
             return super()._build_machine(cfg, image, serial)
         import tempfile
@@ -127,6 +129,7 @@ class LiveReplica(Replayer):
             except SnapshotError as e:
                 raise ReplayError(f"the primary's snapshot: {e}") from None
         restorers = {"digest": lambda now: self._digests.fire(now), "ft-horizon": lambda now: self._tick(now)}
+        _local_drives(header["config"], self._drive_files)
         try:
             m = build_recorded_machine(header["config"], image, serial, parts, restorers=restorers)
         except DeviceStateError as e:
@@ -175,6 +178,12 @@ class LiveReplica(Replayer):
     def replay(self) -> RunResult:
         """Replay until the takeover stop (reason HOST) or the guest's end (checked against the END)."""
         m = self.m
+        # the point the replay starts from (tick 0, or a joined backup's join point) is a
+        # horizon too: pass it only once the log is known whole beyond it (a guest may end
+        # before the horizon timer first fires), or stop right there to take over
+        self._gate(m.clock.now())
+        if self.stop_at is not None and m.clock.now() >= self.stop_at:
+            return RunResult(StopReason.HOST, m.icount, message="takeover")
         try:
             res = m.run(None)
         except InputMismatch as e:
@@ -204,6 +213,16 @@ class LiveReplica(Replayer):
         m.pace_idle = True
 
 
+def _local_drives(cfg: dict, files: dict[str, str]) -> None:
+    """This host's copies of the primary's disks: the drive named NAME opens the file
+    ``files[NAME]`` (vmm ft backup --drive-file NAME=PATH) instead of the primary's path."""
+    import os
+
+    for d in cfg.get("drives") or []:
+        if isinstance(d, dict) and d.get("name") in files:
+            d["path"] = os.path.abspath(files[d["name"]])
+
+
 @dataclass
 class JoinState:
     """What a primary sends a backup that joins it: where the new log starts."""
@@ -230,8 +249,10 @@ class Backup:
     def __init__(self, listen: tuple[str, int] | None, *, image: bytes | None = None, arbiter: str | None = None,
                  console: tuple[str, int] | None = None, heartbeat: float = 0.05,
                  say: Callable[[str], None] = lambda s: None,
-                 nics: tuple[int, Callable[[object], None]] | None = None):
+                 nics: tuple[int, Callable[[object], None]] | None = None,
+                 drive_files: dict[str, str] | None = None):
         self.listen_addr = listen
+        self.drive_files = drive_files or {}      # drive name -> this host's copy of its image
         self.image = image
         self.arbiter_path = arbiter
         self.console_addr = console
@@ -263,6 +284,11 @@ class Backup:
         self.frames_sent = 0          # the primary sent every frame its NICs produced before this tick
         self.snap = bytearray()
         self.output = bytearray()
+        # a takeover's steps, host monotonic times: heard (the primary last heard), lost (declared
+        # lost), decided (the arbiter won), stopped (the replay reached the last horizon),
+        # listening (the console served), first (the first byte a client got); tail: ticks
+        # the replay still had to go when the arbiter was won
+        self.timeline: dict[str, float] = {}
 
     def bind(self) -> tuple[str, int]:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -324,6 +350,7 @@ class Backup:
         with self.cv:
             self.lost_at = time.monotonic()
             self.heard_last = self.link.last_heard if self.link else None
+            self.timeline.update(lost=self.lost_at, heard=self.heard_last or self.lost_at)
             if self.bye:
                 self.feed.end()
                 self.cv.notify_all()
@@ -354,9 +381,11 @@ class Backup:
                 with self.cv:
                     self.decision = outcome
                     if outcome == WON:
+                        self.timeline["decided"] = time.monotonic()
                         self.stop_tick = self.horizon
                         if self.replica is not None:
                             self.replica.stop_at = self.horizon
+                            self.timeline["tail"] = max(0, self.horizon - self.replica.position)
                     self.cv.notify_all()
                 if outcome == LOST:
                     self.say(f"the primary is lost ({self.lost}) but holds the arbiter ({detail}): stopping")
@@ -494,7 +523,7 @@ class Backup:
         console = ConsoleServer("backup")
         console.preload(bytes(self.output))
         try:
-            rp = LiveReplica(self.feed, self.image, console, self._gate, join)
+            rp = LiveReplica(self.feed, self.image, console, self._gate, join, self.drive_files)
         except (LogFormatError, ReplayError, Divergence, SnapshotError, OSError) as e:
             why = f"the backup cannot follow the primary: {str(e).splitlines()[0]}"
             if self.joining:
@@ -535,12 +564,15 @@ class Backup:
             raise Fenced()
         addr = self.console_addr or tuple(hello.get("console") or ("127.0.0.1", 0))
         if res.reason is StopReason.HOST and rp.stop_at is not None:
+            self.timeline["stopped"] = time.monotonic()
+            console.on_first_release = self._first_output
             rp.go_live(console)
             self._nics_live(rp.m)
             console.go_alone(rp.input_position())
             console.status = lambda: {"state": "took over", "takeover_tick": rp.stop_at,
                                       "failure": self.lost, "arbiter": self.arbiter_path}
             self._listen_console(console, addr)
+            self.timeline["listening"] = time.monotonic()
             detected = (self.lost_at - self.heard_last) if self.lost_at and self.heard_last else None
             self.say(f"the primary is lost ({self.lost}); live from tick {rp.stop_at} (icount {rp.m.icount}), "
                      f"console on {console.address[0]}:{console.address[1]}")
@@ -565,6 +597,13 @@ class Backup:
         console.finish(status)
         _linger(console, linger)
         return BackupResult(res, "took-over")
+
+    def _first_output(self, when: float) -> None:
+        """The console's thread: the first output a client got from this side, live; say where
+        the time since the primary was lost went (benchmarks/ft.py reads this line)."""
+        t = dict(self.timeline, first=when)
+        self.timeline = t
+        self.say(takeover_line(t))
 
     def _nics_live(self, m) -> None:
         """Going live: the NICs join this side's backends, and the frames the primary may not
@@ -615,6 +654,33 @@ class Backup:
         if sha != want:
             return (f"the image differs: the primary's {cfg['image'].get('name')} has sha256 {str(want)[:16]}..., "
                     f"this backup's {sha[:16]}...")
+        return self._drives_differ(cfg)
+
+    def _drives_differ(self, cfg: dict) -> str | None:
+        """Why this backup's copies of the primary's disks cannot replay it (None if they can):
+        each must hold what the primary's held when its run began (size and SHA-256)."""
+        from host.images import ImageError, open_image
+        from vmm.platform.storage import check_config
+
+        try:
+            drives = check_config(cfg.get("drives"))
+        except ValueError as e:
+            return f"the primary's log header: {e}"
+        unknown = sorted(set(self.drive_files) - {d["name"] for d in drives})
+        if unknown:
+            return f"--drive-file {unknown[0]}: the primary's machine has no drive of that name " \
+                   f"({', '.join(d['name'] for d in drives) or 'it has none'})"
+        for d in drives:
+            path = self.drive_files.get(d["name"], d["path"])
+            try:
+                with open_image(path, False, d["format"]) as img:
+                    size, sha = img.size, img.sha256()
+            except (ImageError, OSError) as e:
+                why = str(e) if isinstance(e, ImageError) else f"{path}: {e.strerror or e}"
+                return f"this backup cannot open the disk {d['name']}: {why} (give it --drive-file {d['name']}=PATH)"
+            if d.get("sha256") is None or size != d["size"] or sha != d["sha256"]:
+                return (f"the disk {d['name']} differs: the primary's has sha256 {str(d.get('sha256'))[:16]}... "
+                        f"({d['size']:,} bytes), this backup's {path} {sha[:16]}... ({size:,} bytes)")
         return None
 
     def _listen_console(self, console: ConsoleServer, addr) -> None:
@@ -627,6 +693,16 @@ class Backup:
                 if time.monotonic() > end:
                     raise FtError(f"cannot serve the console on {addr[0]}:{addr[1]}: {e.strerror}") from None
                 time.sleep(0.02)
+
+
+def takeover_line(t: dict[str, float]) -> str:
+    """'takeover: ...' with the milliseconds of each step of a timeline (Backup.timeline)."""
+    steps = [("detect", "heard", "lost"), ("arbiter", "lost", "decided"), ("tail", "decided", "stopped"),
+             ("console", "stopped", "listening"), ("first output", "listening", "first")]
+    parts = [f"{name} {(t[b] - t[a]) * 1e3:.1f}" for name, a, b in steps if a in t and b in t]
+    total = (t["first"] - t["heard"]) * 1e3 if "first" in t and "heard" in t else float("nan")
+    return (f"takeover: {total:.1f} ms from the primary last heard to the first output: "
+            + ", ".join(parts) + f" ms; tail {int(t.get('tail', 0)):,} ticks")
 
 
 def _status(res: RunResult) -> int:

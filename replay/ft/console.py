@@ -51,6 +51,7 @@ class ConsoleServer:
         self._sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
         self.first_release: float | None = None   # host time of the first byte sent after go_alone()
+        self.on_first_release: Callable[[float], None] | None = None   # called once, with that time
         self._alone_at: float | None = None
         self.ends_sent = 0
 
@@ -219,6 +220,7 @@ class ConsoleServer:
         c.close()
 
     def _push(self) -> None:
+        first = None
         with self.lock:
             for c in self._clients:
                 if c.closed:
@@ -226,14 +228,16 @@ class ConsoleServer:
                 if c.sent < self.released:
                     c.send(b"OUT %d %d\n" % (c.sent, self.released - c.sent) + bytes(self.out[c.sent:self.released]))
                     c.sent = self.released
+                    if self._alone_at is not None and self.first_release is None and not c.closed:
+                        first = self.first_release = time.monotonic()
                 if self.finished is not None and not c.ended and c.sent >= len(self.out) \
                         and self.released >= len(self.out):
                     c.send(b"END %d\n" % self.finished)
                     c.ended = True
                     self.ends_sent += 1
             self._clients = [c for c in self._clients if not c.closed]
-            if self._alone_at is not None and self.first_release is None and any(c.sent for c in self._clients):
-                self.first_release = time.monotonic()
+        if first is not None and self.on_first_release is not None:
+            self.on_first_release(first)
 
 
 class _Client:
@@ -340,7 +344,7 @@ class ConsoleClient:
                     pass
             if time.monotonic() > deadline:
                 raise TimeoutError("no console server answered")
-            time.sleep(0.01)
+            time.sleep(0.002)     # a failover's new side listens within milliseconds
 
     def run(self, timeout: float = 120.0, reconnect_for: float = 30.0) -> int:
         """Read until the guest ends (its status) or ``timeout`` seconds pass (TimeoutError)."""
