@@ -146,11 +146,12 @@ def layers(repeat: int, n: int = 100_000) -> list[tuple[str, float]]:
     g, dev = build("store", 1)
     m, e = g.m, g.m.engine
     res = ffi.new("uint64_t *")
+    if e.loaded is None:
+        e.loaded = m.vcpus[0]    # as during a run: the vCPU whose accesses these are
     fns = {
         "empty": lambda: None,
         "Engine._on_mmio (what the C callback calls, via cffi)": lambda: e._on_mmio(1, BASE, 4, 0, res),
-        "Machine._mmio (adds the vCPU id)": lambda: m._mmio(1, BASE, 4, 0),
-        "MmioBus.write (find the claim, check width, call)": lambda: m.mmio.write(BASE, 4, 0, 0),
+        "MmioBus.access (the page's claim, width check, call)": lambda: m.mmio.access(1, BASE, 4, 0, 0),
         "the device's mmio_write": lambda: dev.mmio_write(0, 4, 0),
     }
 
@@ -165,44 +166,6 @@ def layers(repeat: int, n: int = 100_000) -> list[tuple[str, float]]:
     got = interleaved({k: timer(fn) for k, fn in fns.items()}, repeat)
     us = {k: v[0] / n * 1e6 for k, v in got.items()}
     return [(k, us[k] - us["empty"]) for k in fns if k != "empty"]
-
-
-def page_cached(m: Machine):
-    """What-if (this file only): an MMIO handler that looks the claim up by page and
-    calls the device directly when the access fits one claim at a width it takes,
-    else falls back to the machine's own path.  Returns the handler for
-    ``engine.mmio_handler``."""
-    slow = m._mmio
-    cache: dict[int, tuple] = {}
-
-    def handler(is_write: int, gpa: int, size: int, value: int) -> int:
-        hit = cache.get(gpa >> 12)
-        if hit is None:
-            c = m.mmio.find(gpa)
-            if c is None or getattr(c.device, "wants_vcpu", False):
-                return slow(is_write, gpa, size, value)
-            d = c.device
-            hit = cache[gpa >> 12] = (c.base, c.base + c.length, c.sizes, d.mmio_read, d.mmio_write)
-        base, end, sizes, rd, wr = hit
-        off = gpa - base
-        if gpa + size > end or size not in sizes or off % size:
-            return slow(is_write, gpa, size, value)
-        if is_write:
-            wr(off, size, value)
-            return 0
-        return rd(off, size)
-    return handler
-
-
-def whatif_rate(kind: str, n: int) -> tuple[float, dict]:
-    g, _ = build(kind, n)
-    g.m.engine.mmio_handler = page_cached(g.m)
-    t = time.perf_counter()
-    r = g.m.run()
-    dt = time.perf_counter() - t
-    if r.reason.value != "exit" or g.m.engine.mmio_accesses != n:
-        raise RuntimeError(f"the what-if {kind} loop went wrong: {r}")
-    return dt, {"rate": n / dt}
 
 
 def profile(kind: str, n: int, exact: bool, top: int = 14) -> str:
@@ -235,7 +198,6 @@ def main() -> None:
     for kind in ("load", "store"):
         fns[kind, "shadow"] = lambda kind=kind: vmm_rate(kind, n, "shadow")
         fns[kind, "nested"] = lambda kind=kind: vmm_rate(kind, n, "nested")
-        fns[kind, "whatif"] = lambda kind=kind: whatif_rate(kind, n)
     for kind in ("in", "out"):
         fns[kind, "shadow"] = lambda kind=kind: vmm_rate(kind, n, "shadow")
     for kind in ("load", "store", "in", "out"):
@@ -262,7 +224,7 @@ def main() -> None:
           f"{cb_w} bytes of host code translated per write; {1e6 / ex['shadow'][0]:.1f} us per write "
           f"against {1e6 / rates['store'][0]:.2f} us without the stop)")
     print("(raw Unicorn: the Python binding's mmio_map callbacks / IN-OUT hooks doing nothing; "
-          "vmm: C callbacks, cffi, Engine, Machine, MmioBus or IoBus, the device)")
+          "vmm: C callbacks, cffi, Engine, MmioBus or IoBus, the device)")
 
     print("\nwhere one MMIO write's time goes (each layer timed alone, includes those below it):")
     lay = layers(max(rep, 5))
@@ -271,11 +233,8 @@ def main() -> None:
     for name, us in lay:
         print(f"  {us:6.3f} us  {name}")
     print(f"  (so {full - lay[0][1]:.2f} us in Unicorn's MMIO dispatch, the C callback, the cffi call "
-          f"and the loop's 3 instructions; {lay[0][1] - lay[3][1]:.2f} us in the three Python layers "
+          f"and the loop's 3 instructions; {lay[0][1] - lay[-1][1]:.2f} us in the Python layers "
           "above the device)")
-    wl, ws = r["load", "whatif"], r["store", "whatif"]
-    print("what-if, a page-cached handler calling the device directly (prototype in this file, "
-          f"not in vmm/): {wl:,.0f} loads/s, {ws:,.0f} stores/s ({ws / rates['store'][0]:.2f}x)")
 
     if a.profile:
         print("\ncProfile, plain MMIO stores:")

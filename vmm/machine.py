@@ -92,7 +92,7 @@ class Machine:
         self.io = IoBus()
         self.mmio = MmioBus()
         self.mmio.listeners.append(self.engine.mmio_claims_changed)
-        self.engine.mmio_handler = self._mmio
+        self.engine.mmio_handler = self.mmio.access
         self.dma = DmaView(self.ept)
         self.clock = VirtualClock(self._total_now)
         self.clock_hz = TICK_HZ
@@ -202,13 +202,6 @@ class Machine:
                 return 0
             return io.read(port, size, vid)
         return handler
-
-    def _mmio(self, is_write: int, gpa: int, size: int, value: int) -> int:
-        vid = self._running.id if self._running is not None else 0
-        if is_write:
-            self.mmio.write(gpa, size, value, vid)
-            return 0
-        return self.mmio.read(gpa, size, vid)
 
     # -- stopping -----------------------------------------------------------------------
     def _request(self, stop: tuple[StopReason, int, str]) -> None:

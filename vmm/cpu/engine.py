@@ -271,7 +271,8 @@ class Engine:
         self._in_emu = False                           # inside emu_start (a device callback is running)
         self._deferred: list[tuple[int, int, bool]] = []   # MMIO claim changes made during a run
         self._mmio_regions: dict[int, tuple[int, object]] = {}   # first page -> (pages, C region)
-        self.mmio_handler: Callable[[int, int, int, int], tuple[int, bool]] | None = None
+        # (is_write, gpa, size, value, vCPU id) -> the value read (0 for a write): MmioBus.access
+        self.mmio_handler: Callable[[int, int, int, int, int], int] | None = None
         # Exit points come from an explicit set (empty except for exact stops):
         # with a plain `until`, Unicorn invalidates code at until-1 after every
         # run, and that lookup of an unmapped address clobbers the guest's CR2.
@@ -905,9 +906,9 @@ class Engine:
         if h is None:
             result[0] = 0             # no bus: unassigned memory, zeros
         elif is_write:
-            h(1, gpa, size, value)
+            h(1, gpa, size, value, self.loaded.id)
         else:
-            result[0] = h(0, gpa, size, 0) & ((1 << (8 * size)) - 1)
+            result[0] = h(0, gpa, size, 0, self.loaded.id) & ((1 << (8 * size)) - 1)
         if self._stop_requested:
             self._stop_requested = False
             return 1
