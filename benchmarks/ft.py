@@ -47,6 +47,9 @@ import ft_guest
 from replay.ft.console import ConsoleClient
 
 CLI = "import sys; from tools.cli import main; sys.exit(main())"
+MAX_LAG: str | None = None     # --max-lag for every primary (None: vmm ft primary's default)
+HEARTBEAT = "50ms"             # --heartbeat of every pair
+GUEST_LINES = 3000
 
 
 def vmm(*args: str) -> subprocess.Popen:
@@ -68,17 +71,18 @@ def mips(err: str) -> float:
     return float(m.group(1))
 
 
-def start_pair(guest: Path, tmp: Path, heartbeat: str = "50ms", backup_console: int | None = None):
+def start_pair(guest: Path, tmp: Path, heartbeat: str | None = None, backup_console: int | None = None):
     """(primary, backup, console port); ``backup_console``: the backup serves the console there
     (a stopped primary still holds its own port, as on another host it would not)."""
     lp, cp = port(), port()
+    heartbeat = heartbeat or HEARTBEAT
     arb = tmp / f"arb-{lp}"
     extra = ["--console", f"127.0.0.1:{backup_console}"] if backup_console else []
     b = vmm("ft", "backup", "--listen", f"127.0.0.1:{lp}", "--arbiter", str(arb), "--linger", "3",
             "--heartbeat", heartbeat, *extra)
     p = vmm("ft", "primary", str(guest), "--boot", "flat", "--backup", f"127.0.0.1:{lp}",
             "--console", f"127.0.0.1:{cp}", "--arbiter", str(arb), "--linger", "3", "--stats",
-            "--heartbeat", heartbeat)
+            "--heartbeat", heartbeat, *(["--max-lag", MAX_LAG] if MAX_LAG else []))
     return p, b, cp
 
 
@@ -201,15 +205,22 @@ def _connect(p: int, timeout: float = 30) -> socket.socket:
             time.sleep(0.02)
 
 
+STEPS = ("detect", "arbiter", "tail", "console", "first output")
+
+
 def failover(guest: Path, tmp: Path, kills: int, sig: int) -> None:
     gaps, detected = [], []
-    for _ in range(kills):
+    steps: dict[str, list[float]] = {k: [] for k in STEPS}
+    tails: list[int] = []
+    total = len(ft_guest.expected(GUEST_LINES, 0, b""))
+    for i in range(kills):
         bcp = port() if sig == signal.SIGSTOP else None
         p, b, cp = start_pair(guest, tmp, backup_console=bcp)
         mark: dict = {}
+        at = int(total * (0.1 + 0.85 * (i + 0.5) / kills))    # kill points spread over the run
 
-        def on_output(c: ConsoleClient, p=p, mark=mark) -> None:
-            if "t" not in mark and len(c.transcript) > 20000:
+        def on_output(c: ConsoleClient, p=p, mark=mark, at=at) -> None:
+            if "t" not in mark and len(c.transcript) > at:
                 mark["t"] = time.perf_counter()
                 mark["n"] = len(c.transcript)
                 p.send_signal(sig)
@@ -229,10 +240,31 @@ def failover(guest: Path, tmp: Path, kills: int, sig: int) -> None:
         m = re.search(r"failure detected (\d+) ms", err)
         if m:
             detected.append(int(m.group(1)))
+        m = re.search(r"takeover: .*?: (.*) ms; tail ([\d,]+) ticks", err)
+        if m:
+            for part in m.group(1).split(", "):
+                k, _, v = part.rpartition(" ")
+                steps[k].append(float(v))
+            tails.append(int(m.group(2).replace(",", "")))
     name = {signal.SIGKILL: "SIGKILL", signal.SIGSTOP: "SIGSTOP"}[sig]
     print(f"failover after {name} ({len(gaps)} of {kills}): primary's death to the backup's first "
-          f"output, ms: {', '.join(f'{g * 1e3:.0f}' for g in gaps)}; the backup's detection, ms after "
-          f"it last heard the primary: {', '.join(map(str, detected))}")
+          f"output, ms: {_dist([g * 1e3 for g in gaps])}")
+    print(f"  the backup's detection, ms after it last heard the primary: {_dist(detected)}")
+    print("  the backup's takeover, ms per step (median / p90 / max): "
+          + "; ".join(f"{k} {_dist(v, short=True)}" for k, v in steps.items() if v))
+    if tails:
+        print(f"  tail replayed after the arbiter, ticks (1 tick = 10 ns of guest time): {_dist(tails, short=True)}")
+
+
+def _dist(xs: list[float], short: bool = False) -> str:
+    """'median / p90 / max' (with short=False: 'min median p90 max' of n, and the values when few)."""
+    if not xs:
+        return "none"
+    xs = sorted(xs)
+    med, p90 = statistics.median(xs), xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+    if short:
+        return f"{med:.1f} / {p90:.1f} / {xs[-1]:.1f}" if isinstance(xs[0], float) else f"{med:,.0f} / {p90:,} / {xs[-1]:,}"
+    return f"n {len(xs)}, min {xs[0]:.0f}, median {med:.0f}, p90 {p90:.0f}, max {xs[-1]:.0f}"
 
 
 def rejoin(tmp: Path, rounds: int) -> None:
@@ -262,7 +294,7 @@ def rejoin(tmp: Path, rounds: int) -> None:
         b.communicate()
         until(cp, lambda s: s.get("state") == "alone")
         t0 = time.perf_counter()
-        j = vmm("ft", "backup", "--join", f"127.0.0.1:{cp}", "--heartbeat", "50ms")
+        j = vmm("ft", "backup", "--join", f"127.0.0.1:{cp}", "--heartbeat", HEARTBEAT)
         until(cp, lambda s: s.get("state") == "paired" and s.get("joins") == 1)
         times.append(time.perf_counter() - t0)
         for x in (j, p):
@@ -289,18 +321,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--trips", type=int, default=40)
+    ap.add_argument("--only", choices=["throughput", "latency", "failover", "join"], default=None,
+                    help="run one part only")
+    ap.add_argument("--max-lag", default=None, metavar="DURATION", help="the primaries' --max-lag")
+    ap.add_argument("--heartbeat", default="50ms", metavar="DURATION", help="the pairs' --heartbeat (default 50ms)")
     args = ap.parse_args()
+    global MAX_LAG, HEARTBEAT
+    MAX_LAG, HEARTBEAT = args.max_lag, args.heartbeat
     if not ft_guest.have_nasm():
         sys.exit("benchmarks/ft.py needs nasm to build its guest")
     tmp = Path(tempfile.mkdtemp(prefix="vmm-ft-bench-"))
-    guest = ft_guest.build(lines=3000)
-    print(f"guest: {guest.name}, 3000 lines, ~60M instructions; heartbeat 50ms; load "
+    guest = ft_guest.build(lines=GUEST_LINES)
+    print(f"guest: {guest.name}, {GUEST_LINES} lines, ~60M instructions; heartbeat {HEARTBEAT}; --max-lag {MAX_LAG or 'default'}; load "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    throughput(guest, tmp, args.rounds)
-    latency(tmp, args.trips)
-    failover(guest, tmp, args.kills, signal.SIGKILL)
-    failover(guest, tmp, args.kills, signal.SIGSTOP)
-    rejoin(tmp, args.kills)
+    if args.only in (None, "throughput"):
+        throughput(guest, tmp, args.rounds)
+    if args.only in (None, "latency"):
+        latency(tmp, args.trips)
+    if args.only in (None, "failover"):
+        failover(guest, tmp, args.kills, signal.SIGKILL)
+        failover(guest, tmp, args.kills, signal.SIGSTOP)
+    if args.only in (None, "join"):
+        rejoin(tmp, args.kills)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class LinkSink:
 
 class Primary:
     def __init__(self, backup: tuple[str, int], console: ConsoleServer, *, heartbeat: float = 0.05,
-                 max_lag: int = 10_000_000, arbiter: str | None = None,
+                 max_lag: int = 2_000_000, arbiter: str | None = None,
                  say: Callable[[str], None] = lambda s: None):
         self.backup = backup
         self.console = console
