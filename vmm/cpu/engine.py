@@ -391,8 +391,7 @@ class Engine:
         self.loaded = vcpu
         c.icount = vcpu._icount
         c.cur = ffi.NULL
-        c.irq_pending = 1 if vcpu._irq_pending else 0
-        c.slow = (c.slow & ~lib.VMM_SLOW_IRQ) | (lib.VMM_SLOW_IRQ if vcpu._irq_pending else 0)
+        c.irq_pending = lib.VMM_IRQ_WAITING if vcpu._irq_pending else 0
         lib.vmm_mmio_replay_clear(c)
         if cur is not None:
             self.switches += 1
@@ -883,12 +882,10 @@ class Engine:
         c = self._core
         c.trap_lo = lo
         c.trap_len = length
-        c.slow = (c.slow & ~lib.VMM_SLOW_TRAP) | (lib.VMM_SLOW_TRAP if length else 0)
 
     def set_irq_pending(self, pending: bool) -> None:
         c = self._core
-        c.irq_pending = 1 if pending else 0
-        c.slow = (c.slow & ~lib.VMM_SLOW_IRQ) | (lib.VMM_SLOW_IRQ if pending else 0)
+        c.irq_pending = lib.VMM_IRQ_WAITING if pending else 0
 
     def _on_io(self, is_write: int, port: int, size: int, value: int, result) -> int:
         v = self.loaded

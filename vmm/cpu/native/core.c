@@ -51,8 +51,7 @@
 #define VMM_WATCH_PAGES   64      /* linear pages whose translation a watch follows */
 
 #define VMM_IO_STOP       0x1
-#define VMM_SLOW_IRQ      0x1
-#define VMM_SLOW_TRAP     0x2
+#define VMM_IRQ_WAITING   0x200u /* irq_pending's value: EFLAGS.IF, which the block hook tests against it */
 #define VMM_SLOW_SMC      0x4   /* a block was cut by its own store: stop before the next one */
 #define VMM_SLOW_FORCED   0x8   /* the next block is the k-instruction block of an exact stop */
 #define VMM_FORCED_MAX    511u  /* k is less than the refused block's count, at most TCG_MAX_INSNS (512) */
@@ -112,7 +111,7 @@ typedef struct vmm_core {
     uint64_t icount;      /* retired instructions, counting the current block in full */
     uint64_t budget;      /* stop before a block that would end past this count */
     vmm_tbc_entry *cur;   /* the block now running (its pc, size, count), or NULL */
-    uint32_t slow;        /* nonzero when the block hook must look closer: SLOW_IRQ | SLOW_TRAP */
+    uint32_t slow;        /* nonzero when the block hook must look closer: SLOW_SMC | SLOW_FORCED */
     uint32_t stop_flags;
     int32_t exc_vector;
     uint64_t exc_eip;
@@ -126,7 +125,7 @@ typedef struct vmm_core {
     uint64_t stop_eip;
     uint32_t trap_kind;
     uint32_t io_late_stops;
-    uint32_t irq_pending; /* an interrupt waits for IF=1: stop at the first block with IF set */
+    uint32_t irq_pending; /* VMM_IRQ_WAITING: an interrupt waits for IF=1, stop at the first block with IF set */
     void *handle;
     void (*loop_exit)(void *cpu);
     uc_hook hooks[10];
@@ -240,7 +239,7 @@ static int block_slow(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t size, 
        (STI, POPF, IRET, ...), so a block boundary is the first boundary at
        which a waiting interrupt can be taken; the STI/MOV SS shadow is
        honoured by the VMM, which single-steps when hflags still inhibit. */
-    else if (c->irq_pending && (*(uint64_t *)(c->env + ENV_EFLAGS) & IF_MASK))
+    else if (*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending)
         why = VMM_STOP_IRQWIN;
     else if (c->icount + n > c->budget) {
         why = VMM_STOP_BUDGET;
@@ -319,7 +318,8 @@ static void forced_block(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t siz
     e->pc = addr; e->size = size; e->mode = code_mode(c); e->icount = n;
     e->xoff = 0;
     c->forced_rf = (*(uint64_t *)(c->env + ENV_EFLAGS) & RF_MASK) != 0;
-    if (((c->icount + n) > c->budget) | c->slow) {
+    if (((c->icount + n) > c->budget) | c->slow | (addr - c->trap_lo < c->trap_len) |
+        ((*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending) != 0)) {
         if (block_slow(c, uc, addr, size, n))
             return;
     }
@@ -361,7 +361,11 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     else
         n = tbc_fill(c, uc, e, addr, size, mode);
     next = c->icount + n;
-    if (__builtin_expect((next > c->budget) | c->slow, 0)) {
+    /* The trap range (set while the HLE BIOS is in, so for whole boots) and a
+       waiting interrupt (often for long stretches with IF=0) are tested here,
+       without a call: this runs before every block */
+    if (__builtin_expect((next > c->budget) | c->slow | (addr - c->trap_lo < c->trap_len) |
+                         ((*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending) != 0), 0)) {
         if (c->slow & VMM_SLOW_FORCED) {
             forced_block(c, uc, addr, size);
             return;
