@@ -212,3 +212,28 @@ def test_rdtsc_in_a_self_modifying_loop_reads_the_instruction_clock():
     # the TSC follows the instruction clock: the loop that rewrites its own immediate takes as
     # many ticks as the same loop storing to data
     assert _tsc_delta("P+1") == _tsc_delta("0x50010") > 0
+
+
+def _tsc_reads(answer_in_c: bool) -> tuple[bytes, int, int]:
+    # RDTSC at a block's start and in the middle of one, and RDTSCP in the middle of
+    # another (the core keeps one decoded offset per block), after an inner loop of
+    # varying length
+    g = Guest()
+    g.protected_mode("mov edi, 0x50000; mov esi, 200; L: rdtsc; mov [edi], eax; mov [edi+4], edx; "
+                     "mov ebx, esi; M: dec ebx; jnz M; add eax, esi; rdtsc; mov [edi+8], eax; jmp N; "
+                     "N: nop; rdtscp; mov [edi+12], eax; mov [edi+16], ecx; add edi, 20; dec esi; jnz L; "
+                     "mov dx, 0x501; mov al, 0; out dx, al; hlt")
+    if not answer_in_c:
+        g.cpu.tsc_offset = None
+    g.cpu.tsc_aux = 7
+    assert g.run(1_000_000).reason.value == "exit"
+    core = g.m.engine._core
+    return g.m.memory.read(0x50000, 200 * 20), g.cpu.icount, int(core.tsc_hits)
+
+
+def test_rdtsc_answered_in_c_reads_what_the_python_reference_reads():
+    fast, n_fast, hits = _tsc_reads(True)
+    ref, n_ref, hits_ref = _tsc_reads(False)
+    assert fast == ref and n_fast == n_ref
+    assert hits_ref == 0 and hits == 3 * 200 - 3   # each of the three in Python once, the first time
+    assert struct.unpack_from("<5I", fast, 20)[4] == 7   # RDTSCP's ECX: TSC_AUX

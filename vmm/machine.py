@@ -121,9 +121,17 @@ class Machine:
             v.io_handler = self._io_for(v.id)
             v.cpuid = fixed_cpuid
             v.rdtsc = self.clock.now
+            v.tsc_offset = self._tsc_offset_of(v)
             v.pins.connect(self._kick)
 
     # -- time ---------------------------------------------------------------------
+    def _tsc_offset_of(self, v: Vcpu) -> Callable[[], int | None]:
+        # clock.now() while v runs: the others' count and the idle ticks, which no
+        # hook changes, plus v's exact count
+        def offset() -> int | None:
+            return self._others + self.clock.idle if self._running is v else None
+        return offset
+
     def _total_now(self) -> int:
         r = self._running
         if r is None:

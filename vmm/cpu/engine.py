@@ -925,6 +925,14 @@ class Engine:
             return 1
         if kind in (lib.VMM_EV_RDTSC, lib.VMM_EV_RDTSCP):
             tsc = v.rdtsc() & U64
+            core = self._core
+            cur = core.cur
+            if core.tsc_fast and cur != ffi.NULL and not core.smc_pending:
+                # the count at this EIP of this block, for the C answer next time (core.c)
+                lin = self.cs_base() + self.rip()
+                if 0 < lin - cur.pc < cur.size:
+                    cur.xoff = lin - cur.pc + 1
+                    cur.xn = self.count_insns(cur.pc, lin)
             struct.pack_into("<Q", env, ENV_REGS + 0, tsc & 0xFFFF_FFFF)
             struct.pack_into("<Q", env, ENV_REGS + 16, tsc >> 32)
             if kind == lib.VMM_EV_RDTSCP:
@@ -1097,6 +1105,15 @@ class Engine:
             c.fast = lib.FD_ON | (lib.FD_LOG if self.ept.logging else 0)
         else:
             c.fast = 0
+        # RDTSC answered in the hook (core.c, tsc_answer) on the same terms
+        v = self.loaded
+        off = v.tsc_offset() if v.tsc_offset is not None and until == NO_UNTIL and self._ref_hook is None else None
+        if off is None:
+            c.tsc_fast = 0
+        else:
+            c.tsc_fast = 1
+            c.tsc_offset = off & U64
+            c.tsc_aux = v.tsc_aux & 0xFFFF_FFFF
         self._stop_requested = False
         self._bp_hit = False
         self._in_emu = True

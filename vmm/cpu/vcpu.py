@@ -110,7 +110,10 @@ class Vcpu:
 
     ``io_handler(is_write, port, size, value) -> int`` services IN/OUT inline
     (return the value for IN); ``rdtsc`` returns the TSC value,
-    ``cpuid(leaf, subleaf)`` the four registers.  ``pins`` are its interrupt
+    ``cpuid(leaf, subleaf)`` the four registers.  ``tsc_offset``, when set,
+    returns for a run about to start the value that makes ``rdtsc() ==
+    tsc_offset() + current_icount()`` all through it (or None: not so for this
+    run), so the CPU core answers RDTSC in C; ``rdtsc`` stays the reference.  ``pins`` are its interrupt
     inputs (devices/irqchip.py).
     """
 
@@ -131,6 +134,7 @@ class Vcpu:
         self.pins = CpuPins(vcpu_id)
         self.io_handler: Callable[[int, int, int, int], int] = lambda w, p, s, v: 0xFFFF_FFFF
         self.rdtsc: Callable[[], int] = lambda: self.icount
+        self.tsc_offset: Callable[[], int | None] | None = None
         self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = lambda leaf, sub: (0, 0, 0, 0)
         self.tsc_aux = 0
         engine.vcpus.append(self)
