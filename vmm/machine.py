@@ -327,7 +327,7 @@ class Machine:
             if v.interruptible():
                 vector = pins.acknowledge()
                 try:
-                    dl.deliver(vector, external=True)
+                    dl.deliver_interrupt(vector, fast=self.fast_delivery and self.trace is None)
                 except TripleFault as e:
                     return self._result(StopReason.SHUTDOWN, 0, f"triple fault: {e}", vcpu=v.id)
                 v.set_irq_pending(pins.intr)

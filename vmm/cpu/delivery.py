@@ -137,6 +137,16 @@ class Delivery:
         return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
 
     # -- the entry point ------------------------------------------------------
+    def deliver_interrupt(self, vector: int, fast: bool = True) -> None:
+        """An external interrupt: ``deliver(vector, external=True)``, done in C by the
+        CPU core when ``fast`` and it can (vmm/cpu/native/deliver.c; this module
+        stays the reference that tests/test_delivery_fast.py compares it to)."""
+        cpu = self.cpu
+        if fast and cpu.loaded and cpu.engine.deliver_interrupt(vector):
+            self.delivered += 1
+            return
+        self.deliver(vector, external=True)
+
     def deliver(self, vector: int, error_code: int | None = None, software: bool = False,
                 external: bool = False, cr2: int | None = None) -> None:
         """Deliver one event, applying the double-fault and shutdown rules.

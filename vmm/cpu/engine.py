@@ -468,6 +468,14 @@ class Engine:
         """Exceptions and INT n delivered in C (deliver.c), not exits."""
         return int(self._core.fast_delivered)
 
+    def deliver_interrupt(self, vector: int) -> bool:
+        """Deliver an external interrupt to the loaded vCPU in C (deliver.c), between
+        runs; False: nothing done, delivery.py must (it stays the reference)."""
+        if self._ref_hook is not None:
+            return False
+        c = self._core
+        return lib.vmm_core_deliver_irq(c, vector, lib.FD_ON | (lib.FD_LOG if self.ept.logging else 0)) == 1
+
     @property
     def code_invalidations(self) -> int:
         return int(self._core.code_invalidations)

@@ -177,6 +177,8 @@ typedef struct vmm_core {
     uint32_t fast;               /* FD_* (deliver.c): exceptions delivered in the hooks */
     uint64_t fast_delivered;     /* exceptions delivered in C */
     uint64_t fast_misses;        /* ... tried in C and left to Python */
+    uint64_t irq_delivered;      /* external interrupts delivered in C (vmm_core_deliver_irq) */
+    uint64_t irq_misses;         /* ... tried in C and left to Python */
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
     vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
