@@ -336,7 +336,8 @@ static void forced_block(vmm_core *c, uc_engine *uc, uint64_t addr, uint32_t siz
     c->mmio_log_len = 0;
 }
 
-static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+/* Every case of the block hook (block_hook below is its common case). */
+__attribute__((noinline)) static void block_hook_full(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
     uint32_t mode = code_mode(c);
@@ -369,9 +370,9 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     else
         n = tbc_fill(c, uc, e, addr, size, mode);
     next = c->icount + n;
-    /* The trap range (set while the HLE BIOS is in, so for whole boots) and a
-       waiting interrupt (often for long stretches with IF=0) are tested here,
-       without a call: this runs before every block */
+    /* the trap range (set while the HLE BIOS is in, so for whole boots) and a
+       waiting interrupt (often for long stretches with IF=0) are tested in the
+       hook itself, not left to a call that runs before every block */
     if (__builtin_expect((next > c->budget) | c->slow | (addr - c->trap_lo < c->trap_len) |
                          ((*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending) != 0), 0)) {
         if (c->slow & VMM_SLOW_FORCED) {
@@ -380,6 +381,32 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
         }
         if (block_slow(c, uc, addr, size, n))
             return;
+    }
+    c->icount = next;
+    c->cur = e;
+    c->mmio_log_len = 0;
+}
+
+/* The hook Unicorn calls before every translated block (~10^9 times in a Linux
+   boot): the common case only -- a cached count, no stop, no block cut by its
+   own store (a block that jumps back into itself, as every iteration of a REP
+   string instruction does, is checked here) -- with little saved on the
+   stack; anything else is block_hook_full's, which starts from scratch
+   (nothing here changed state). */
+static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+{
+    vmm_core *c = ud;
+    vmm_tbc_entry *e = &c->tbc[TBC_INDEX(addr)], *cur = c->cur;
+    uint64_t next = c->icount + e->icount;
+    if (__builtin_expect(cur != NULL && addr - cur->pc < cur->size, 0) && smc_restart(c, addr, size)) {
+        block_hook_full(uc, addr, size, ud);   /* a block cut by its own store */
+        return;
+    }
+    if (__builtin_expect((e->pc != addr) | (e->size != size) | (e->mode != code_mode(c)) | c->watch_inval |
+                         c->slow | (next > c->budget) | (addr - c->trap_lo < c->trap_len) |
+                         ((*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending) != 0), 0)) {
+        block_hook_full(uc, addr, size, ud);
+        return;
     }
     c->icount = next;
     c->cur = e;
