@@ -249,8 +249,13 @@ class Hpet:
         self._catch_up(now)
         shift = (offset & 7) * 8
         mask = (SIZE_MASK.get(size, M64) << shift) & M64
-        self._write_reg(offset & ~7, (value << shift) & mask, mask)
+        reg = offset & ~7
+        self._write_reg(reg, (value << shift) & mask, mask)
         self._arm()
+        if reg == REG_MAIN_CNT or (reg >= REG_TIMER0 and (reg - REG_TIMER0) % TIMER_STRIDE != TN_CONF):
+            # a comparator or the counter: no level output's inputs changed (a Linux
+            # boot writes comparators 40,000 times)
+            return
         self._drive(())
 
     # -- legacy inputs (2.4, LegacyReplacement Route) ------------------------------
