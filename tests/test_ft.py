@@ -148,6 +148,9 @@ def test_pair_without_faults_prints_what_a_plain_run_prints(ask_guest, tmp_path)
     shown = dict(line.split(": ", 1) for line in shown_text.splitlines())
     assert rc == 0 and shown["role"] == "primary" and shown["state"] == "paired"
     assert int(shown["acked_horizon"]) > 0 and int(shown["log_bytes"]) > 0 and float(shown["lag_ms"]) >= 0
+    # the last acknowledged point as an instruction count too: the guest's icount at that horizon
+    assert 0 < int(shown["acked_icount"]) <= int(shown["icount"])
+    assert int(shown["log_bytes_per_guest_s"]) > 0
 
 
 def _kill_primary_run(guest: Path, tmp: Path, at: float, delay: float, smp: int, want_of,

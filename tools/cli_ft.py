@@ -94,7 +94,7 @@ def add_ft_parser(sub) -> None:
     a.add_argument("--state", default=None, metavar="FILE",
                    help="a journal of the leases won, fsynced before each answer (a restarted arbiter "
                         "forgets none); default: memory only")
-    st = fsub.add_parser("status", help="the live side's role, lag, log bandwidth and last acknowledged horizon")
+    st = fsub.add_parser("status", help="the live side's role, lag, log bandwidth and last acknowledged horizon and icount")
     st.add_argument("address", metavar="HOST:PORT", help="the pair's console address")
     c = fsub.add_parser("console", help="a console client that follows a pair across a failover")
     c.add_argument("address", nargs="+", metavar="HOST:PORT")

@@ -111,6 +111,9 @@ class Primary:
         self.joins = 0
         self.said_bye = False
         self.gates: list = []                 # the NICs' HeldWires (replay/ft/netgate.py)
+        # (horizon tick, the machine's icount there) of the horizons not yet acknowledged, and
+        # the last one that was: `vmm ft status` names the acknowledged point as an icount too
+        self.horizons: deque[tuple[int, int]] = deque([(0, 0)], maxlen=LAG_SAMPLES)
         self.peer_host = backup[0]
         console.status = self.status
         console.on_join = self._on_join
@@ -180,7 +183,11 @@ class Primary:
         """For `vmm ft status`: who this side is, the backup's lag, the log's bandwidth."""
         s = self.stats
         guest_s = self.last_tick / 1e8
+        with self.cv:
+            icount = self.horizons[-1][1]
+            acked_icount = next((ic for t, ic in reversed(self.horizons) if t <= self.acked), 0)
         return {"state": s.outcome, "tick": self.last_tick, "acked_horizon": min(self.acked, self.last_tick),
+                "icount": icount, "acked_icount": acked_icount,
                 "lag_ms": (s.lag_samples[-1] / 1e5) if s.lag_samples else 0.0, "log_bytes": s.log_bytes,
                 "log_bytes_per_guest_s": round(s.log_bytes / guest_s) if guest_s else 0,
                 "heartbeat_s": self.heartbeat, "arbiter": self.arbiter.path, "joins": self.joins,
@@ -198,6 +205,11 @@ class Primary:
             g.flush()
         if not self.alone:
             self.writer.flush()
+            with self.cv:
+                hz = self.horizons
+                hz.append((now, m.icount))
+                while len(hz) > 1 and hz[1][0] <= self.acked:
+                    hz.popleft()
             sent = min((g.flushed_through for g in self.gates), default=None)
             self.link.send(wire.HORIZON, wire.u64(now) + (wire.u64(sent) if sent is not None else b""))
             lag = now - self.progress
@@ -296,6 +308,7 @@ class Primary:
             self.arbiter = Arbiter(self.arbiter.base, generation)
             self.handshake = None
             self.progress = self.acked = now
+            self.horizons = deque([(now, m.icount)], maxlen=LAG_SAMPLES)
             self.alone = False
             self.joins += 1
             self.stats.outcome = "joining"     # "paired" once the backup holds a machine (its ACCEPT)
