@@ -197,6 +197,16 @@ def test_kill_primary_with_two_vcpus(smp_guest, tmp_path_factory, at, delay):
     _kill_primary_run(smp_guest, tmp, at, delay, 2, lambda typed: want)
 
 
+def test_a_guest_shorter_than_a_horizon(tmp_path):
+    """The whole run fits before the first horizon: the backup, which may not replay past the
+    point it starts from before the log is known whole beyond it, waits for the END's horizon
+    and ends as the primary did."""
+    guest = ft_guest.build(lines=12, delay=500)
+    c, _err_p, err_b = Pair(tmp_path, guest).run_unharmed(None)
+    assert bytes(c.transcript) == ft_guest.expected(12, 0, b"")
+    assert "at icount 7,385" in err_b
+
+
 DISK_SECTORS = 32
 
 
