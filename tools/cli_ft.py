@@ -34,6 +34,11 @@ the pair:
   primary's next horizon and follows it from there; the pair then contends
   for a new lease (PATH.1, PATH.2, ... for the first, second, ... join).
 
+disks (--drive, -hda, -hdb, -cdrom): the backup checks its copy of each (the
+primary's path, or --drive-file NAME=PATH) against the primary's SHA-256
+before the first instruction; each side keeps the guest's writes in memory, so
+the image files stay as they were.
+
 the console (--console) speaks a small protocol in which every output and
 input carries its stream position, so a client that reconnects after a
 failover loses and repeats nothing: use `vmm ft console HOST:PORT`.
