@@ -28,7 +28,9 @@ device as QEMU's ``virtio-*-pci`` on a conventional PCI bus presents it:
   level is ``ISR != 0`` (4.1.4.5.1).
 * 4.1.4.8 the legacy interface in BAR0 (I/O): host/guest features (bits
   0-31), queue PFN (legacy ring layout, 4096-byte alignment), queue size,
-  select, notify, status, ISR, then the device configuration at 20.
+  select, notify, status, ISR, then, while MSI-X is enabled, the
+  configuration and queue vectors (4.1.4.10), then the device
+  configuration (at 20, or 24 with MSI-X enabled).
 
 BAR4 is a 32-bit memory BAR, where QEMU's is 64-bit and prefetchable.  A
 kernel that assigns BARs itself and does not trust the ACPI _CRS windows
@@ -36,10 +38,22 @@ kernel that assigns BARs itself and does not trust the ACPI _CRS windows
 puts a 64-bit BAR above 4 GiB, where our boards have no guest-physical
 space; drivers find the BAR through the capabilities either way.
 
-MSI-X is not offered.  Linux's virtio_pci then uses INTx (``vp_find_vqs``
-falls back to ``vp_find_vqs_intx``); the MSI-X vector fields read
-NO_VECTOR (0xFFFF), and a write leaves them so, which is how QEMU tells a
-driver that a vector could not be had.
+MSI-X (4.1.4.3, 4.1.5.1.2, 4.1.5.4) when the function is built with ``msi``
+(the APIC bus's ``send_msi``): the capability, table and PBA of
+devices/virtio/msix.py in BAR1 (4 KiB, as QEMU's exclusive MSI-X BAR), with
+one vector per queue plus one for configuration changes (QEMU's default
+``vectors``).  ``msix_config`` and each queue's ``queue_msix_vector`` take
+a vector below the table size and read back NO_VECTOR (0xFFFF) for any
+other value, which is how the driver learns that a mapping failed; a reset
+(status 0) sets them all to NO_VECTOR, as QEMU's ``virtio_reset``.  While
+MSI-X is enabled a used buffer notification is the queue's vector and a
+configuration change the configuration vector (NO_VECTOR: none at all);
+neither sets ISR bits nor touches INTx (the spec asks for ISR only without
+MSI-X; Linux's per-queue MSI-X handlers never read it).  Linux's
+virtio_pci then takes one vector per queue (``vp_find_vqs_msix``): a request
+costs one message and no ISR read or I/O APIC round trip.  Without ``msi``
+(or with MSI-X disabled by the driver) it is INTx as below, and the vector
+fields read NO_VECTOR.
 
 Device status (2.1).  Writing 0 resets the device (queues, features, ISR,
 the device type's in-flight work) and reads back 0 at once.  Through the
@@ -96,6 +110,7 @@ from devices.virtio.device import (
     state_bool,
     state_int,
 )
+from devices.virtio.msix import Msix
 from devices.virtio.queue import NO_VECTOR, Chain, SplitQueue, VirtqError, legacy_layout
 
 VENDOR_VIRTIO = 0x1AF4
@@ -132,8 +147,12 @@ COMMON_FIELDS = [(0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2
 # The legacy header (4.1.4.10), without MSI-X: the device configuration follows at 20
 L_HOST_FEATURES, L_GUEST_FEATURES, L_QUEUE_PFN, L_QUEUE_NUM = 0x00, 0x04, 0x08, 0x0C
 L_QUEUE_SEL, L_QUEUE_NOTIFY, L_STATUS, L_ISR = 0x0E, 0x10, 0x12, 0x13
+L_MSIX_CONFIG, L_MSIX_QUEUE = 0x14, 0x16       # present only while MSI-X is enabled
 LEGACY_HEADER = 0x14
+LEGACY_HEADER_MSIX = 0x18
 LEGACY_FIELDS = [(0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 2), (0x0E, 2), (0x10, 2), (0x12, 1), (0x13, 1)]
+LEGACY_FIELDS_MSIX = LEGACY_FIELDS + [(0x14, 2), (0x16, 2)]
+MSIX_BAR = 1
 
 _U32 = 0xFFFF_FFFF
 
@@ -148,6 +167,7 @@ def _field_map(fields: list[tuple[int, int]], length: int) -> list[tuple[int, in
 
 _COMMON_MAP = _field_map(COMMON_FIELDS, COMMON_LEN)
 _LEGACY_MAP = _field_map(LEGACY_FIELDS, LEGACY_HEADER)
+_LEGACY_MAP_MSIX = _field_map(LEGACY_FIELDS_MSIX, LEGACY_HEADER_MSIX)
 
 
 def _covered(fmap: list[tuple[int, int] | None], off: int, size: int) -> list[tuple[int, int]]:
@@ -191,15 +211,17 @@ class VirtioPciFunction(PciFunction):
     """A virtio device (``VirtioDevice``) on PCI; see the module docstring.
 
     ``dma`` is the device's view of guest memory, ``clock`` the machine's
-    virtual clock (the device type schedules its work on it).
+    virtual clock (the device type schedules its work on it), ``msi`` where
+    MSI-X messages go (``send_msi(address, data)``; None: no MSI-X).
     """
 
-    VERSION = 1
+    VERSION = 2
     mmio_sizes = (1, 2, 4)
     io_sizes = (1, 2, 4)
 
     def __init__(self, device: VirtioDevice, *, io_bus: Any, mmio_bus: Any, dma: Any, clock: Any,
-                 name: str | None = None, transitional: bool = True) -> None:
+                 name: str | None = None, transitional: bool = True,
+                 msi: Callable[[int, int], Any] | None = None) -> None:
         did = device.device_id
         nq = len(device.queue_sizes)
         if not 1 <= nq <= MAX_QUEUES:
@@ -207,7 +229,8 @@ class VirtioPciFunction(PciFunction):
         config_len = len(device.config())
         if config_len > DEVICE_LEN:
             raise ValueError(f"{device.name}: {config_len} bytes of device configuration (at most {DEVICE_LEN})")
-        legacy_size = max(32, _pow2ceil(LEGACY_HEADER + config_len))
+        header = LEGACY_HEADER_MSIX if msi is not None else LEGACY_HEADER
+        legacy_size = max(32, _pow2ceil(header + config_len))
         self.transitional = transitional and did in TRANSITIONAL_IDS and legacy_size <= 256
         if self.transitional:
             pci_id, revision, subsystem = TRANSITIONAL_IDS[did], 0, did
@@ -225,6 +248,7 @@ class VirtioPciFunction(PciFunction):
         if self.transitional:
             self.add_bar(LEGACY_BAR, legacy_size, self, io=True)
         self.add_bar(MODERN_BAR, MODERN_BAR_SIZE, self)
+        self.msix = Msix(self, nq + 1, MSIX_BAR, msi) if msi is not None else None
         self.notify_len = NOTIFY_MULT * nq
         for cfg_type, off, length in ((CAP_COMMON, COMMON_OFF, COMMON_LEN), (CAP_ISR, ISR_OFF, ISR_LEN),
                                       (CAP_DEVICE, DEVICE_OFF, DEVICE_LEN)):
@@ -285,7 +309,7 @@ class VirtioPciFunction(PciFunction):
             self.device_error(str(e))
             return
         if wanted and (self.device_status & DRIVER_OK or self.legacy):
-            self._raise_isr(ISR_QUEUE)
+            self._signal(self.queue_vectors[index], ISR_QUEUE)
 
     def device_error(self, why: str) -> None:
         """QEMU's virtio_error: stop until reset; DEVICE_NEEDS_RESET and a configuration
@@ -302,10 +326,19 @@ class VirtioPciFunction(PciFunction):
         """The device configuration changed: new generation, and an interrupt once DRIVER_OK."""
         self.generation = (self.generation + 1) & 0xFF
         if self.device_status & DRIVER_OK:
-            self._raise_isr(ISR_CONFIG)
+            self._signal(self.config_vector, ISR_CONFIG)
 
     # -- interrupts ------------------------------------------------------------------------
-    def _raise_isr(self, bits: int) -> None:
+    @property
+    def msix_enabled(self) -> bool:
+        return self.msix is not None and self.msix.enabled
+
+    def _signal(self, vector: int, bits: int) -> None:
+        """A used buffer or configuration notification: the MSI-X vector while MSI-X is
+        enabled, else the ISR bit and INTx."""
+        if self.msix is not None and self.msix.enabled:
+            self.msix.notify(vector)
+            return
         self.isr |= bits
         self.set_irq(True)
 
@@ -323,6 +356,8 @@ class VirtioPciFunction(PciFunction):
         self.gfselect = 0
         self._driver_features = 0
         self.queue_select = 0
+        self.config_vector = NO_VECTOR
+        self.queue_vectors = [NO_VECTOR] * len(self.queues)
         self.legacy = False
         self.broken = False
         self.error = ""
@@ -335,6 +370,8 @@ class VirtioPciFunction(PciFunction):
 
     def reset(self) -> None:
         super().reset()
+        if self.msix is not None:
+            self.msix.reset()
         self._reset_virtio()
 
     # -- status and features -------------------------------------------------------------------
@@ -406,8 +443,8 @@ class VirtioPciFunction(PciFunction):
             return self.gfselect
         if off == C_GF:
             return (self._driver_features >> (32 * self.gfselect)) & _U32 if self.gfselect < 2 else 0
-        if off in (C_MSIX, C_Q_MSIX):
-            return NO_VECTOR
+        if off == C_MSIX:
+            return self.config_vector
         if off == C_NUMQ:
             return len(self.queues)
         if off == C_STATUS:
@@ -418,7 +455,9 @@ class VirtioPciFunction(PciFunction):
             return self.queue_select
         q = self._selected()
         if q is None:
-            return 0
+            return NO_VECTOR if off == C_Q_MSIX else 0
+        if off == C_Q_MSIX:
+            return self.queue_vectors[q.index]
         if off == C_Q_SIZE:
             return q.size
         if off == C_Q_ENABLE:
@@ -445,6 +484,8 @@ class VirtioPciFunction(PciFunction):
             self._write_status(value, legacy=False)
         elif off == C_Q_SELECT:
             self.queue_select = value & 0xFFFF
+        elif off in (C_MSIX, C_Q_MSIX):
+            self._map_vector(off == C_MSIX, value)
         else:
             q = self._selected()
             if q is None or q.enabled:
@@ -461,6 +502,17 @@ class VirtioPciFunction(PciFunction):
                 new = (old & _U32) | (value & _U32) << 32 if off & 4 else (old & ~_U32) | (value & _U32)
                 setattr(q, name, new)
 
+    def _map_vector(self, config: bool, value: int) -> None:
+        """The driver maps the configuration vector or the selected queue's vector: the value
+        itself if the table has it, else NO_VECTOR (how the driver learns the mapping failed)."""
+        value &= 0xFFFF
+        if self.msix is None or value >= self.msix.vectors:
+            value = NO_VECTOR
+        if config:
+            self.config_vector = value
+        elif (q := self._selected()) is not None:
+            self.queue_vectors[q.index] = value
+
     def _config_read(self, offset: int, size: int) -> int:
         data = self.device.config()[offset:offset + size]
         return int.from_bytes(data.ljust(size, b"\0"), "little")
@@ -471,17 +523,26 @@ class VirtioPciFunction(PciFunction):
             self.device.config_write(offset, value.to_bytes(size, "little")[:n - offset])
 
     # -- the legacy BAR -------------------------------------------------------------------------
+    def _legacy_header(self) -> tuple[int, list]:
+        """The legacy header's length and field map: 4.1.4.10 adds the two vectors while
+        MSI-X is enabled, moving the device configuration from 20 to 24."""
+        if self.msix is not None and self.msix.enabled:
+            return LEGACY_HEADER_MSIX, _LEGACY_MAP_MSIX
+        return LEGACY_HEADER, _LEGACY_MAP
+
     def io_read(self, offset: int, size: int) -> int:
-        if offset < LEGACY_HEADER:
-            return _read_fields(_LEGACY_MAP, offset, size, self._legacy_get)
-        return self._config_read(offset - LEGACY_HEADER, size)
+        header, fmap = self._legacy_header()
+        if offset < header:
+            return _read_fields(fmap, offset, size, self._legacy_get)
+        return self._config_read(offset - header, size)
 
     def io_write(self, offset: int, size: int, value: int) -> None:
-        if offset < LEGACY_HEADER:
-            _write_fields(_LEGACY_MAP, offset, size, value, self._legacy_get, self._legacy_put)
+        header, fmap = self._legacy_header()
+        if offset < header:
+            _write_fields(fmap, offset, size, value, self._legacy_get, self._legacy_put)
             self.legacy = True
         else:
-            self._config_write(offset - LEGACY_HEADER, size, value)
+            self._config_write(offset - header, size, value)
 
     def _legacy_get(self, off: int) -> int:
         q = self._selected()
@@ -499,6 +560,10 @@ class VirtioPciFunction(PciFunction):
             return self.device_status
         if off == L_ISR:
             return self._take_isr()
+        if off == L_MSIX_CONFIG:
+            return self.config_vector
+        if off == L_MSIX_QUEUE:
+            return self.queue_vectors[q.index] if q is not None else NO_VECTOR
         return 0
 
     def _legacy_put(self, off: int, value: int) -> None:
@@ -519,6 +584,8 @@ class VirtioPciFunction(PciFunction):
             self._notify(value & 0xFFFF)
         elif off == L_STATUS:
             self._write_status(value, legacy=True)
+        elif off in (L_MSIX_CONFIG, L_MSIX_QUEUE):
+            self._map_vector(off == L_MSIX_CONFIG, value)
 
     # -- VIRTIO_PCI_CAP_PCI_CFG ----------------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
@@ -526,6 +593,14 @@ class VirtioPciFunction(PciFunction):
         if offset < data + 4 and data < offset + size:
             self._cfg_window(write=False)
         return super().config_read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        if self.msix is None:
+            super().config_write(offset, size, value)
+            return
+        old = self.msix.control
+        super().config_write(offset, size, value)
+        self.msix.config_written(offset, size, old)
 
     def config_written(self, offset: int, size: int) -> None:
         data = self.cfg_cap + 16
@@ -556,7 +631,9 @@ class VirtioPciFunction(PciFunction):
         st.update(device_status=self.device_status, isr=self.isr, dfselect=self.dfselect, gfselect=self.gfselect,
                   driver_features=self._driver_features, queue_select=self.queue_select,
                   generation=self.generation, legacy=self.legacy, broken=self.broken, error=self.error,
-                  queues=[q.save_state() for q in self.queues], device=self.device.save_state())
+                  queues=[q.save_state() for q in self.queues], device=self.device.save_state(),
+                  config_vector=self.config_vector, queue_vectors=list(self.queue_vectors),
+                  msix=self.msix.save_state() if self.msix is not None else None)
         return st
 
     def load_state(self, state: State) -> None:
@@ -584,6 +661,20 @@ class VirtioPciFunction(PciFunction):
         if "device" not in state:
             raise DeviceStateError(f"{w}: no 'device'")
         device = self.device.check_state(state["device"])
+        top = self.msix.vectors - 1 if self.msix is not None else -1
+        config_vector = state_int(state, "config_vector", 0, 0xFFFF, w)
+        vectors = state.get("queue_vectors")
+        if not isinstance(vectors, list) or len(vectors) != len(self.queues):
+            raise DeviceStateError(f"{w}: queue_vectors must be a list of {len(self.queues)}")
+        if any(not isinstance(v, int) or isinstance(v, bool) or not (0 <= v <= top or v == NO_VECTOR)
+               for v in [config_vector, *vectors]):
+            raise DeviceStateError(f"{w}: an MSI-X vector outside the table (0..{top}) that is not NO_VECTOR")
+        if self.msix is None:
+            if state.get("msix") is not None:
+                raise DeviceStateError(f"{w}: an MSI-X state for a function without MSI-X")
+            msix = None
+        else:
+            msix = self.msix.check_state(state.get("msix"), w)
         # everything checked: apply
         self.apply_pci_state(pci)
         for k, v in regs.items():
@@ -592,4 +683,8 @@ class VirtioPciFunction(PciFunction):
         for q, cq in zip(self.queues, checked_queues):
             q.apply_state(cq)
         self._set_driver_features(self._driver_features)
+        self.config_vector = config_vector
+        self.queue_vectors = list(vectors)
+        if self.msix is not None:
+            self.msix.apply_state(msix)
         self.device.apply_state(device)

@@ -120,13 +120,13 @@ class Blk:
 
 
 def make_blk(disk: MemDisk | None = None, ram: Ram | None = None, clock: VirtualClock | None = None,
-             transitional: bool = True, **kw: Any) -> Blk:
+             transitional: bool = True, msi: Any = None, **kw: Any) -> Blk:
     disk = disk or MemDisk()
     ram = ram or Ram()
     clock = clock or VirtualClock()
     io, mmio = IoBus(), MmioBus()
     fn = VirtioPciFunction(VirtioBlk(disk, **kw), io_bus=io, mmio_bus=mmio, dma=ram, clock=clock,
-                           transitional=transitional)
+                           transitional=transitional, msi=msi)
     return Blk(fn, ram, disk, clock, io, mmio)
 
 

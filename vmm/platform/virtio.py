@@ -3,7 +3,8 @@
 ``attach_virtio(machine, device, slot)`` puts any ``VirtioDevice`` (devices/
 virtio) on ``machine.pci`` as a transitional virtio PCI function with its own
 DMA view, registers it for reset and saved state (under its name), and
-returns the function; INTx reaches the PIIX3's PIRQ routing through the bus.
+returns the function; INTx reaches the PIIX3's PIRQ routing through the bus,
+MSI-X messages the local APICs through the board's APIC bus.
 ``attach_virtio_blk(machine, block, slot)`` does it for a disk: ``block`` is
 any object with ``read(offset, n)``, ``write(offset, data)``, ``flush()`` and
 ``size`` (host/images ``BlockImage`` and its linked clones are such).
@@ -31,8 +32,10 @@ def attach_virtio(machine: Any, device: VirtioDevice, slot: int, *, transitional
     pci = getattr(machine, "pci", None)
     if pci is None:
         raise ValueError(f"{device.name}: this machine has no PCI bus (virtio needs the pc-2 board)")
+    apic_bus = getattr(machine, "apic_bus", None)
     fn = VirtioPciFunction(device, io_bus=machine.io, mmio_bus=machine.mmio,
-                           dma=DmaView(machine.ept, device.name), clock=machine.clock, transitional=transitional)
+                           dma=DmaView(machine.ept, device.name), clock=machine.clock, transitional=transitional,
+                           msi=apic_bus.send_msi if apic_bus is not None else None)
     pci.attach(fn, slot)
     machine.add_device(fn)
     return fn
