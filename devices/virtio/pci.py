@@ -262,6 +262,8 @@ class VirtioPciFunction(PciFunction):
         self.offered_legacy = (device.features | device.legacy_features | bit(F_INDIRECT_DESC)
                                | bit(F_EVENT_IDX) | bit(F_ANY_LAYOUT)) & _U32
         self.generation = 0
+        self.notifies = 0               # driver notifications and ISR reads: counts for benchmarks, not state
+        self.isr_reads = 0
         self._reset_virtio(initial=True)
         device.bind(self)
 
@@ -343,6 +345,7 @@ class VirtioPciFunction(PciFunction):
         self.set_irq(True)
 
     def _take_isr(self) -> int:
+        self.isr_reads += 1
         v = self.isr
         self.isr = 0
         self.set_irq(False)
@@ -404,6 +407,7 @@ class VirtioPciFunction(PciFunction):
         return bool(f >> F_VERSION_1 & 1) and self.device.validate_features(f)
 
     def _notify(self, index: int) -> None:
+        self.notifies += 1
         if not 0 <= index < len(self.queues) or self.broken or not self.queues[index].ready:
             return
         if not (self.device_status & DRIVER_OK or self.legacy) or not self.command & CMD_MASTER:
@@ -669,8 +673,10 @@ class VirtioPciFunction(PciFunction):
         if any(not isinstance(v, int) or isinstance(v, bool) or not (0 <= v <= top or v == NO_VECTOR)
                for v in [config_vector, *vectors]):
             raise DeviceStateError(f"{w}: an MSI-X vector outside the table (0..{top}) that is not NO_VECTOR")
+        if "msix" not in state:
+            raise DeviceStateError(f"{w}: no 'msix'")
         if self.msix is None:
-            if state.get("msix") is not None:
+            if state["msix"] is not None:
                 raise DeviceStateError(f"{w}: an MSI-X state for a function without MSI-X")
             msix = None
         else:

@@ -341,8 +341,9 @@ def _rig_class() -> type:
 
 
 def rig_virtio_blk(clock: VirtualClock) -> Any:
+    """The function with MSI-X, which starts disabled: INTx until a host op turns it on."""
     r = _rig_class()(clock, None)
-    b = make_blk(clock=clock, serial="rig-serial")
+    b = make_blk(clock=clock, serial="rig-serial", msi=lambda a, d: r.log.append((clock.now(), "msi", a, d)))
     fn, ram, disk, io, mmio = b.fn, b.ram, b.disk, b.io, b.mmio
     for k in range(disk.size // 512):
         disk.data[k * 512:k * 512 + 8] = struct.pack("<Q", 0x5EC7_0000 + k)
@@ -453,8 +454,23 @@ def rig_virtio_blk(clock: VirtualClock) -> Any:
         else:
             r.log.append((clock.now(), "window", fn.config_read(c + 16, 4)))
 
+    def msix_op(n: int, b: int) -> None:
+        """MSI-X as a driver (or a hostile one) drives it: Message Control, table entries, the
+        configuration and queue vectors."""
+        m = fn.msix
+        k = n % 4
+        if k == 0:
+            fn.config_write(m.cap + 2, 2, (b & 3) << 14)                 # enable / function mask
+        elif k == 1:
+            v, field = b % 3, (n >> 2) % 4                               # vector 2 is past the table
+            m.mmio_write(16 * v + 4 * field, 4, (0xFEE0_0000 | b) if field == 0 else b & 1 if field == 3 else b)
+        elif k == 2:
+            r.bus.write(0x10 if n & 4 else 0x1A, 2, b % 4)               # config / queue 0 vector
+        else:
+            r.log.append((clock.now(), "pba", m.mmio_read(0x800, 4), m.mmio_read(16 * (b % 2) + 12, 4)))
+
     r.host_ops = {"up": bring_up, "submit": submit, "collect": collect, "scribble": scribble,
-                  "legacy": legacy, "window": window}
+                  "legacy": legacy, "window": window, "msix": msix_op}
     return r
 
 
