@@ -25,7 +25,7 @@ import struct
 import numpy as np
 
 from devices.base import DmaError
-from vmm.memory.ept import LOG, PAGE, POOL_FIRST, VALID, Ept, EptViolation, R, Violation, W
+from vmm.memory.ept import LOG, MMIO, PAGE, POOL_FIRST, VALID, Ept, EptViolation, R, Violation, W
 
 MAX_TRANSFER = 64 << 20
 
@@ -101,13 +101,43 @@ class DmaView:
             return False
         return True
 
+    def _direct(self, gpa: int, n: int, need: int) -> bool:
+        """Is [gpa, gpa+n) inside one page of RAM the EPT maps to its own frame with ``need``
+        already granted?  Then a transfer is a plain copy (the common case: ring entries,
+        headers, status bytes, a 4 KiB block), done without the general path's per-page
+        resolution; anything else (holes, MMIO, remapped or pool frames, a first write a
+        dirty log must see, violations) takes that path."""
+        if n <= 0 or gpa < 0 or (gpa & (PAGE - 1)) + n > PAGE:
+            return False
+        gpn = gpa >> 12
+        ept = self.ept
+        if gpn >= ept.ram_frames:
+            return False
+        e = int(ept.entries[gpn])
+        return e >> 12 == gpn and e & (VALID | MMIO | need) == VALID | need
+
     def read(self, gpa: int, n: int) -> bytes:
+        if self._direct(gpa, n, R):
+            self.reads += 1
+            self.bytes_read += n
+            return self.ept.memory.ram[gpa:gpa + n].tobytes()
         self._check(gpa, n, 0)
         self.reads += 1
         self.bytes_read += n
         return self.ept.read(gpa, n)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if self._direct(gpa, n, W):
+            # what Ept.write does for such a page (GuestMemory.write: the bytes, then the
+            # host-write notification that drops translated code and logs the page dirty)
+            mem = self.ept.memory
+            self.writes += 1
+            self.bytes_written += n
+            mem.ram[gpa:gpa + n] = np.frombuffer(data, dtype=np.uint8)
+            if mem.on_host_write is not None:
+                mem.on_host_write(gpa, n)
+            return
         data = bytes(data)
         self._check(gpa, len(data), 1)
         self.writes += 1

@@ -31,6 +31,7 @@ class GuestMemory:
         # anonymous mmap: page aligned and zero filled, as Unicorn requires
         self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.ram = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._address = self.ram.ctypes.data       # the mapping never moves; asking numpy costs ~us
         self.on_host_write: Callable[[int, int], None] | None = None
 
     # -- raw byte access ------------------------------------------------------
@@ -124,4 +125,4 @@ class GuestMemory:
 
     def address(self) -> int:
         """Host address of the buffer, for mapping into the CPU core."""
-        return self.ram.ctypes.data
+        return self._address
