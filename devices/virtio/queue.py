@@ -180,14 +180,24 @@ class SplitQueue:
 
     def pop(self, dma: Dma, limit: int | None = None) -> list[Chain]:
         """Take up to ``limit`` (default: all) available chains, in ring order."""
-        n = self.pending(dma)
+        size = self.size
+        try:
+            # the index and the ring in one transfer (the common case)
+            avail = dma.read(self.avail + 2, 2 + 2 * size)
+        except DmaError:
+            avail = None
+        if avail is None:
+            n = self.pending(dma)       # names what is unreadable, as before
+        else:
+            n = (_U16.unpack_from(avail)[0] - self.last_avail) & 0xFFFF
+            if n > size:
+                self.pending(dma)       # raises: the driver moved the index too far
         if limit is not None:
             n = min(n, limit)
         chains: list[Chain] = []
         if n:
-            size = self.size
             try:
-                ring = dma.read(self.avail + 4, 2 * size)
+                ring = avail[2:] if avail is not None else dma.read(self.avail + 4, 2 * size)
                 table = dma.read(self.desc, DESC_SIZE * size)
             except DmaError as e:
                 raise VirtqError(f"queue {self.index}: ring or descriptor table unreadable ({e})") from None
