@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +95,12 @@ def guest_script(seq_blocks: int, dev: str = "/dev/vda", libata: str = "") -> st
 class Marks:
     """Host time stamps of the BENCH-BEGIN/END lines as the serial output arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, probe: Callable[[], dict[str, int]] | None = None) -> None:
         self.buf = b""
         self.t: dict[str, float] = {}
         self.text = bytearray()
+        self.probe = probe                  # counters to read at each marker (vmm: exits, requests)
+        self.counts: dict[str, dict[str, int]] = {}
 
     def feed(self, data: bytes) -> None:
         now = time.perf_counter()
@@ -108,6 +111,8 @@ class Marks:
             s = line.decode(errors="replace").strip()
             if s.startswith("BENCH-"):
                 self.t[s] = now
+                if self.probe is not None:
+                    self.counts[s] = self.probe()
 
     # the SerialBackend protocol (host/serial.py)
     def write(self, data: bytes) -> None:
@@ -123,17 +128,41 @@ class Marks:
         a, b = self.t.get(f"BENCH-BEGIN {phase}"), self.t.get(f"BENCH-END {phase}")
         return None if a is None or b is None else b - a
 
+    def delta(self, phase: str) -> dict[str, int]:
+        """How much each probed counter moved during ``phase``."""
+        a, b = self.counts.get(f"BENCH-BEGIN {phase}"), self.counts.get(f"BENCH-END {phase}")
+        return {} if a is None or b is None else {k: b[k] - a.get(k, 0) for k in b if b[k] != a.get(k, 0)}
+
 
 def run_vmm(kernel: Path, initrd: Path, image: Path, interface: str) -> tuple[Marks, dict]:
     from replay.session import build_machine, machine_config
     from vmm.platform.pc import DEFAULT_EPOCH
     from vmm.platform.storage import attach_drives, close_drives, describe
 
-    marks = Marks()
+    box: list = []
+
+    def probe() -> dict[str, int]:
+        m = box[0]
+        out = {f"exit:{k}": v for k, v in m.exit_counts.items()}
+        for d in m.devices:
+            dev = getattr(d, "device", None)
+            if getattr(dev, "completed", None) is not None:
+                out["requests"] = dev.completed
+            msix = getattr(d, "msix", None)
+            if msix is not None:
+                out["msi-x messages"] = msix.sent
+            if hasattr(d, "isr_reads"):
+                out["isr reads"] = d.isr_reads
+            if hasattr(d, "notifies"):
+                out["notifies"] = d.notifies
+        return out
+
+    marks = Marks(probe)
     data = kernel.read_bytes()
     cfg = machine_config(256 << 20, DEFAULT_EPOCH, str(kernel), data, "linux", CMDLINE, 0x100000, "none",
                          initrd=(str(initrd), initrd.read_bytes()))
     m = build_machine(cfg, data, marks)
+    box.append(m)
     try:
         attach_drives(m, describe([{"file": str(image), "if": interface}]), "run")
         t0 = time.perf_counter()
@@ -251,6 +280,12 @@ def main() -> int:
                   + "".join(f", {k} {v}" for k, v in info.items() if k != "result" and v is not None))
             if not done:
                 print(marks.text.decode(errors="replace")[-2000:])
+            seq = [marks.delta(p) for p in ("seq-write", "seq-read")]
+            reqs = sum(d.get("requests", 0) for d in seq)
+            if reqs:
+                keys = sorted({k for d in seq for k in d if k != "requests"})
+                per = ", ".join(f"{k} {sum(d.get(k, 0) for d in seq) / reqs:.2f}" for k in keys)
+                print(f"  per request in the sequential phases ({reqs} requests): {per}")
 
     print(f"\nDebian kernel {kernel.name}, busybox dd, 4 KiB blocks, O_DIRECT; {a.seq_mib} MiB sequential, "
           f"{a.random_ops} random blocks; host wall-clock time between the guest's markers; host-file is "
