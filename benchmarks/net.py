@@ -19,7 +19,9 @@ user,model=M` (libslirp in both), sends BYTES of zeros with busybox ``nc`` to a 
 this script runs on the host's loopback (10.0.2.2 from the guest) and pings 10.0.2.2 (libslirp
 answers).  Reported per model and emulator: bytes per host second as the host's server
 counts them (first byte to end of stream), the guest's ping round trip (vmm: virtual time;
-QEMU TCG: its guest clock, about host time), and the vmm/QEMU throughput ratio.
+QEMU TCG: its guest clock, about host time), and the vmm/QEMU throughput ratio; then the
+bytes per CPU second the emulator's process used over the same span (/proc/PID/stat at the
+first and last byte, all threads), which moves less than host time on a shared machine.
 
     python benchmarks/net.py [--model e1000|virtio|both] [--mbytes N] [--what switch|user|both] [--no-qemu]
 
@@ -40,6 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.disk import process_cpu
 from replay.group import GroupRecording
 from replay.session import machine_config
 from tools import debian
@@ -181,6 +184,8 @@ class Sink:
         self.port = self.ls.getsockname()[1]
         self.bytes = 0
         self.first = self.last = None
+        self.pid: int | None = None          # the emulator's process: its CPU time is read with the bytes
+        self.cpu_first = self.cpu_last = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -192,8 +197,10 @@ class Sink:
         with c:
             while chunk := c.recv(1 << 20):
                 now = time.perf_counter()
-                self.first = self.first or now
-                self.last = now
+                cpu = process_cpu(self.pid) if self.pid is not None else None
+                if self.first is None:
+                    self.first, self.cpu_first = now, cpu
+                self.last, self.cpu_last = now, cpu
                 self.bytes += len(chunk)
 
     def close(self) -> None:
@@ -216,24 +223,33 @@ def run_user(model: str, mbytes: int, emulator: str) -> dict:
                "-initrd", str(initrd), "-append", append, "-nic", f"user,model={QEMU_MODEL[model]}",
                "-no-reboot", "-nographic", "-monitor", "none"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-                       text=True, errors="replace", timeout=1800, check=False, stdin=subprocess.DEVNULL)
+    with subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                          stdin=subprocess.DEVNULL) as p:
+        sink.pid = p.pid
+        try:
+            out, err = p.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
     total = time.perf_counter() - t0
     sink.close()
-    out = p.stdout
     rtt = re.search(r"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms", out)
     if "XFER-DONE" not in out or sink.first is None or sink.bytes != mbytes << 20:
         raise RuntimeError(f"{emulator} {model}: the transfer did not complete ({sink.bytes} bytes, "
-                           f"rc {p.returncode}):\n{out[-1500:]}{p.stderr[-800:]}")
+                           f"rc {p.returncode}):\n{out[-1500:]}{err[-800:]}")
     host_s = max(sink.last - sink.first, 1e-9)
-    return {"bytes": sink.bytes, "host_s": host_s, "rtt_ms": "/".join(rtt.groups()) if rtt else "?",
+    cpu_s = max(sink.cpu_last - sink.cpu_first, 1e-9) if sink.cpu_first is not None else float("nan")
+    return {"bytes": sink.bytes, "host_s": host_s, "cpu_s": cpu_s, "rtt_ms": "/".join(rtt.groups()) if rtt else "?",
             "total_s": total}
+
 
 
 def user_table(models: list[str], mbytes: int, qemu: bool) -> None:
     print(f"\nguest -> host over user networking (libslirp), {mbytes} MiB with busybox nc, host clock:")
     print(f"{'model':7s} {'vmm MB/s':>9} {'QEMU MB/s':>10} {'vmm/QEMU':>9}   {'vmm ping min/avg/max':>22}   "
-          f"{'QEMU ping min/avg/max':>22}   {'vmm run s':>9} {'QEMU run s':>10}")
+          f"{'QEMU ping min/avg/max':>22}   {'vmm run s':>9} {'QEMU run s':>10}   "
+          f"{'vmm MB/cpu-s':>12} {'QEMU MB/cpu-s':>13} {'ratio':>6}")
     for model in models:
         v = run_user(model, mbytes, "vmm")
         q = run_user(model, mbytes, "qemu") if qemu else None
@@ -242,7 +258,9 @@ def user_table(models: list[str], mbytes: int, qemu: bool) -> None:
         print(f"{model:7s} {vr:9.2f} {qr if qr is not None else float('nan'):10.2f} "
               f"{(vr / qr if qr else float('nan')):8.2f}x   {v['rtt_ms'] + ' ms':>22}   "
               f"{(q['rtt_ms'] + ' ms') if q else '-':>22}   {v['total_s']:9.1f} "
-              f"{q['total_s'] if q else float('nan'):10.1f}", flush=True)
+              f"{q['total_s'] if q else float('nan'):10.1f}   {v['bytes'] / v['cpu_s'] / 1e6:12.2f} "
+              f"{q['bytes'] / q['cpu_s'] / 1e6 if q else float('nan'):13.2f} "
+              f"{(v['bytes'] / v['cpu_s']) / (q['bytes'] / q['cpu_s']) if q else float('nan'):5.2f}x", flush=True)
 
 
 def main() -> int:
