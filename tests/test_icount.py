@@ -237,3 +237,35 @@ def test_rdtsc_answered_in_c_reads_what_the_python_reference_reads():
     assert fast == ref and n_fast == n_ref
     assert hits_ref == 0 and hits == 3 * 200 - 3   # each of the three in Python once, the first time
     assert struct.unpack_from("<5I", fast, 20)[4] == 7   # RDTSCP's ECX: TSC_AUX
+
+
+def _tsc_aux_reads(answer_in_c: bool) -> tuple[bytes, dict]:
+    # the guest writes IA32_TSC_AUX (Linux writes its CPU and node number there for getcpu)
+    # and reads it back with RDTSCP, at a block's start and in the middle of one, and RDMSR
+    g = Guest()
+    g.protected_mode("mov edi, 0x50000; mov esi, 50; L: mov ecx, 0xC0000103; imul eax, esi, 0x10001; "
+                     "xor edx, edx; wrmsr; jmp N; N: rdtscp; mov [edi], ecx; nop; rdtscp; mov [edi+4], ecx; "
+                     "mov ecx, 0xC0000103; rdmsr; mov [edi+8], eax; add edi, 12; dec esi; jnz L; "
+                     "mov dx, 0x501; mov al, 0; out dx, al; hlt")
+    if not answer_in_c:
+        g.cpu.tsc_offset = None
+    assert g.run(1_000_000).reason.value == "exit"
+    return g.m.memory.read(0x50000, 50 * 12), g.cpu.save_state()
+
+
+@pytest.mark.parametrize("answer_in_c", [True, False])
+def test_rdtscp_returns_what_the_guest_wrote_to_tsc_aux(answer_in_c):
+    # as QEMU, whose WRMSR sets the env->tsc_aux that its RDTSCP reads
+    data, state = _tsc_aux_reads(answer_in_c)
+    for i in range(50):
+        want = (50 - i) * 0x10001
+        assert struct.unpack_from("<3I", data, 12 * i) == (want, want, want)
+    assert state["tsc_aux"] == 0x10001
+
+
+def test_tsc_aux_is_saved_and_restored():
+    _, state = _tsc_aux_reads(True)
+    g = Guest()
+    g.cpu.load_state(state)
+    assert g.cpu.tsc_aux == 0x10001
+    assert g.cpu.msr(0xC000_0103) == 0x10001

@@ -86,6 +86,8 @@ ENV_A20 = ENV_CR + 9 * 8
 ENV_EFER = ENV_A20 + 8 + 4 * 16 + 16 + 8   # after a20_mask: bnd_regs[4], bndcs_regs, msr_bndcfgs
 ENV_ERROR_CODE = 5384
 ENV_OLD_EXC = 5496
+ENV_TSC_AUX = 4896   # IA32_TSC_AUX, set by the guest's WRMSR, read by RDTSCP (core.c)
+MSR_TSC_AUX = 0xC000_0103
 ENV_SPAN = 0x2000
 
 CS = 1
@@ -325,6 +327,10 @@ class Engine:
         ok = ok and self._u64(ENV_EFER) == efer ^ 0x801
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer))
         ok = ok and self._u64(ENV_EFER) == efer
+        aux = uc.reg_read(X.UC_X86_REG_MSR, MSR_TSC_AUX)
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_TSC_AUX, 0x5A5A_1234))
+        ok = ok and self._u64(ENV_TSC_AUX) == 0x5A5A_1234 and lib.VMM_ENV_TSC_AUX == ENV_TSC_AUX
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_TSC_AUX, aux))
         # the C walk reads CR0-4, A20 and EFER at these offsets too
         ok = ok and (lib.VMM_ENV_CR, lib.VMM_ENV_A20, lib.VMM_ENV_EFER) == (ENV_CR, ENV_A20, ENV_EFER)
         if not ok:
@@ -944,7 +950,7 @@ class Engine:
             struct.pack_into("<Q", env, ENV_REGS + 0, tsc & 0xFFFF_FFFF)
             struct.pack_into("<Q", env, ENV_REGS + 16, tsc >> 32)
             if kind == lib.VMM_EV_RDTSCP:
-                struct.pack_into("<Q", env, ENV_REGS + 8, v.tsc_aux & 0xFFFF_FFFF)
+                struct.pack_into("<Q", env, ENV_REGS + 8, v.tsc_aux)   # the MSR, as Unicorn reads it
             return 1
         return 0
 
@@ -1121,7 +1127,6 @@ class Engine:
         else:
             c.tsc_fast = 1
             c.tsc_offset = off & U64
-            c.tsc_aux = v.tsc_aux & 0xFFFF_FFFF
         self._stop_requested = False
         self._bp_hit = False
         self._in_emu = True

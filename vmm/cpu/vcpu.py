@@ -39,6 +39,7 @@ from vmm.cpu.engine import (
     ENV_REGS,
     ENV_SEGS,
     ENV_TR,
+    MSR_TSC_AUX,
     SEG_SIZE,
     U64,
     WATCH_READ,
@@ -71,7 +72,6 @@ EFLAGS_VM = 1 << 17
 CC_OP_EFLAGS = 1
 
 MSR_EFER = 0xC000_0080
-MSR_TSC_AUX = 0xC000_0103
 
 GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -136,7 +136,6 @@ class Vcpu:
         self.rdtsc: Callable[[], int] = lambda: self.icount
         self.tsc_offset: Callable[[], int | None] | None = None
         self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = lambda leaf, sub: (0, 0, 0, 0)
-        self.tsc_aux = 0
         engine.vcpus.append(self)
         self.reset()
 
@@ -347,6 +346,16 @@ class Vcpu:
 
     def msr(self, index: int) -> int:
         return self._rf.msr_read(index)
+
+    @property
+    def tsc_aux(self) -> int:
+        """IA32_TSC_AUX, what RDTSCP returns in ECX: the guest sets it with WRMSR (as on
+        QEMU, whose env->tsc_aux it is; Linux keeps its CPU number there for getcpu)."""
+        return self._rf.msr_read(MSR_TSC_AUX) & 0xFFFF_FFFF
+
+    @tsc_aux.setter
+    def tsc_aux(self, value: int) -> None:
+        self._rf.msr_write(MSR_TSC_AUX, value & 0xFFFF_FFFF)
 
     def set_msr(self, index: int, value: int) -> None:
         self._rf.msr_write(index, value)

@@ -74,6 +74,8 @@
 #define ENV_ERROR_CODE 5384
 #define ENV_EXC_IS_INT 5388
 #define ENV_OLD_EXC    5496
+#define ENV_TSC_AUX    4896   /* IA32_TSC_AUX: the guest's WRMSR sets it (QEMU's helper_wrmsr) */
+#define VMM_ENV_TSC_AUX ENV_TSC_AUX
 
 #define HF_CS32 (1u << 4)
 #define HF_CS64 (1u << 15)
@@ -170,7 +172,6 @@ typedef struct vmm_core {
     uint32_t stop_next;                     /* stop before the next instruction (set by a hit) */
     uc_hook next_hook;
     uint32_t tsc_fast;           /* RDTSC/RDTSCP answered in the hook: TSC = tsc_offset + retired count */
-    uint32_t tsc_aux;            /* what RDTSCP returns in ECX */
     uint64_t tsc_offset;
     uint64_t tsc_hits;           /* RDTSC/RDTSCP answered in C ... */
     uint64_t tsc_misses;         /* ... and by Python (the count at EIP not known without decoding) */
@@ -544,7 +545,7 @@ static int tsc_answer(vmm_core *c, int rdtscp)
     regs[0] = tsc & 0xFFFFFFFFu;      /* RAX */
     regs[2] = tsc >> 32;              /* RDX */
     if (rdtscp)
-        regs[1] = c->tsc_aux;         /* RCX */
+        regs[1] = *(uint64_t *)(c->env + ENV_TSC_AUX) & 0xFFFFFFFFu;   /* RCX: what WRMSR left */
     c->tsc_hits++;
     return 1;   /* skip the native instruction */
 }
