@@ -179,6 +179,8 @@ class Hpet:
         self._tconf = [0] * NUM_TIMERS
         self._cmp = [M64] * NUM_TIMERS
         self._period = [0] * NUM_TIMERS
+        # called when counter_view() may have changed (a CPU core answers counter reads from it)
+        self.on_view_change: Callable[[], None] | None = None
 
     # -- Device protocol ----------------------------------------------------------
     def reset(self) -> None:
@@ -196,6 +198,7 @@ class Hpet:
         self._period = [0] * NUM_TIMERS
         self._arm()
         self._drive(())
+        self._view_changed()
 
     def save_state(self) -> State:
         return {
@@ -236,6 +239,7 @@ class Hpet:
         self._arm()
         for line, level in self._output_levels():
             line.level = level   # silently: a restore raises no interrupt
+        self._view_changed()
 
     # -- MMIO ---------------------------------------------------------------------
     def mmio_read(self, offset: int, size: int) -> int:
@@ -252,6 +256,9 @@ class Hpet:
         reg = offset & ~7
         self._write_reg(reg, (value << shift) & mask, mask)
         self._arm()
+        t = self._timer_index(reg)
+        if t is None or t[1] != TN_COMPARATOR or not self._inert(t[0]):
+            self._view_changed()
         if reg == REG_MAIN_CNT or (reg >= REG_TIMER0 and (reg - REG_TIMER0) % TIMER_STRIDE != TN_CONF):
             # a comparator or the counter: no level output's inputs changed (a Linux
             # boot writes comparators 40,000 times)
@@ -273,6 +280,37 @@ class Hpet:
     def counter(self) -> int:
         """The main counter's value now (no side effect)."""
         return self._counter_at(self._clock.now())
+
+    def _inert(self, n: int) -> bool:
+        """Timer n's events change nothing: an edge, one-shot, with its interrupt off."""
+        conf = self._tconf[n]
+        return not conf & (TN_INT_TYPE_CNF | TN_TYPE_CNF | TN_INT_ENB_CNF)
+
+    def _view_changed(self) -> None:
+        if self.on_view_change is not None:
+            self.on_view_change()
+
+    def counter_view(self) -> tuple[int, int, int, bool]:
+        """(counter, sync_tick, limit, running): at any tick ``now < limit`` a main-counter
+        read is ``counter + now - sync_tick`` if running and ``now > sync_tick``, else
+        ``counter``, and no timer has an event to account for (``_sync`` would fire
+        nothing but inert timers' events, which change nothing), so a read that skips this
+        device changes nothing it would have.  What
+        a CPU core may answer for it (vmm/cpu/native/core.c, ctr_answer) until the next
+        access the device itself takes."""
+        if not self._config & ENABLE_CNF:
+            return self._counter, self._sync_tick, M64, False
+        start = self._counter
+        first = M64
+        for n in range(NUM_TIMERS):
+            if self._inert(n):
+                continue
+            conf = self._tconf[n]
+            mod = _MOD32 if conf & TN_32MODE_CNF else _MOD64
+            first = min(first, (self._cmp[n] - start) % mod or mod)
+            if conf & TN_32MODE_CNF and not conf & TN_TYPE_CNF:
+                first = min(first, (-start) % _MOD32 or _MOD32)
+        return start, self._sync_tick, min(M64, self._sync_tick + first), True
 
     def _counter_at(self, now: int) -> int:
         if self._config & ENABLE_CNF and now > self._sync_tick:
@@ -386,6 +424,7 @@ class Hpet:
         if fired:
             self._arm()
             self._drive(fired)
+            self._view_changed()
 
     def _next_distance(self, n: int, counter: int) -> int | None:
         """Counter increments from ``counter`` to timer n's next event anyone could see."""
@@ -421,6 +460,7 @@ class Hpet:
         fired = self._sync(now)
         self._arm()
         self._drive(fired)
+        self._view_changed()
 
     # -- interrupt outputs (2.4) --------------------------------------------------
     def _route_line(self, route: int) -> IrqLine | None:

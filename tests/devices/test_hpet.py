@@ -501,3 +501,49 @@ def test_events_match_a_tick_by_tick_model(start, cmp_off, period, periodic, mod
     assert [t - t0 for t in b.rises("gsi16")] == want
     if periodic:
         assert b.rd(tcmp(2), 8) == final_cmp
+
+
+# ---------------------------------------------------------------------------
+# The main counter read by the CPU core in C (vmm/cpu/native/core.c, ctr_answer)
+
+def _guest_counter_reads(fast: bool) -> tuple[bytes, int, list, int]:
+    # a guest that reads the main counter (both halves, at a block's start and in the
+    # middle of one, after an inner loop of varying length) while timer 0 fires edges
+    # and timer 1 (level, interrupt off: its status bit still sets) has its comparator moved
+    # just ahead of the counter: the C answers stop where an event is due
+    from tools.guestkit import Guest
+
+    g = Guest()
+    log: list[tuple[int, str, bool]] = []
+    lines = {}
+    for name in ("irq0", "irq8", *(f"gsi{n}" for n in range(24))):
+        ln = IrqLine(name)
+        ln.connect(lambda level, name=name: log.append((g.m.clock.now(), name, level)))
+        lines[name] = ln
+    hpet = Hpet(g.m.clock, lambda r: lines.get(f"gsi{r}"), lines["irq0"], lines["irq8"], route_cap=ROUTES)
+    g.m.add_device(hpet)
+    g.m.mmio.register(hpet, HPET_BASE, HPET_WINDOW, "hpet")
+    g.m.engine.set_tick_counter(HPET_BASE + CNT, hpet.counter_view)
+    hpet.on_view_change = g.m.engine.tick_counter_changed
+    g.m.engine.fast_counter = fast
+    b = HPET_BASE
+    g.protected_mode(
+        f"mov dword ptr [{b + 0x100:#x}], {INT_ENB | PERIODIC | VAL_SET | MODE32 | (2 << 9):#x}; "
+        f"mov dword ptr [{b + 0x108:#x}], 3000; mov dword ptr [{b + 0x120:#x}], {MODE32 | LEVEL:#x}; "
+        f"mov dword ptr [{b + 0x108:#x}], 3000; mov dword ptr [{b + CONF:#x}], 1; "
+        "mov edi, 0x50000; mov esi, 150; "
+        f"L: mov eax, [{b + CNT:#x}]; mov edx, [{b + CNT + 4:#x}]; mov [edi], eax; mov [edi+4], edx; "
+        "mov ebx, esi; M: dec ebx; jnz M; jmp N; "
+        f"N: nop; mov eax, [{b + CNT:#x}]; mov [edi+8], eax; add eax, 5; mov [{b + 0x128:#x}], eax; "
+        f"mov eax, [{b + CNT:#x}]; mov [edi+12], eax; add edi, 16; dec esi; jnz L; "
+        "mov dx, 0x501; mov al, 0; out dx, al; hlt")
+    assert g.run(1_000_000).reason.value == "exit"
+    return g.m.memory.read(0x50000, 150 * 16), g.cpu.icount, log, int(g.m.engine._core.ctr_hits)
+
+
+def test_main_counter_answered_in_c_reads_what_the_device_reads():
+    fast, n_fast, log_fast, hits = _guest_counter_reads(True)
+    ref, n_ref, log_ref, hits_ref = _guest_counter_reads(False)
+    assert hits_ref == 0 and 150 < hits < 600
+    assert fast == ref and n_fast == n_ref and log_fast == log_ref
+    assert len([1 for _, name, level in log_ref if name == "gsi2" and level]) > 5   # timer 0 fired throughout

@@ -275,6 +275,10 @@ class Engine:
         self._mmio_regions: dict[int, tuple[int, object]] = {}   # first page -> (pages, C region)
         # (is_write, gpa, size, value, vCPU id) -> the value read (0 for a write): MmioBus.access
         self.mmio_handler: Callable[[int, int, int, int, int], int] | None = None
+        # a tick counter read in C (core.c, ctr_answer): its address and the device's
+        # view (Hpet.counter_view)
+        self._ctr: tuple[int, Callable[[], tuple[int, int, int, bool]]] | None = None
+        self.fast_counter = True      # False: every read goes to the device (the reference)
         # Exit points come from an explicit set (empty except for exact stops):
         # with a plain `until`, Unicorn invalidates code at until-1 after every
         # run, and that lookup of an unmapped address clobbers the guest's CR2.
@@ -912,6 +916,17 @@ class Engine:
             return 1
         return 0
 
+    def set_tick_counter(self, gpa: int, view: Callable[[], tuple[int, int, int, bool]]) -> None:
+        """Answer reads of the 64-bit counter at ``gpa`` in C, from ``view()`` (see
+        Hpet.counter_view); the device calls ``tick_counter_changed`` when its view changes."""
+        self._ctr = (gpa, view)
+        self.tick_counter_changed()
+
+    def tick_counter_changed(self) -> None:
+        c = self._core
+        counter, sync, limit, running = self._ctr[1]()
+        c.ctr_base, c.ctr_sync, c.ctr_limit, c.ctr_frozen = counter & U64, sync & U64, limit & U64, not running
+
     def _on_mmio(self, is_write: int, gpa: int, size: int, value: int, result) -> int:
         h = self.mmio_handler
         if h is None:
@@ -920,6 +935,16 @@ class Engine:
             h(1, gpa, size, value, self.loaded.id)
         else:
             result[0] = h(0, gpa, size, 0, self.loaded.id) & ((1 << (8 * size)) - 1)
+        ctr = self._ctr
+        if ctr is not None and gpa - ctr[0] in (0, 4):
+            core = self._core
+            cur = core.cur
+            if core.tsc_fast and cur != ffi.NULL and not core.smc_pending:
+                # the count at this EIP of this block, for the C answer next time (as for RDTSC)
+                lin = self.cs_base() + self.rip()
+                if 0 < lin - cur.pc < cur.size:
+                    cur.xoff = lin - cur.pc + 1
+                    cur.xn = self.count_insns(cur.pc, lin)
         if self._stop_requested:
             self._stop_requested = False
             return 1
@@ -1127,6 +1152,10 @@ class Engine:
         else:
             c.tsc_fast = 1
             c.tsc_offset = off & U64
+            if self._ctr is not None and self.fast_counter:
+                c.ctr_gpa = self._ctr[0]
+            else:
+                c.ctr_gpa = 0
         self._stop_requested = False
         self._bp_hit = False
         self._in_emu = True

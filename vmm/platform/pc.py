@@ -46,7 +46,7 @@ from devices.pci.config import ConfigMechanism1, PciBus
 from devices.pci.i440fx import I440fx
 from devices.pci.piix3 import Piix3
 from devices.timers.acpi_pm import AcpiPm, PiixResetControl
-from devices.timers.hpet import Hpet
+from devices.timers.hpet import REG_MAIN_CNT, Hpet
 from host.serial import NullBackend, SerialBackend
 from vmm.boundary import CONSOLE, Boundary
 from vmm.cpu.cpuid import pc2_cpuid
@@ -122,6 +122,9 @@ class PcMachine(Machine):
             self.hpet = Hpet(clock, self._hpet_route, isa_irq(0, "hpet"), isa_irq(8, "hpet"))
             self.add_device(self.hpet)
             self.mmio.register(self.hpet, HPET_BASE, 0x400, "hpet")
+            # the main counter read in C (a Linux boot reads it 40,000 times, in hpet_calibrate)
+            self.engine.set_tick_counter(HPET_BASE + REG_MAIN_CNT, self.hpet.counter_view)
+            self.hpet.on_view_change = self.engine.tick_counter_changed
             pit_line, rtc_line = IrqLine("pit-out"), IrqLine("rtc-out")
             pit_line.connect(self.hpet.pit_input)
             rtc_line.connect(self.hpet.rtc_input)

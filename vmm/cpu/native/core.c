@@ -175,6 +175,19 @@ typedef struct vmm_core {
     uint64_t tsc_offset;
     uint64_t tsc_hits;           /* RDTSC/RDTSCP answered in C ... */
     uint64_t tsc_misses;         /* ... and by Python (the count at EIP not known without decoding) */
+    /* A memory-mapped counter of guest ticks (the HPET main counter) read in C on
+       the same terms as RDTSC: at tick `now` (tsc_offset + retired count) it reads
+       ctr_base + now - ctr_sync (ctr_base if now <= ctr_sync or ctr_frozen), while
+       now < ctr_limit, the first tick at which the device has an event to account
+       for; from there on, or at any other address, the device in Python answers.
+       ctr_gpa 0: none.  The VMM refreshes these after every access the device takes. */
+    uint64_t ctr_gpa;
+    uint64_t ctr_base;
+    uint64_t ctr_sync;
+    uint64_t ctr_limit;
+    uint32_t ctr_frozen;
+    uint64_t ctr_hits;           /* counter reads answered in C ... */
+    uint64_t ctr_misses;         /* ... and left to the device (the count at EIP not known) */
     uint32_t fast;               /* FD_* (deliver.c): exceptions delivered in the hooks */
     uint64_t fast_delivered;     /* exceptions delivered in C */
     uint64_t fast_misses;        /* ... tried in C and left to Python */
@@ -530,18 +543,27 @@ static bool invalid_hook(uc_engine *uc, void *ud)
    answered for this block (Engine._on_event, the reference, leaves it in the
    block's cache entry as the exit accounting does for exceptions).  A Linux
    boot runs ~230,000 of these, nearly all from a few blocks. */
-static int tsc_answer(vmm_core *c, int rdtscp)
+/* 1: *now is the machine's tick at the instruction now executing (clock.now()) */
+static int tick_now(vmm_core *c, uint64_t *now)
 {
-    uint64_t *regs = (uint64_t *)c->env, tsc;
     int64_t retired;
     if (!c->tsc_fast || !c->cur || c->smc_pending || c->cur == &c->forced_tb)
         return 0;
     retired = fd_retired(c, *(uint64_t *)(c->env + ENV_SEG_CS + 8) + *(uint64_t *)(c->env + ENV_EIP));
-    if (retired < 0) {
-        c->tsc_misses++;
+    if (retired < 0)
+        return -1;
+    *now = c->tsc_offset + c->icount - c->cur->icount + (uint64_t)retired;
+    return 1;
+}
+
+static int tsc_answer(vmm_core *c, int rdtscp)
+{
+    uint64_t *regs = (uint64_t *)c->env, tsc;
+    int k = tick_now(c, &tsc);
+    if (k <= 0) {
+        c->tsc_misses += k < 0;
         return 0;
     }
-    tsc = c->tsc_offset + c->icount - c->cur->icount + (uint64_t)retired;
     regs[0] = tsc & 0xFFFFFFFFu;      /* RAX */
     regs[2] = tsc >> 32;              /* RDX */
     if (rdtscp)
@@ -660,6 +682,27 @@ static int mmio_replayed(vmm_core *c, uint64_t gpa, uint32_t size, uint32_t is_w
     return 1;
 }
 
+/* 1: a read of the tick counter (ctr_*, above) answered in *v */
+static int ctr_answer(vmm_core *c, uint64_t gpa, unsigned size, uint64_t *v)
+{
+    uint64_t now, val, off = gpa - c->ctr_gpa;
+    int k;
+    if (!c->ctr_gpa || !((off == 0 && (size == 4 || size == 8)) || (off == 4 && size == 4)))
+        return 0;
+    k = tick_now(c, &now);
+    if (k <= 0) {
+        c->ctr_misses += k < 0;
+        return 0;
+    }
+    if (now >= c->ctr_limit)
+        return 0;
+    val = c->ctr_frozen || now <= c->ctr_sync ? c->ctr_base : c->ctr_base + (now - c->ctr_sync);
+    val >>= off * 8;
+    *v = size == 8 ? val : val & 0xFFFFFFFFu;
+    c->ctr_hits++;
+    return 1;
+}
+
 static uint64_t mmio_read_cb(uc_engine *uc, uint64_t offset, unsigned size, void *ud)
 {
     vmm_mmio_region *reg = ud;
@@ -668,6 +711,10 @@ static uint64_t mmio_read_cb(uc_engine *uc, uint64_t offset, unsigned size, void
     if (mmio_replayed(c, gpa, size, 0, &v))
         return v;
     c->mmio_count++;
+    if (ctr_answer(c, gpa, size, &v)) {
+        mmio_log(c, gpa, size, 0, v);
+        return v;
+    }
     if (vmm_py_mmio(c->handle, 0, gpa, (int)size, 0, &v)) {
         mmio_log(c, gpa, size, 0, v);
         mmio_abort(c);
