@@ -927,6 +927,18 @@ class Engine:
         counter, sync, limit, running = self._ctr[1]()
         c.ctr_base, c.ctr_sync, c.ctr_limit, c.ctr_frozen = counter & U64, sync & U64, limit & U64, not running
 
+    def _learn_count_here(self) -> None:
+        """Record in the running block's cache entry how many of its instructions retire
+        before the current EIP, so that the C hooks (RDTSC, the tick counter: core.c's
+        fd_retired) answer a read at this EIP themselves the next time."""
+        core = self._core
+        cur = core.cur
+        if core.tsc_fast and cur != ffi.NULL and not core.smc_pending:
+            lin = self.cs_base() + self.rip()
+            if 0 < lin - cur.pc < cur.size:
+                cur.xoff = lin - cur.pc + 1
+                cur.xn = self.count_insns(cur.pc, lin)
+
     def _on_mmio(self, is_write: int, gpa: int, size: int, value: int, result) -> int:
         h = self.mmio_handler
         if h is None:
@@ -937,14 +949,7 @@ class Engine:
             result[0] = h(0, gpa, size, 0, self.loaded.id) & ((1 << (8 * size)) - 1)
         ctr = self._ctr
         if ctr is not None and gpa - ctr[0] in (0, 4):
-            core = self._core
-            cur = core.cur
-            if core.tsc_fast and cur != ffi.NULL and not core.smc_pending:
-                # the count at this EIP of this block, for the C answer next time (as for RDTSC)
-                lin = self.cs_base() + self.rip()
-                if 0 < lin - cur.pc < cur.size:
-                    cur.xoff = lin - cur.pc + 1
-                    cur.xn = self.count_insns(cur.pc, lin)
+            self._learn_count_here()       # for the C answer of the counter next time
         if self._stop_requested:
             self._stop_requested = False
             return 1
@@ -964,14 +969,7 @@ class Engine:
             return 1
         if kind in (lib.VMM_EV_RDTSC, lib.VMM_EV_RDTSCP):
             tsc = v.rdtsc() & U64
-            core = self._core
-            cur = core.cur
-            if core.tsc_fast and cur != ffi.NULL and not core.smc_pending:
-                # the count at this EIP of this block, for the C answer next time (core.c)
-                lin = self.cs_base() + self.rip()
-                if 0 < lin - cur.pc < cur.size:
-                    cur.xoff = lin - cur.pc + 1
-                    cur.xn = self.count_insns(cur.pc, lin)
+            self._learn_count_here()           # for the C answer next time (core.c)
             struct.pack_into("<Q", env, ENV_REGS + 0, tsc & 0xFFFF_FFFF)
             struct.pack_into("<Q", env, ENV_REGS + 16, tsc >> 32)
             if kind == lib.VMM_EV_RDTSCP:
