@@ -56,9 +56,9 @@ def child_env() -> dict:
     return env
 
 
-def restore_in_a_new_process(snap: Path) -> dict:
-    p = subprocess.run([sys.executable, "-c", CHILD, str(snap), str(LIMIT)], cwd=ROOT, env=child_env(),
-                       capture_output=True, timeout=300, check=False)
+def restore_in_a_new_process(snap: Path, limit: int = LIMIT, timeout: int = 300) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, str(snap), str(limit)], cwd=ROOT, env=child_env(),
+                       capture_output=True, timeout=timeout, check=False)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     return json.loads(p.stdout.decode().strip().splitlines()[-1])
 

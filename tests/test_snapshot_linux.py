@@ -16,10 +16,6 @@ test skips with the reason where the packages cannot be had.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,62 +23,20 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from replay.session import record, state_digest
-from tests.realguests import debian_kernel  # noqa: F401 - a pytest fixture
-from tools import debian
+from tests.realguests import MARKER, busybox_initramfs, debian_kernel  # noqa: F401 - pytest fixtures
+from tests.test_snapshot import restore_in_a_new_process
 from vmm.machine import StopReason
 
-ROOT = Path(__file__).resolve().parent.parent
 APPEND = "console=ttyS0 panic=-1"
-MEM = 256 << 20
 LIMIT = 20_000_000_000
-INIT = debian.INIT_HEADER + """echo SNAP-INIT
-cat /proc/interrupts
-poweroff -f
-"""
-
-CHILD = """
-import json, sys
-from replay.session import load_snapshot, state_digest
-m, cfg = load_snapshot(sys.argv[1])
-start = m.icount
-r = m.run(int(sys.argv[2]))
-print(json.dumps({"start": start, "reason": r.reason.value, "status": r.status, "icount": r.icount,
-                  "digest": state_digest(m), "serial": bytes(m.serial_out).hex(), "clock": m.clock.now()}))
-"""
 
 
-@pytest.fixture(scope="module")
-def initrd() -> Path:
-    try:
-        return debian.initramfs(INIT)
-    except debian.DebianUnavailable as e:
-        pytest.skip(f"Debian packages unavailable: {e}")
-
-
-def boot(kernel: Path, initrd: Path, log: Path, save_at=None):
-    res, m = record(str(kernel), kernel.read_bytes(), str(log), mem_size=MEM, boot_kind="auto", cmdline=APPEND,
+def boot(kernel: Path, initrd: Path, log: Path, save_at=None) -> dict:
+    res, m = record(str(kernel), kernel.read_bytes(), str(log), mem_size=256 << 20, cmdline=APPEND,
                     initrd=(str(initrd), initrd.read_bytes()), max_instructions=LIMIT, save_at=save_at)
     assert res.reason is StopReason.POWEROFF and res.status == 0, res
     return {"reason": res.reason.value, "status": res.status, "icount": res.icount, "digest": state_digest(m),
             "serial": bytes(m.serial_out).hex(), "clock": m.clock.now()}
-
-
-def restore_in_a_new_process(snap: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", CHILD, str(snap), str(LIMIT)], cwd=ROOT, env=env,
-                       capture_output=True, timeout=600, check=False)
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
-    return json.loads(p.stdout.decode().strip().splitlines()[-1])
-
-
-_REF: dict = {}
-
-
-def uninterrupted(kernel: Path, initrd: Path, workdir: Path) -> dict:
-    if not _REF:
-        _REF.update(boot(kernel, initrd, workdir / "ref.vmlog"))
-        assert "SNAP-INIT" in bytes.fromhex(_REF["serial"]).decode(errors="replace")
-    return _REF
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +44,27 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("linux-snapshots")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(workdir, debian_kernel, busybox_initramfs) -> dict:  # noqa: F811
+    """The recording that never stopped."""
+    ref = boot(debian_kernel, busybox_initramfs, workdir / "ref.vmlog")
+    assert MARKER in bytes.fromhex(ref["serial"]).decode(errors="replace")
+    return ref
+
+
 @settings(max_examples=1, deadline=None, phases=[Phase.explicit, Phase.generate],  # a boot per example: no shrinking
-          suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(early=st.floats(0.02, 0.75), late=st.floats(0.75, 0.995))
 def test_a_linux_boot_restored_from_a_snapshot_finishes_as_the_run_that_never_stopped(
-        workdir, debian_kernel, initrd, early, late):  # noqa: F811
-    ref = uninterrupted(debian_kernel, initrd, workdir)
+        workdir, debian_kernel, busybox_initramfs, uninterrupted, early, late):  # noqa: F811
+    ref = uninterrupted
     points = sorted({max(1, int(ref["icount"] * early)), int(ref["icount"] * late)})
     snaps = [(at, workdir / f"at-{at}.snap") for at in points]
-    saving = boot(debian_kernel, initrd, workdir / "saving.vmlog", save_at=[(at, str(p)) for at, p in snaps])
+    saving = boot(debian_kernel, busybox_initramfs, workdir / "saving.vmlog",
+                  save_at=[(at, str(p)) for at, p in snaps])
     assert saving == ref                      # taking the snapshots did not change the run
     for at, snap in snaps:
-        got = restore_in_a_new_process(snap)
+        got = restore_in_a_new_process(snap, LIMIT, timeout=600)
         assert got["start"] == at
         for key in ("reason", "status", "icount", "digest", "serial", "clock"):
             assert got[key] == ref[key], (at, key)
