@@ -34,7 +34,8 @@ Implements, from the PCI Local Bus Specification, revision 3.0 ("PCI LB 3.0"):
   bit 0 enables decode and bits 31:11 hold the address.
 * 6.7 "Capabilities List": status bit 4, the pointer at 0x34, and a linked
   list of dword-aligned entries in the device-specific area; ``add_capability``
-  appends one (MSI, PCI power management and vendor capabilities come later).
+  appends one (MSI-X: devices/pci/msix.py; MSI, PCI power management and vendor
+  capabilities come later).
 * 2.2.6 "Interrupt Pins" and 6.8.x: INTx is level sensitive, active while the
   function asserts it and the command register's interrupt-disable bit is 0.
 

@@ -40,7 +40,7 @@ space; drivers find the BAR through the capabilities either way.
 
 MSI-X (4.1.4.3, 4.1.5.1.2, 4.1.5.4) when the function is built with ``msi``
 (the APIC bus's ``send_msi``): the capability, table and PBA of
-devices/virtio/msix.py in BAR1 (4 KiB, as QEMU's exclusive MSI-X BAR), with
+devices/pci/msix.py in BAR1 (4 KiB, as QEMU's exclusive MSI-X BAR), with
 one vector per queue plus one for configuration changes (QEMU's default
 ``vectors``).  ``msix_config`` and each queue's ``queue_msix_vector`` take
 a vector below the table size and read back NO_VECTOR (0xFFFF) for any
@@ -110,7 +110,7 @@ from devices.virtio.device import (
     state_bool,
     state_int,
 )
-from devices.virtio.msix import Msix
+from devices.pci.msix import Msix
 from devices.virtio.queue import NO_VECTOR, Chain, SplitQueue, VirtqError, legacy_layout
 
 VENDOR_VIRTIO = 0x1AF4

@@ -1,4 +1,4 @@
-"""MSI-X on virtio-pci (devices/virtio/msix.py and the vector registers of devices/virtio/pci.py):
+"""MSI-X on virtio-pci (devices/pci/msix.py and the vector registers of devices/virtio/pci.py):
 the capability and table as Linux's pci_msix code and virtio_pci's vp_find_vqs_msix use them,
 masking and the pending bits, the legacy header's vector fields, reset and saved state."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from devices.base import DeviceStateError
 from devices.pci.function import COMMAND
 from devices.virtio import blk as vb
-from devices.virtio.msix import BAR_SIZE, CTRL_ENABLE, CTRL_FUNCTION_MASK, PBA_OFF
+from devices.pci.msix import BAR_SIZE, CTRL_ENABLE, CTRL_FUNCTION_MASK, PBA_OFF
 from devices.virtio.queue import NO_VECTOR
 from tests.devices.rigs_virtio import BAR0, make_blk
 
