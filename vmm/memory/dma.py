@@ -129,14 +129,11 @@ class DmaView:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         if self._direct(gpa, n, W):
-            # what Ept.write does for such a page (GuestMemory.write: the bytes, then the
-            # host-write notification that drops translated code and logs the page dirty)
-            mem = self.ept.memory
+            # what Ept.write ends in for such a page: the bytes, then the host-write
+            # notification that drops translated code and logs the page dirty
             self.writes += 1
             self.bytes_written += n
-            mem.ram[gpa:gpa + n] = np.frombuffer(data, dtype=np.uint8)
-            if mem.on_host_write is not None:
-                mem.on_host_write(gpa, n)
+            self.ept.memory.write(gpa, data)
             return
         data = bytes(data)
         self._check(gpa, len(data), 1)
