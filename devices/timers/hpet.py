@@ -69,6 +69,7 @@ device drives each one to the OR of everything routed to it.
 """
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 
 from devices.base import SIZE_MASK, IrqLine, State, check_state
@@ -177,7 +178,9 @@ class Hpet:
         self._counter = 0
         self._sync_tick = clock.now()
         self._tconf = [0] * NUM_TIMERS
-        self._cmp = [M64] * NUM_TIMERS
+        # an array, not a list: a CPU core stores inert timers' comparator writes into
+        # it (comparator_sink), so it is filled in place, never replaced
+        self._cmp = array("Q", [M64] * NUM_TIMERS)
         self._period = [0] * NUM_TIMERS
         # called when counter_view() may have changed (a CPU core answers counter reads from it)
         self.on_view_change: Callable[[], None] | None = None
@@ -194,7 +197,7 @@ class Hpet:
         self._counter = 0
         self._sync_tick = self._clock.now()
         self._tconf = [0] * NUM_TIMERS
-        self._cmp = [M64] * NUM_TIMERS
+        self._cmp[:] = array("Q", [M64] * NUM_TIMERS)
         self._period = [0] * NUM_TIMERS
         self._arm()
         self._drive(())
@@ -235,7 +238,8 @@ class Hpet:
             self._timer = None
         self._config, self._status, self._counter, self._sync_tick = config, status, counter, sync_tick
         self._pit_level, self._rtc_level = pit_level, rtc_level
-        self._tconf, self._cmp, self._period = tconf, cmp, period
+        self._tconf, self._period = tconf, period
+        self._cmp[:] = array("Q", cmp)
         self._arm()
         for line, level in self._output_levels():
             line.level = level   # silently: a restore raises no interrupt
@@ -311,6 +315,25 @@ class Hpet:
             if conf & TN_32MODE_CNF and not conf & TN_TYPE_CNF:
                 first = min(first, (-start) % _MOD32 or _MOD32)
         return start, self._sync_tick, min(M64, self._sync_tick + first), True
+
+    def comparator_sink(self) -> tuple[int, int, array, Callable[[], tuple[int, int]]]:
+        """(offset of timer 0's comparator, stride, the comparators, masks): a write to
+        the comparator of a timer in ``masks()[0]`` (bit n) may be stored straight into
+        the array (the low half only for one in ``masks()[1]``, 32-bit mode) while
+        counter_view's limit is not reached, skipping this device: such a timer's events
+        change nothing anyone sees, and a write to it nothing else (mmio_write).  A Linux
+        boot writes one 40,000 times (hpet_calibrate); vmm/cpu/native/core.c, cmp_take."""
+        return REG_TIMER0 + TN_COMPARATOR, TIMER_STRIDE, self._cmp, self._sink_masks
+
+    def _sink_masks(self) -> tuple[int, int]:
+        inert = mode32 = 0
+        for n in range(NUM_TIMERS):
+            conf = self._tconf[n]
+            if self._inert(n) and not conf & TN_VAL_SET_CNF:   # a write clears VAL_SET
+                inert |= 1 << n
+                if conf & TN_32MODE_CNF:
+                    mode32 |= 1 << n
+        return inert, mode32
 
     def _counter_at(self, now: int) -> int:
         if self._config & ENABLE_CNF and now > self._sync_tick:

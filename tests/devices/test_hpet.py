@@ -523,27 +523,41 @@ def _guest_counter_reads(fast: bool) -> tuple[bytes, int, list, int]:
     hpet = Hpet(g.m.clock, lambda r: lines.get(f"gsi{r}"), lines["irq0"], lines["irq8"], route_cap=ROUTES)
     g.m.add_device(hpet)
     g.m.mmio.register(hpet, HPET_BASE, HPET_WINDOW, "hpet")
-    g.m.engine.set_tick_counter(HPET_BASE + CNT, hpet.counter_view)
+    first, stride, comparators, masks = hpet.comparator_sink()
+    g.m.engine.set_tick_counter(HPET_BASE + CNT, hpet.counter_view, (HPET_BASE + first, stride, comparators, masks))
     hpet.on_view_change = g.m.engine.tick_counter_changed
     g.m.engine.fast_counter = fast
     b = HPET_BASE
+    # timer 2 is idle (edge, one-shot, interrupt off) and its comparator is written as
+    # Linux's hpet_calibrate does, both halves, then read back; from the 100th round on it
+    # is in 32-bit mode (its high half gone), and for rounds 60..40 its interrupt is on
     g.protected_mode(
         f"mov dword ptr [{b + 0x100:#x}], {INT_ENB | PERIODIC | VAL_SET | MODE32 | (2 << 9):#x}; "
         f"mov dword ptr [{b + 0x108:#x}], 3000; mov dword ptr [{b + 0x120:#x}], {MODE32 | LEVEL:#x}; "
         f"mov dword ptr [{b + 0x108:#x}], 3000; mov dword ptr [{b + CONF:#x}], 1; "
-        "mov edi, 0x50000; mov esi, 150; "
+        "mov edi, 0x50000; mov ebp, 0x60000; mov esi, 150; "
         f"L: mov eax, [{b + CNT:#x}]; mov edx, [{b + CNT + 4:#x}]; mov [edi], eax; mov [edi+4], edx; "
+        f"add eax, esi; mov [{b + 0x148:#x}], eax; mov [{b + 0x14C:#x}], esi; "
+        f"mov eax, [{b + 0x148:#x}]; mov edx, [{b + 0x14C:#x}]; mov [ebp], eax; mov [ebp+4], edx; add ebp, 8; "
+        f"cmp esi, 100; jne T1; mov dword ptr [{b + 0x140:#x}], {MODE32:#x}; "
+        f"T1: cmp esi, 60; jne T2; mov dword ptr [{b + 0x140:#x}], {MODE32 | INT_ENB | (2 << 9):#x}; "
+        f"T2: cmp esi, 40; jne T3; mov dword ptr [{b + 0x140:#x}], {MODE32:#x}; T3: "
         "mov ebx, esi; M: dec ebx; jnz M; jmp N; "
         f"N: nop; mov eax, [{b + CNT:#x}]; mov [edi+8], eax; add eax, 5; mov [{b + 0x128:#x}], eax; "
         f"mov eax, [{b + CNT:#x}]; mov [edi+12], eax; add edi, 16; dec esi; jnz L; "
         "mov dx, 0x501; mov al, 0; out dx, al; hlt")
     assert g.run(1_000_000).reason.value == "exit"
-    return g.m.memory.read(0x50000, 150 * 16), g.cpu.icount, log, int(g.m.engine._core.ctr_hits)
+    core = g.m.engine._core
+    return (g.m.memory.read(0x50000, 150 * 16) + g.m.memory.read(0x60000, 150 * 8), g.cpu.icount, log,
+            (int(core.ctr_hits), int(core.cmp_hits)))
 
 
 def test_main_counter_answered_in_c_reads_what_the_device_reads():
-    fast, n_fast, log_fast, hits = _guest_counter_reads(True)
-    ref, n_ref, log_ref, hits_ref = _guest_counter_reads(False)
-    assert hits_ref == 0 and 150 < hits < 600
+    fast, n_fast, log_fast, (hits, cmp_hits) = _guest_counter_reads(True)
+    ref, n_ref, log_ref, (hits_ref, cmp_ref) = _guest_counter_reads(False)
+    assert hits_ref == 0 and 150 < hits < 1000
+    assert cmp_ref == 0 and 150 < cmp_hits < 300     # both halves, not while its interrupt is on
     assert fast == ref and n_fast == n_ref and log_fast == log_ref
+    readback = [int.from_bytes(ref[2400 + 8 * i:2408 + 8 * i], "little") for i in range(150)]
+    assert readback[0] >> 32 == 150 and readback[-1] >> 32 == 0      # 64-bit, then 32-bit mode
     assert len([1 for _, name, level in log_ref if name == "gsi2" and level]) > 5   # timer 0 fired throughout

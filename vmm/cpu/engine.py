@@ -278,6 +278,7 @@ class Engine:
         # a tick counter read in C (core.c, ctr_answer): its address and the device's
         # view (Hpet.counter_view)
         self._ctr: tuple[int, Callable[[], tuple[int, int, int, bool]]] | None = None
+        self._cmp: tuple[object, Callable[[], tuple[int, int]]] | None = None   # its comparators
         self.fast_counter = True      # False: every read goes to the device (the reference)
         # Exit points come from an explicit set (empty except for exact stops):
         # with a plain `until`, Unicorn invalidates code at until-1 after every
@@ -916,16 +917,32 @@ class Engine:
             return 1
         return 0
 
-    def set_tick_counter(self, gpa: int, view: Callable[[], tuple[int, int, int, bool]]) -> None:
+    def set_tick_counter(self, gpa: int, view: Callable[[], tuple[int, int, int, bool]],
+                         comparators: tuple[int, int, object, Callable[[], tuple[int, int]]] | None = None) -> None:
         """Answer reads of the 64-bit counter at ``gpa`` in C, from ``view()`` (see
-        Hpet.counter_view); the device calls ``tick_counter_changed`` when its view changes."""
+        Hpet.counter_view); the device calls ``tick_counter_changed`` when its view changes.
+
+        ``comparators`` (gpa of the first, stride, the device's uint64 array, and a
+        function giving the (inert, 32-bit) timer bitmasks; see Hpet.comparator_sink):
+        writes to an inert timer's comparator are stored there in C on the same terms."""
         self._ctr = (gpa, view)
+        self._cmp = None
+        c = self._core
+        c.cmp_gpa = 0
+        if comparators is not None:
+            first, stride, array, masks = comparators
+            buf = ffi.from_buffer("uint64_t[]", array)
+            self._cmp = (buf, masks)      # keeps the buffer alive while C points into it
+            c.cmp_val, c.cmp_stride, c.cmp_n = buf, stride, len(array)
+            c.cmp_gpa = first
         self.tick_counter_changed()
 
     def tick_counter_changed(self) -> None:
         c = self._core
         counter, sync, limit, running = self._ctr[1]()
         c.ctr_base, c.ctr_sync, c.ctr_limit, c.ctr_frozen = counter & U64, sync & U64, limit & U64, not running
+        if self._cmp is not None:
+            c.cmp_inert, c.cmp_mode32 = self._cmp[1]()
 
     def _learn_count_here(self) -> None:
         """Record in the running block's cache entry how many of its instructions retire

@@ -122,8 +122,11 @@ class PcMachine(Machine):
             self.hpet = Hpet(clock, self._hpet_route, isa_irq(0, "hpet"), isa_irq(8, "hpet"))
             self.add_device(self.hpet)
             self.mmio.register(self.hpet, HPET_BASE, 0x400, "hpet")
-            # the main counter read in C (a Linux boot reads it 40,000 times, in hpet_calibrate)
-            self.engine.set_tick_counter(HPET_BASE + REG_MAIN_CNT, self.hpet.counter_view)
+            # the main counter read and an idle comparator written in C (a Linux boot
+            # does each 40,000 times, in hpet_calibrate)
+            first, stride, comparators, masks = self.hpet.comparator_sink()
+            self.engine.set_tick_counter(HPET_BASE + REG_MAIN_CNT, self.hpet.counter_view,
+                                         (HPET_BASE + first, stride, comparators, masks))
             self.hpet.on_view_change = self.engine.tick_counter_changed
             pit_line, rtc_line = IrqLine("pit-out"), IrqLine("rtc-out")
             pit_line.connect(self.hpet.pit_input)

@@ -188,6 +188,18 @@ typedef struct vmm_core {
     uint32_t ctr_frozen;
     uint64_t ctr_hits;           /* counter reads answered in C ... */
     uint64_t ctr_misses;         /* ... and left to the device (the count at EIP not known) */
+    /* The same device's comparators (cmp_n of them, cmp_stride apart from cmp_gpa): a
+       write to one of a timer in cmp_inert (bit n; one whose events nobody can see: an
+       edge, one-shot, its interrupt off) is stored into cmp_val[n], the device's own
+       storage, on the same terms as a counter read (now < ctr_limit); in cmp_mode32
+       only the low half is there.  cmp_gpa 0: none. */
+    uint64_t cmp_gpa;
+    uint32_t cmp_stride;
+    uint32_t cmp_n;
+    uint32_t cmp_inert;
+    uint32_t cmp_mode32;
+    uint64_t *cmp_val;
+    uint64_t cmp_hits;           /* comparator writes taken in C */
     uint32_t fast;               /* FD_* (deliver.c): exceptions delivered in the hooks */
     uint64_t fast_delivered;     /* exceptions delivered in C */
     uint64_t fast_misses;        /* ... tried in C and left to Python */
@@ -703,6 +715,27 @@ static int ctr_answer(vmm_core *c, uint64_t gpa, unsigned size, uint64_t *v)
     return 1;
 }
 
+/* 1: a write to an inert timer's comparator (cmp_*, above) stored */
+static int cmp_take(vmm_core *c, uint64_t gpa, unsigned size, uint64_t value)
+{
+    uint64_t now, off, mask, n, r;
+    if (!c->ctr_gpa || !c->cmp_gpa || gpa < c->cmp_gpa)
+        return 0;
+    off = gpa - c->cmp_gpa;
+    n = off / c->cmp_stride;
+    r = off % c->cmp_stride;
+    if (n >= c->cmp_n || !(c->cmp_inert >> n & 1) || !((r == 0 && (size == 4 || size == 8)) || (r == 4 && size == 4)))
+        return 0;
+    if (tick_now(c, &now) <= 0 || now >= c->ctr_limit)
+        return 0;
+    mask = (size == 8 ? ~(uint64_t)0 : 0xFFFFFFFFu) << (r * 8);
+    if (c->cmp_mode32 >> n & 1)
+        mask &= 0xFFFFFFFFu;   /* the high half is not there */
+    c->cmp_val[n] = (c->cmp_val[n] & ~mask) | ((value << (r * 8)) & mask);
+    c->cmp_hits++;
+    return 1;
+}
+
 static uint64_t mmio_read_cb(uc_engine *uc, uint64_t offset, unsigned size, void *ud)
 {
     vmm_mmio_region *reg = ud;
@@ -732,6 +765,10 @@ static void mmio_write_cb(uc_engine *uc, uint64_t offset, unsigned size, uint64_
     if (mmio_replayed(c, gpa, size, 1, &v))
         return;
     c->mmio_count++;
+    if (cmp_take(c, gpa, size, value)) {
+        mmio_log(c, gpa, size, 1, value);
+        return;
+    }
     if (vmm_py_mmio(c->handle, 1, gpa, (int)size, value, &dummy)) {
         mmio_log(c, gpa, size, 1, value);
         mmio_abort(c);
