@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tools.guestkit import Guest
+from tools.guestkit import Guest, asm
 
 DATA = 0x50000
 
@@ -269,3 +269,27 @@ def test_tsc_aux_is_saved_and_restored():
     g.cpu.load_state(state)
     assert g.cpu.tsc_aux == 0x10001
     assert g.cpu.msr(0xC000_0103) == 0x10001
+
+
+# A one-instruction block that stores into its own bytes: a CALL whose push writes the
+# byte after its rel32 (and beyond) with what is there already.  QEMU runs it again as a
+# one-instruction block of the same address, size and mode as the cut one, so it finds
+# the cut block's cached count: the clock must still see the restart (the count of
+# invalidated blocks moved) and count the CALL once.
+L1 = 0x110FB            # the CALL's return address is 0x11100: its low byte is the rel32's top byte
+T1 = 0x11200
+
+
+@pytest.mark.parametrize("mmu", ["shadow", "nested"])
+@pytest.mark.parametrize("n", [1, 2, 50])
+def test_a_one_instruction_block_that_stores_into_itself_is_counted_once(mmu, n):
+    g = Guest(mmu=mmu)
+    g.put(L1, asm(f"call {T1:#x}", 32, L1))
+    top = 0x10000 + len(asm(f"mov ecx, {n}", 32, 0x10000))
+    g.put(T1, asm(f"dec ecx; jnz {top:#x}; mov dx, 0x501; mov al, 0; out dx, al; hlt", 32, T1))
+    g.protected_mode(f"mov ecx, {n}; mov esp, {L1 + 8:#x}; jmp {L1:#x}")
+    g.cpu.enable_reference_clock()
+    r = g.run(1_000_000)
+    assert r.reason.value == "exit", r
+    # 1 setup, n iterations of mov esp, jmp, call, dec, jnz, the exit's mov, mov, out
+    assert g.cpu.icount == g.cpu.ref_icount == 1 + 5 * n + 3

@@ -898,9 +898,7 @@ class Engine:
 
     def set_trap_range(self, lo: int, length: int) -> None:
         """Blocks starting in [lo, lo+length) stop with a TRAP exit (the HLE firmware's entry points)."""
-        c = self._core
-        c.trap_lo = lo
-        c.trap_len = length
+        lib.vmm_core_set_trap_range(self._core, lo, length)
 
     def set_irq_pending(self, pending: bool) -> None:
         c = self._core

@@ -79,6 +79,7 @@
 
 #define HF_CS32 (1u << 4)
 #define HF_CS64 (1u << 15)
+#define TBC_TRAP (1u << 30)   /* in a block-count entry's mode: the block starts in the trap range */
 
 typedef struct {
     uint64_t pc;
@@ -156,6 +157,14 @@ typedef struct vmm_core {
     vmm_tbc_entry smc_entry;     /* the store's one-instruction block */
     uint32_t watch_inval;        /* nested MMU: no fills see code rewritten, watch QEMU's count */
     uint64_t seen_inval;         /* ... of invalidated blocks, as of the last block */
+    /* QEMU's count of invalidated blocks (TCGContext::tb_phys_invalidate_count), read in
+       place by the block hook's common case, which is taken only while it equals fast_seen,
+       the count block_hook_full last saw: a block cut by its own store, and code rewritten
+       under the nested MMU, both invalidate a block first.  Where the field was not found
+       it points at inval_none (1), fast_seen stays 0, and every block takes the full hook. */
+    const uint64_t *inval_ctr;
+    uint64_t fast_seen;
+    uint64_t inval_none;
     uint64_t budget_pc;   /* the block a budget stop refused (its linear pc and size), for the exact stop */
     uint32_t budget_size;
     uint32_t forced;      /* instructions of the block vmm_core_force_block asked for */
@@ -228,6 +237,8 @@ static vmm_core *vmm_core_new(void)
     if (c) {
         c->budget = UINT64_MAX;
         c->exc_vector = -1;
+        c->inval_none = 1;
+        c->inval_ctr = &c->inval_none;
     }
     return c;
 }
@@ -253,9 +264,39 @@ static uint32_t tbc_fill(vmm_core *c, uc_engine *uc, vmm_tbc_entry *e, uint64_t 
     c->tb_misses++;
     if (uc_ctl(uc, UC_CTL_READ_WRITE(UC_CTL_TB_REQUEST_CACHE, 2), addr, &tb) != UC_ERR_OK)
         tb.icount = 0;  /* cannot happen for a block that is executing; the exit correction repairs it */
-    e->pc = addr; e->size = size; e->mode = mode; e->icount = tb.icount;
+    e->pc = addr; e->size = size; e->icount = tb.icount;
+    e->mode = mode | (addr - c->trap_lo < c->trap_len ? TBC_TRAP : 0);
     e->xoff = 0;
     return tb.icount;
+}
+
+/* Mark (on) or unmark the cached blocks that start in [lo, lo+len) as trap-range
+   blocks. */
+static void tbc_mark_traps(vmm_core *c, uint64_t lo, uint64_t len, int on)
+{
+    uint64_t i;
+    if (len >= TBC_SIZE) {
+        for (i = 0; i < TBC_SIZE; i++)
+            if (c->tbc[i].pc - lo < len)
+                c->tbc[i].mode = on ? c->tbc[i].mode | TBC_TRAP : c->tbc[i].mode & ~TBC_TRAP;
+        return;
+    }
+    for (i = 0; i < len; i++) {
+        vmm_tbc_entry *e = &c->tbc[TBC_INDEX(lo + i)];
+        if (e->pc == lo + i)
+            e->mode = on ? e->mode | TBC_TRAP : e->mode & ~TBC_TRAP;
+    }
+}
+
+/* Blocks starting in [lo, lo+len) stop before they run (VMM_STOP_TRAP).  The
+   block hook's common case sees this only through the TBC_TRAP mark its cache
+   entries carry, so the marks follow the range. */
+static void vmm_core_set_trap_range(vmm_core *c, uint64_t lo, uint64_t len)
+{
+    tbc_mark_traps(c, c->trap_lo, c->trap_len, 0);
+    c->trap_lo = lo;
+    c->trap_len = len;
+    tbc_mark_traps(c, lo, len, 1);
 }
 
 /* The rare cases, out of the hot path: returns 1 if the vCPU must stop
@@ -391,7 +432,9 @@ __attribute__((noinline)) static void block_hook_full(uc_engine *uc, uint64_t ad
     }
     if (c->watch_inval)
         tbc_check_invalidations(c);
-    if (__builtin_expect(e->pc == addr && e->size == size && e->mode == mode, 1))
+    if (c->inval_ctr != &c->inval_none)
+        c->fast_seen = *c->inval_ctr;
+    if (__builtin_expect(e->pc == addr && e->size == size && (e->mode & ~TBC_TRAP) == mode, 1))
         n = e->icount;
     else
         n = tbc_fill(c, uc, e, addr, size, mode);
@@ -414,29 +457,33 @@ __attribute__((noinline)) static void block_hook_full(uc_engine *uc, uint64_t ad
 }
 
 /* The hook Unicorn calls before every translated block (~10^9 times in a Linux
-   boot): the common case only -- a cached count, no stop, no block cut by its
-   own store (a block that jumps back into itself, as every iteration of a REP
-   string instruction does, is checked here) -- with little saved on the
-   stack; anything else is block_hook_full's, which starts from scratch
-   (nothing here changed state). */
+   boot): the common case only, a leaf that changes nothing until it is sure.
+   It needs a cached count for this block (its pc, size and code mode; an entry
+   of a block in the trap range carries TBC_TRAP and never matches), no block
+   invalidated since the last call of block_hook_full (so the block that ran
+   before was not cut by its own store, and no translated code was rewritten
+   under the nested MMU), nothing slow pending, the budget, and no waiting
+   interrupt with IF set.  Anything else is block_hook_full's, which starts
+   from scratch. */
 static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
-    vmm_tbc_entry *e = &c->tbc[TBC_INDEX(addr)], *cur = c->cur;
+    vmm_tbc_entry *e = &c->tbc[TBC_INDEX(addr)];
     uint64_t next = c->icount + e->icount;
-    if (__builtin_expect(cur != NULL && addr - cur->pc < cur->size, 0) && smc_restart(c, addr, size)) {
-        block_hook_full(uc, addr, size, ud);   /* a block cut by its own store */
-        return;
-    }
-    if (__builtin_expect((e->pc != addr) | (e->size != size) | (e->mode != code_mode(c)) | c->watch_inval |
-                         c->slow | (next > c->budget) | (addr - c->trap_lo < c->trap_len) |
-                         ((*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending) != 0), 0)) {
-        block_hook_full(uc, addr, size, ud);
-        return;
-    }
+    /* one predicted branch per test (cheaper here than or-ing flags) */
+    if (__builtin_expect(e->pc != addr, 0)) goto full;
+    if (__builtin_expect(e->size != size, 0)) goto full;
+    if (__builtin_expect(e->mode != code_mode(c), 0)) goto full;
+    if (__builtin_expect(*c->inval_ctr != c->fast_seen, 0)) goto full;
+    if (__builtin_expect(c->slow != 0, 0)) goto full;
+    if (__builtin_expect(next > c->budget, 0)) goto full;
+    if (__builtin_expect((*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending) != 0, 0)) goto full;
     c->icount = next;
     c->cur = e;
     c->mmio_log_len = 0;
+    return;
+full:
+    block_hook_full(uc, addr, size, ud);
 }
 
 /* Length of a non-string IN/OUT at the current EIP, or 0 for string forms
@@ -1018,6 +1065,21 @@ static void vmm_core_set_unicorn_fns(vmm_core *c, uint64_t restore_state, uint64
     c->ram_addr_from_host = (uint64_t (*)(void *, void *))(uintptr_t)ram_addr_from_host;
     c->tb_invalidations = (uint64_t (*)(void *))(uintptr_t)tb_invalidations;
     c->tcg_ctx = find_tcg_ctx(c, tcg_buffer_size);
+    c->inval_ctr = &c->inval_none;
+    c->fast_seen = 0;
+    if (c->tcg_ctx && tb_invalidations) {
+        /* tcg_tb_phys_invalidate_count is `mov rax, [rdi + disp]; ret` in
+           Unicorn 2.1.4 (one TCG context): read the field it reads */
+        const uint8_t *f = (const uint8_t *)(uintptr_t)tb_invalidations;
+        int32_t disp = -1;
+        if (f[0] == 0x48 && f[1] == 0x8b && f[2] == 0x87 && f[7] == 0xc3)
+            memcpy(&disp, f + 3, 4);
+        else if (f[0] == 0x48 && f[1] == 0x8b && f[2] == 0x47 && f[4] == 0xc3)
+            disp = (int8_t)f[3];
+        if (disp >= 0 && disp < 0x10000 && readable((uint8_t *)c->tcg_ctx + disp, 8) &&
+            *(uint64_t *)((uint8_t *)c->tcg_ctx + disp) == c->tb_invalidations(c->tcg_ctx))
+            c->inval_ctr = (const uint64_t *)((uint8_t *)c->tcg_ctx + disp);
+    }
 }
 
 /* ---------------------------------------------------------------- CMPXCHG8B/16B */
