@@ -16,14 +16,25 @@ queue of 256 entries):
   written into the chain (data and status).
 
 Requests are taken from the ring when the driver notifies (header read
-then) and complete later, in order, at deterministic virtual times: the
-disk serves one request at a time, each taking ``LATENCY_TICKS`` plus one
-tick per ``BYTES_PER_TICK`` bytes moved, from the later of its submission
-and the previous request's completion.  The data moves, the status byte is
-written and the used ring updated when the request completes, on the
-clock's timer named ``"<name>.complete"``; a FLUSH therefore covers every
-write that completed before it (5.2.6.4's "stable" writes).  Without FLUSH
-negotiated every write is flushed before it completes (5.2.6.4, case 1).
+then) and complete in order.  Two service models, both deterministic:
+
+* timed (the default): the disk serves one request at a time, each taking
+  ``LATENCY_TICKS`` plus one tick per ``BYTES_PER_TICK`` bytes moved, from
+  the later of its submission and the previous request's completion; the
+  data moves, the status byte is written and the used ring updated when
+  the request completes, on the clock's timer named ``"<name>.complete"``;
+* immediate (``timed=False``, what the pc board attaches): a disk with no
+  service time.  Requests complete inside the notification that made them
+  available (the data moved, the used ring updated and the interrupt sent
+  before the driver's notify write retires), unless requests of a restored
+  timed state are still in flight, which the new ones follow in order.
+  A request costs the guest no timer, interrupt-window or HLT exit; the
+  virtio spec lets a device use buffers as soon as they are available
+  (2.7.13), and drivers take the used-buffer notification whenever it comes.
+
+Either way a FLUSH covers every write that completed before it (5.2.6.4's
+"stable" writes), and without FLUSH negotiated every write is flushed
+before it completes (5.2.6.4, case 1).
 
 Error handling:
 
@@ -120,7 +131,8 @@ class Request:
 
 class VirtioBlk(VirtioDevice):
     """virtio-blk over ``block`` (see the module docstring).  ``serial`` is what
-    GET_ID returns (at most 20 bytes)."""
+    GET_ID returns (at most 20 bytes); ``timed`` chooses the service model (the module
+    docstring)."""
 
     device_id = ID_BLOCK
     pci_class = 0x010000                    # mass storage, SCSI: QEMU's class for virtio-blk-pci
@@ -129,8 +141,9 @@ class VirtioBlk(VirtioDevice):
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, block: Any, name: str = "virtio-blk0", serial: str | bytes = b"",
-                 read_only: bool | None = None) -> None:
+                 read_only: bool | None = None, timed: bool = True) -> None:
         super().__init__(name)
+        self.timed = timed                  # configuration (built the same way on restore), not state
         size = int(block.size)
         if size < 0:
             raise ValueError(f"{name}: a disk of {size} bytes")
@@ -176,17 +189,24 @@ class VirtioBlk(VirtioDevice):
     # -- taking requests --------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:
         t = self.transport
-        added = False
-        for chain in t.pop(index):
-            req = self._parse(index, chain)
+        chains = t.pop(index)
+        if not chains:
+            return
+        now = t.clock.now()
+        for chain in chains:
+            req = self._parse(index, chain, now)
             if req is None:
-                return
+                return          # the device is broken: it takes and returns nothing more
             self.inflight.append(req)
-            added = True
-        if added and self._timer is None:
+        if not self.timed and self.inflight[0].deadline <= now:
+            # immediate service: complete them now, inside the notification
+            if self._timer is not None:
+                self._timer.cancel()
+            self._complete(now)
+        elif self._timer is None:
             self._arm()
 
-    def _parse(self, qi: int, chain: Chain) -> Request | None:
+    def _parse(self, qi: int, chain: Chain, now: int) -> Request | None:
         t = self.transport
         if chain.out_len < _HDR.size or chain.in_len < 1:
             t.device_error(f"{self.name}: request without a header or a status byte (chain {chain.head})")
@@ -203,9 +223,10 @@ class VirtioBlk(VirtioDevice):
             data = slice_segments(chain.inn, 0, in_len - 1)
         else:
             data = slice_segments(chain.out, _HDR.size, None)
-        moved = sum(n for _, n in data) if rtype in (T_IN, T_OUT) else 0
-        start = max(t.clock.now(), self.busy_until)
-        deadline = start + LATENCY_TICKS + min(moved, MAX_REQUEST) // BYTES_PER_TICK
+        deadline = max(now, self.busy_until)
+        if self.timed:
+            moved = sum(n for _, n in data) if rtype in (T_IN, T_OUT) else 0
+            deadline += LATENCY_TICKS + min(moved, MAX_REQUEST) // BYTES_PER_TICK
         self.busy_until = deadline
         return Request(qi, chain.head, rtype, sector, data, status, in_len, deadline)
 

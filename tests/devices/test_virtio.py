@@ -254,10 +254,11 @@ def test_event_idx_used_event_and_avail_event():
 # ---------------------------------------------------------------------------------------------
 # virtio-blk requests against a bytearray model
 
+@pytest.mark.parametrize("timed", [True, False], ids=["timed", "immediate"])
 @pytest.mark.parametrize("legacy", [False, True], ids=["modern", "legacy"])
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
-def test_blk_read_write_flush_get_id(legacy, indirect):
-    fn, drv, disk, clock = up(legacy=legacy, serial="disk-serial-01")
+def test_blk_read_write_flush_get_id(legacy, indirect, timed):
+    fn, drv, disk, clock = up(legacy=legacy, serial="disk-serial-01", timed=timed)
     model = bytearray(disk.size)
     disk.data[:] = model[:] = pattern(disk.size, 3)
     # write two sectors at 5, read them and the neighbours back
@@ -267,7 +268,11 @@ def test_blk_read_write_flush_get_id(legacy, indirect):
     h2, _, st2 = drv.blk_request(vb.T_FLUSH, indirect=indirect)
     h3, buf3, st3 = drv.blk_request(vb.T_IN, 4, 4 * 512, indirect=indirect)
     h4, buf4, st4 = drv.blk_request(vb.T_GET_ID, 0, 20, indirect=indirect)
-    clock.advance(SETTLE)
+    if timed:
+        clock.advance(SETTLE)
+    else:
+        # each completed inside its notification: no timer, no virtual time
+        assert clock.find("virtio-blk0.complete") is None and clock.now() == 0
     used = drv.used(0)
     assert [u[0] for u in used] == [h1, h2, h3, h4]       # in order
     assert used[2][1] == 4 * 512 + 1 and used[3][1] == 21 and used[0][1] == 1
@@ -370,6 +375,40 @@ def test_completion_times_are_deterministic_and_in_order():
     assert len(drv.used(0)) == 1
     clock.advance(SETTLE)
     assert len(drv.used(0)) == 1 and clock.find("virtio-blk0.complete") is None
+
+
+def test_immediate_service_completes_inside_the_notification():
+    fn, drv, disk, clock = up(timed=False)
+    clock.advance(1000)
+    drv.blk_request(vb.T_IN, 0, 4096, kick=False)
+    drv.blk_request(vb.T_IN, 8, 512, kick=False)
+    assert drv.used(0) == [] and drv.isr() == 0       # nothing before the notification
+    drv.kick(0)
+    assert [n for _, n in drv.used(0)] == [4097, 513]  # both, in order, as the write returned
+    assert drv.isr() & 1 and clock.find("virtio-blk0.complete") is None
+    assert not fn.device.inflight and fn.device.busy_until == 1000 and fn.device.completed == 2
+    assert fn.device.save_state() == {"kind": "virtio_blk", "version": 1, "busy_until": 1000, "inflight": []}
+
+
+def test_immediate_service_follows_restored_requests_in_flight():
+    """A timed device's state with requests in flight, loaded into an immediate one: those
+    complete on their timers and a new request after them, in order."""
+    fn, drv, disk, clock = up()
+    h1, _, _ = drv.blk_request(vb.T_IN, 1, 512)
+    state = copy.deepcopy(fn.save_state())
+    ram_copy = bytes(drv.ram.mem)
+    deadline = state["device"]["inflight"][0]["deadline"]
+    b = make_blk(timed=False)
+    b.fn.load_state(copy.deepcopy(state))
+    b.ram.mem[:] = ram_copy
+    drv2 = Driver(b.fn, b.io, b.mmio, b.ram)
+    drv2.queues = drv.queues
+    drv2.next_buf = drv.next_buf
+    h2, _, _ = drv2.blk_request(vb.T_IN, 2, 512)
+    assert drv2.used(0) == [] and [r.deadline for r in b.fn.device.inflight] == [deadline, deadline]
+    b.clock.advance_to(deadline)
+    assert [u[0] for u in drv2.used(0)] == [h1, h2] and not b.fn.device.inflight
+    assert b.clock.find("virtio-blk0.complete") is None
 
 
 def test_save_and_restore_with_requests_in_flight():
@@ -618,7 +657,7 @@ QUEUE_SIZES = st.sampled_from([1, 2, 4, 8, 16])
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(size=QUEUE_SIZES, table=st.binary(min_size=0, max_size=16 * 16), ring=st.binary(max_size=64),
        avail_idx=st.integers(0, 0xFFFF), last=st.integers(0, 0xFFFF),
-       indirect=st.binary(max_size=128), features=st.integers(0, 3), kicks=st.integers(1, 3))
+       indirect=st.binary(max_size=128), features=st.integers(0, 7), kicks=st.integers(1, 3))
 def test_random_rings_never_escape_the_device(size, table, ring, avail_idx, last, indirect, features, kicks):
     """Random descriptor tables, rings and indices: nothing raises, nothing touches memory
     outside RAM (the Ram raises before a byte moves, and the device catches it), the work is
@@ -628,7 +667,7 @@ def test_random_rings_never_escape_the_device(size, table, ring, avail_idx, last
         accept &= ~bit(F_INDIRECT_DESC)
     if not features & 2:
         accept &= ~bit(F_EVENT_IDX)
-    b = make_blk(ram=Ram(0x8000))
+    b = make_blk(ram=Ram(0x8000), timed=not features & 4)     # both service models
     fn, ram, clock, io, mmio = b.fn, b.ram, b.clock, b.io, b.mmio
     drv = Driver(fn, io, mmio, ram)
     drv.init(accept, queue_sizes={0: size})
