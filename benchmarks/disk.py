@@ -2,7 +2,7 @@
 """Disk throughput inside a Linux guest: IDE PIO, IDE DMA and virtio-blk, side by side with QEMU TCG
 and a host file-read baseline in the same run.
 
-    python benchmarks/disk.py [--seq-mib N] [--random-ops N]
+    python benchmarks/disk.py [--seq-mib N] [--random-ops N] [--append ARGS]
                               [--only ide-pio,ide-dma,virtio-raw,virtio-qcow2,qemu-virtio]
 
 The guest is Debian's kernel with a busybox initramfs (tools/debian.py): for
@@ -28,6 +28,12 @@ dd figures mean nothing here).  The vmm columns run the machine in this
 process; QEMU is ``qemu-system-x86_64 -nographic ... -drive
 file=IMG,if=virtio,format=raw`` (TCG), read through a pipe the same way.
 The ratio is vmm / QEMU throughput (issue 12 aims at >= 0.5 for virtio-blk).
+The two guests do not run the same kernel code by default: vmm's CPU is an
+Intel Sandy Bridge without IA32_ARCH_CAPABILITIES, so Linux turns on page
+table isolation (two CR3 writes, each a full TLB flush, per system call and
+interrupt from user mode), while QEMU's default CPU (qemu64) is AMD, which
+Linux does not isolate.  ``--append mitigations=off`` gives both kernels the
+same argument, so that both run without it.
 The machine is shared with other work, so figures move from run to run; a
 second table divides by the CPU time each emulator's process used between
 the same markers (this process's ``process_time`` for vmm, /proc/PID/stat for
@@ -147,7 +153,7 @@ class Marks:
         return {} if a is None or b is None else {k: b[k] - a.get(k, 0) for k in b if b[k] != a.get(k, 0)}
 
 
-def run_vmm(kernel: Path, initrd: Path, image: Path, interface: str) -> tuple[Marks, dict]:
+def run_vmm(kernel: Path, initrd: Path, image: Path, interface: str, cmdline: str = CMDLINE) -> tuple[Marks, dict]:
     from replay.session import build_machine, machine_config
     from vmm.platform.pc import DEFAULT_EPOCH
     from vmm.platform.storage import attach_drives, close_drives, describe
@@ -172,7 +178,7 @@ def run_vmm(kernel: Path, initrd: Path, image: Path, interface: str) -> tuple[Ma
 
     marks = Marks(probe)
     data = kernel.read_bytes()
-    cfg = machine_config(256 << 20, DEFAULT_EPOCH, str(kernel), data, "linux", CMDLINE, 0x100000, "none",
+    cfg = machine_config(256 << 20, DEFAULT_EPOCH, str(kernel), data, "linux", cmdline, 0x100000, "none",
                          initrd=(str(initrd), initrd.read_bytes()))
     m = build_machine(cfg, data, marks)
     box.append(m)
@@ -221,10 +227,11 @@ def host_baseline(image: Path, seq_blocks: int, offs: list[int]) -> dict[str, fl
     return rates
 
 
-def run_qemu(qemu: str, kernel: Path, initrd: Path, image: Path, fmt: str = "raw") -> tuple[Marks, dict]:
+def run_qemu(qemu: str, kernel: Path, initrd: Path, image: Path, fmt: str = "raw",
+             cmdline: str = CMDLINE) -> tuple[Marks, dict]:
     marks = Marks(cpu=lambda: process_cpu(proc.pid))
     cmd = [qemu, "-nographic", "-no-reboot", "-accel", "tcg", "-m", "256M", "-kernel", str(kernel),
-           "-initrd", str(initrd), "-append", CMDLINE, "-drive", f"file={image},if=virtio,format={fmt}"]
+           "-initrd", str(initrd), "-append", cmdline, "-drive", f"file={image},if=virtio,format={fmt}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     process_cpu(proc.pid)
@@ -286,12 +293,14 @@ def main() -> int:
     ap.add_argument("--seq-mib", type=int, default=8, help="MiB moved by each sequential phase (default 8)")
     ap.add_argument("--random-ops", type=int, default=200, help="blocks per random phase (default 200)")
     ap.add_argument("--only", default=",".join(COLUMNS), help="columns to run (default: all)")
+    ap.add_argument("--append", default="", help="more kernel arguments, for every column (e.g. mitigations=off)")
     a = ap.parse_args()
     columns = [c for c in a.only.split(",") if c]
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         print(f"disk: unknown column {unknown[0]!r} (known: {', '.join(COLUMNS)})")
         return 2
+    cmdline = f"{CMDLINE} {a.append}".strip()
     seq_blocks = (a.seq_mib << 20) // BLOCK
     offs = offsets(a.random_ops, seq_blocks)
     try:
@@ -320,9 +329,9 @@ def main() -> int:
             image = Path(tmp) / f"{col}.{fmt}"
             make_image(image, fmt)
             if col.startswith("qemu"):
-                marks, info = run_qemu(qemu, kernel, initrds[col], image, fmt)
+                marks, info = run_qemu(qemu, kernel, initrds[col], image, fmt, cmdline)
             else:
-                marks, info = run_vmm(kernel, initrds[col], image, iface)
+                marks, info = run_vmm(kernel, initrds[col], image, iface, cmdline)
             seconds[col] = {p: t for p in PHASES if (t := marks.seconds(p)) is not None}
             cpu[col] = {p: t for p in PHASES if (t := marks.cpu_seconds(p)) is not None}
             done = "BENCH-DONE" in marks.t
@@ -337,7 +346,7 @@ def main() -> int:
                 per = ", ".join(f"{k} {sum(d.get(k, 0) for d in seq) / reqs:.2f}" for k in keys)
                 print(f"  per request in the sequential phases ({reqs} requests): {per}")
 
-    print(f"\nDebian kernel {kernel.name}, busybox dd, 4 KiB blocks, O_DIRECT; {a.seq_mib} MiB sequential, "
+    print(f"\nDebian kernel {kernel.name} ({cmdline}), busybox dd, 4 KiB blocks, O_DIRECT; {a.seq_mib} MiB sequential, "
           f"{a.random_ops} random blocks; host wall-clock time between the guest's markers; host-file is "
           f"this process's pread/pwrite on a raw file")
     print_table(seconds, a.seq_mib, a.random_ops)
