@@ -1,7 +1,9 @@
 """The link between a primary and its backup: framed messages on one TCP
-connection, a sender thread that batches them and fills silences with
-heartbeats, and a receiver thread that declares the peer lost after
-``MISSED_BEATS`` heartbeat intervals of silence or when the connection ends.
+connection, written by the thread that sends them when the socket takes them
+at once (the primary's run loop at each horizon: no thread handoff), else by a
+sender thread that batches them and fills silences with heartbeats; and a
+receiver thread that declares the peer lost after ``MISSED_BEATS`` heartbeat
+intervals of silence or when the connection ends.
 
 A frame is one type byte, a u32 payload length and the payload.  The receiver
 hands a message on only once it is whole, so a peer that dies mid-frame
@@ -10,6 +12,7 @@ leaves nothing half-read behind.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -92,11 +95,18 @@ class Link:
                  on_message: Callable[[bytes, bytes], None], on_lost: Callable[[str], None]):
         self.sock = sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # timeout mode: the receiver wakes to count missed heartbeats, and the descriptor is
+        # non-blocking at the OS level (socket module docs), so send() can write to it directly
+        sock.settimeout(min(heartbeat, 0.05))
+        self._fd = sock.fileno()
         self.heartbeat = heartbeat
         self.on_message = on_message
         self.on_lost = on_lost
         self._out: list[bytes] = []
         self._sending = False       # a batch is between the queue and the socket
+        # when the connection was last written to: a BEAT goes after a heartbeat of silence, the
+        # first one not at once (a joining backup says nothing after JOIN until it is answered)
+        self._written = time.monotonic()
         self._cv = threading.Condition()
         self.lost: str | None = None
         self.closing = False
@@ -116,12 +126,28 @@ class Link:
             t.start()
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
+        """Queue one message; when nothing is queued before it, write it at once from this
+        thread (a non-blocking write: the sender thread only takes what the socket would
+        not, and reports a failed write by failing the same write itself)."""
         frame = _FRAME.pack(kind, len(payload)) + payload
         with self._cv:
             if self.lost is not None or self.closing:
                 return
-            self._out.append(frame)
-            self._cv.notify()
+            if self._out or self._sending:
+                self._out.append(frame)       # behind a batch: in order, by the sender thread
+                self._cv.notify()
+                return
+            try:
+                n = os.write(self._fd, frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                n = 0                         # the sender thread's write fails the same way: it loses the link
+            self.bytes_sent += n
+            self._written = time.monotonic()
+            if n < len(frame):
+                self._out.append(frame[n:])
+                self._cv.notify()
 
     def close(self, drain: float = 1.0) -> None:
         """Send what is queued (for up to ``drain`` seconds), then close."""
@@ -154,15 +180,18 @@ class Link:
         while True:
             with self._cv:
                 if not self._out and self.lost is None and not self.closing:
-                    self._cv.wait(self.heartbeat)
+                    # a heartbeat once the connection was silent for an interval (send() writes too)
+                    self._cv.wait(max(0.001, self._written + self.heartbeat - time.monotonic()))
                 if self.lost is not None or self.closing:
                     return
+                if not self._out and time.monotonic() - self._written < self.heartbeat:
+                    continue
                 batch = b"".join(self._out) or _FRAME.pack(BEAT, 0)
                 self._out.clear()
                 self._sending = True
             try:
-                self.sock.sendall(batch)
-                self.bytes_sent += len(batch)
+                self._write_all(batch)
+                self._written = time.monotonic()
             except OSError as e:
                 self._lose(f"sending failed: {e.strerror or e}")
                 return
@@ -171,9 +200,31 @@ class Link:
                     self._sending = False
                     self._cv.notify_all()
 
+    def _write_all(self, data: bytes) -> None:
+        """The sender thread: write all of ``data``, waiting while the socket is full; fail
+        (OSError) only when the peer takes nothing for as long as the receiver allows
+        silence (a backlog, such as a joining backup's snapshot on a slow network, is
+        not a failure)."""
+        view = memoryview(data)
+        stalled = time.monotonic()
+        while view:
+            try:
+                n = self.sock.send(view)     # timeout mode: waits up to 50 ms for room
+            except TimeoutError:
+                n = 0
+            if n:
+                view = view[n:]
+                self.bytes_sent += n
+                stalled = time.monotonic()
+                continue
+            if self.lost is not None or self.closing:
+                return
+            limit = self.patience or self.heartbeat * MISSED_BEATS
+            if time.monotonic() - stalled > limit:
+                raise TimeoutError(f"the peer took nothing for {limit:.3g} s")
+
     def _recv_loop(self) -> None:
         buf = bytearray()
-        self.sock.settimeout(min(self.heartbeat, 0.05))
         while True:
             try:
                 data = self.sock.recv(1 << 16)
