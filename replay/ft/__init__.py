@@ -24,7 +24,8 @@ The protocol, in order of a run:
   3. every FLUSH_TICKS of virtual time the primary writes the events so far as a
      log chunk (LOG) and a HORIZON: "every event before this point of virtual
      time is in the log"; the backup ACKs each horizon once it holds the log up to
-     it, and reports its replay position (PROGRESS);
+     it, and reports its replay position (in the ACK, and as PROGRESS when no ACK
+     told it for 4 horizons);
   4. console output produced before an acknowledged horizon is released to the
      console's clients; output after it waits;
   5. both sides send BEATs when otherwise idle; silence for 3 heartbeat intervals,

@@ -242,7 +242,7 @@ class BackupResult:
 
 
 SIDE_GRACE_BEATS = 5    # heartbeats a backup waits for a primary still heard on the second path
-PROGRESS_EVERY = 4      # horizons between two reports of the replay's position (--max-lag is at least 4)
+PROGRESS_EVERY = 4      # horizons at most between two reports of the replay's position (--max-lag is at least 4)
 
 
 class Backup:
@@ -263,6 +263,8 @@ class Backup:
         self.horizon = -1     # HORIZON 0 follows the initial events: the replay can be built then
         self._acked = -1
         self._ticks = 0
+        self._position = 0    # the horizon tick the replay reached last (its gate)
+        self._reported = 0    # the value of _ticks when the primary was last told the replay's position
         self.lost: str | None = None
         self.lost_at: float | None = None
         self.heard_last: float | None = None
@@ -340,11 +342,13 @@ class Backup:
 
     def _ack(self) -> None:
         """After each read from the link: acknowledge the last horizon it brought (the log
-        up to it came before it), one ACK however many horizons the read held."""
+        up to it came before it), one ACK however many horizons the read held.  The ACK
+        carries the replay's position too (a PROGRESS the primary need not be woken for)."""
         h = self.horizon
         if h > self._acked:
             self._acked = h
-            self.link.send(wire.ACK, wire.u64(h))
+            self._reported = self._ticks
+            self.link.send(wire.ACK, wire.u64(h) + wire.u64(self._position))
 
     def _on_lost(self, reason: str) -> None:
         with self.cv:
@@ -398,7 +402,11 @@ class Backup:
     def _gate(self, now: int) -> None:
         """At each horizon tick of the replay: go on only once the log is known whole past it."""
         self._ticks += 1
-        if self._ticks % PROGRESS_EVERY == 0:
+        self._position = now
+        if self._ticks - self._reported >= PROGRESS_EVERY:
+            # no ACK told the primary where the replay is for a while (it waits under
+            # --max-lag and sends no horizons, or the replay catches up on a backlog)
+            self._reported = self._ticks
             self.link.send(wire.PROGRESS, wire.u64(now))
         with self.cv:
             while self.horizon <= now and self.decision is None:

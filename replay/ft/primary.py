@@ -328,8 +328,12 @@ class Primary:
     def _on_message(self, kind: bytes, payload: bytes) -> None:
         if kind == wire.ACK:
             tick = wire.read_u64(payload)
+            reached = wire.read_u64(payload, 1) if len(payload) >= 16 else 0
+            if reached:
+                self.link.patience = None      # as a PROGRESS: the backup's replay runs
             with self.cv:
                 self.acked = max(self.acked, tick)
+                self.progress = max(self.progress, reached)
                 self.cv.notify_all()
             if not self.alone and not self.fenced:
                 self.console.release_through(tick)

@@ -29,6 +29,7 @@ LOG = b"L"        # primary -> backup: bytes of the event log (header, whole chu
 HORIZON = b"T"    # primary -> backup: u64 tick: every event before it has been sent
                   #   [+ u64: every NIC frame produced before this tick left the primary]
 ACK = b"K"        # backup -> primary: u64 tick: the log up to this horizon is held
+                  #   [+ u64: the tick the replay has reached, as a PROGRESS says]
 PROGRESS = b"P"   # backup -> primary: u64 tick the replay has reached
 BEAT = b"B"       # either way: still here
 BYE = b"E"        # primary -> backup: the run ended and every output was released
