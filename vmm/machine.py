@@ -385,13 +385,19 @@ class Machine:
         self._in_run = True
         eng = self.engine
         # exceptions the CPU core delivers in C (vmm/cpu/native/deliver.c) count as
-        # exception exits; with a tracer or introspection each one is a real exit
+        # exception exits, SYSCALL and SYSENTER done there as theirs; with a tracer or
+        # introspection each one is a real exit
         eng.fast_delivery = fast and self.fast_delivery and self.trace is None
         before = eng.fast_delivered
+        sys_before = eng.fast_sysinsns
         try:
             return go()
         finally:
-            self.exit_counts["exception"] += eng.fast_delivered - before
+            counts = self.exit_counts
+            counts["exception"] += eng.fast_delivered - before
+            sys_after = eng.fast_sysinsns
+            counts["syscall"] += sys_after[0] - sys_before[0]
+            counts["sysenter"] += sys_after[1] - sys_before[1]
             self._in_run = False
             self._running = None
             if self._preempt:

@@ -336,6 +336,13 @@ class Engine:
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_TSC_AUX, 0x5A5A_1234))
         ok = ok and self._u64(ENV_TSC_AUX) == 0x5A5A_1234 and lib.VMM_ENV_TSC_AUX == ENV_TSC_AUX
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_TSC_AUX, aux))
+        # SYSCALL and SYSENTER in C (deliver.c fast_sysinsn) read their MSRs here
+        for msr, off in ((0x174, lib.VMM_ENV_SYSENTER_CS), (0xC000_0081, lib.VMM_ENV_STAR),
+                         (0xC000_0082, lib.VMM_ENV_LSTAR), (0xC000_0084, lib.VMM_ENV_FMASK)):
+            old = uc.reg_read(X.UC_X86_REG_MSR, msr)
+            uc.reg_write(X.UC_X86_REG_MSR, (msr, 0x5A5A))
+            ok = ok and self._u64(off) == 0x5A5A
+            uc.reg_write(X.UC_X86_REG_MSR, (msr, old))
         # the C walk reads CR0-4, A20 and EFER at these offsets too
         ok = ok and (lib.VMM_ENV_CR, lib.VMM_ENV_A20, lib.VMM_ENV_EFER) == (ENV_CR, ENV_A20, ENV_EFER)
         if not ok:
@@ -478,6 +485,12 @@ class Engine:
     def fast_delivered(self) -> int:
         """Exceptions and INT n delivered in C (deliver.c), not exits."""
         return int(self._core.fast_delivered)
+
+    @property
+    def fast_sysinsns(self) -> tuple[int, int]:
+        """SYSCALLs and SYSENTERs done in C (deliver.c), not exits."""
+        c = self._core
+        return int(c.fast_syscalls), int(c.fast_sysenters)
 
     def deliver_interrupt(self, vector: int) -> bool:
         """Deliver an external interrupt to the loaded vCPU in C (deliver.c), between

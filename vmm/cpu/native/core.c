@@ -15,8 +15,9 @@
  *   the hook sets EIP to the next instruction and leaves the CPU loop with
  *   Unicorn's exported `cpu_loop_exit` (a longjmp back into `cpu_exec`,
  *   taken only after the Python callback has returned);
- * * SYSCALL and SYSENTER stop exactly *at* the instruction the same way, so the
- *   VMM emulates them from their MSRs while the vCPU is stopped;
+ * * SYSCALL and SYSENTER are done in their hooks from the MSRs (deliver.c);
+ *   the cases left to Python stop exactly *at* the instruction the same way,
+ *   so the VMM emulates them while the vCPU is stopped;
  * * the interrupt and invalid-instruction hooks deliver the common exceptions
  *   in C (deliver.c), and record any other and stop;
  * * RDTSC/RDTSCP (the Python binding refuses these hooks) and CPUID call back
@@ -214,6 +215,8 @@ typedef struct vmm_core {
     uint64_t fast_misses;        /* ... tried in C and left to Python */
     uint64_t irq_delivered;      /* external interrupts delivered in C (vmm_core_deliver_irq) */
     uint64_t irq_misses;         /* ... tried in C and left to Python */
+    uint64_t fast_syscalls;      /* SYSCALLs done in the hook (deliver.c fast_sysinsn) ... */
+    uint64_t fast_sysenters;     /* ... and SYSENTERs */
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
     vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
@@ -224,6 +227,7 @@ static void vmm_mmu_run_start(vmm_core *c);
 static void vmm_mmu_run_end(vmm_core *c);
 static int fast_deliver(vmm_core *c, int vector, int sw, uint32_t error);
 static int fast_page_fault(vmm_core *c);
+static int fast_sysinsn(vmm_core *c, int kind);
 static int64_t fd_retired(vmm_core *c, uint64_t lin);
 
 static int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
@@ -655,6 +659,8 @@ static int cpuid_hook(uc_engine *uc, void *ud)
 static void syscall_hook(uc_engine *uc, void *ud)
 {
     vmm_core *c = ud;
+    if (fast_sysinsn(c, VMM_INSN_SYSCALL))
+        return;
     c->trap_kind = VMM_INSN_SYSCALL;
     c->stop_eip = *(uint64_t *)(c->env + ENV_EIP);
     c->stop_flags |= VMM_STOP_INSN;
@@ -664,6 +670,8 @@ static void syscall_hook(uc_engine *uc, void *ud)
 static void sysenter_hook(uc_engine *uc, void *ud)
 {
     vmm_core *c = ud;
+    if (fast_sysinsn(c, VMM_INSN_SYSENTER))
+        return;
     c->trap_kind = VMM_INSN_SYSENTER;
     c->stop_eip = *(uint64_t *)(c->env + ENV_EIP);
     c->stop_flags |= VMM_STOP_INSN;

@@ -641,3 +641,92 @@ static int fast_page_fault(vmm_core *c)
     s->pending = 0;
     return 1;
 }
+
+/* ---------------------------------------------------------------- SYSCALL / SYSENTER */
+/* Unicorn runs neither (UNICORN.md 4): its helper calls the UC_HOOK_INSN hooks,
+   then adds the instruction's length to EIP.  A Linux guest makes every system
+   call through one of them, so each used to be an exit to Python
+   (delivery.py syscall/sysenter, the reference, which this follows statement
+   by statement).  Here the hook does the transfer and returns: the helper's
+   `+ length` lands on the target, and the block, which the instruction ends,
+   leaves to the next one at the new CS:RIP with the new hflags.
+   Left to Python (the hook stops as before): the #UD and #GP cases, C delivery
+   off (a tracer, introspection, the reference clock, an exact stop), an
+   interrupt shadow, a block cut by a store or by an exact stop, an instruction
+   that is not the 2 bytes ending its block (prefixes; a stale EIP), and a
+   result with TF set (QEMU would raise #DB at the target at once, the Python
+   path at the instruction after it).
+   The clock: the block hook counted the block whole, and the instruction is its
+   last, so the count is exact as it stands. */
+#define ENV_SYSENTER_CS  4800
+#define ENV_SYSENTER_ESP 4808
+#define ENV_SYSENTER_EIP 4816
+#define ENV_STAR         4824
+#define ENV_LSTAR        4840
+#define ENV_FMASK        4856
+#define VMM_ENV_SYSENTER_CS ENV_SYSENTER_CS
+#define VMM_ENV_STAR        ENV_STAR
+#define VMM_ENV_LSTAR       ENV_LSTAR
+#define VMM_ENV_FMASK       ENV_FMASK
+#define D_ACC (1u << 8)
+
+static int fast_sysinsn(vmm_core *c, int kind)
+{
+    uint8_t *env = c->env;
+    vmm_tbc_entry *cur = c->cur;
+    uint32_t hf = fd_u32(env, ENV_HFLAGS);
+    uint64_t eip = fd_u64(env, ENV_EIP), flags, target;
+    fd_ctx x;
+    if (!(c->fast & FD_ON) || !cur || c->smc_pending || cur == &c->forced_tb || (hf & HF_INHIBIT))
+        return 0;
+    if (seg_base(env, FD_CS) + eip + 2 != cur->pc + cur->size)
+        return 0;
+    x.c = c;
+    x.m = c->mmu;
+    x.env = env;
+    flags = fd_rflags(&x);
+    if (kind == VMM_INSN_SYSCALL) {
+        uint64_t star = fd_u64(env, ENV_STAR), nf;
+        uint32_t cs_sel;
+        if (!(fd_u64(env, ENV_EFER) & 1) || !(hf & HF_LMA) || !(hf & HF_CS64))
+            return 0;   /* #UD */
+        nf = flags & ~fd_u64(env, ENV_FMASK) & ~EF_RF;
+        if (nf & EF_TF)
+            return 0;
+        fd_set64(env, 8 * 1, eip + 2);            /* RCX */
+        fd_set64(env, 8 * 11, flags & ~EF_RF);    /* R11 */
+        cs_sel = (uint32_t)(star >> 32) & 0xFFFF;
+        fd_set_cpl(&x, 0);
+        fd_load_seg(&x, FD_CS, cs_sel & 0xFFFC, 0, 0xFFFFFFFFu, D_G | D_P | D_S | D_CODE | D_WR | D_ACC | D_L);
+        fd_load_seg(&x, FD_SS, (cs_sel + 8) & 0xFFFC, 0, 0xFFFFFFFFu, D_G | D_B | D_P | D_S | D_WR | D_ACC);
+        fd_set_cpl(&x, 0);
+        fd_set_rflags(&x, nf);
+        target = fd_u64(env, ENV_LSTAR);
+        c->fast_syscalls++;
+    } else {
+        uint32_t cs_sel = (uint32_t)fd_u64(env, ENV_SYSENTER_CS) & 0xFFFF, cs_flags;
+        int lma = (hf & HF_LMA) != 0;
+        uint64_t esp;
+        if (!(fd_u64(env, ENV_CR) & 1) || (cs_sel & 0xFFFC) == 0)
+            return 0;   /* #GP */
+        if ((flags & ~(EF_VM | EF_IF | EF_RF)) & EF_TF)
+            return 0;
+        fd_set_rflags(&x, flags & ~(EF_VM | EF_IF | EF_RF));
+        fd_set_cpl(&x, 0);
+        cs_flags = D_G | D_P | D_S | D_CODE | D_WR | D_ACC | (lma ? D_L : D_B);
+        fd_load_seg(&x, FD_CS, cs_sel & 0xFFFC, 0, 0xFFFFFFFFu, cs_flags);
+        fd_load_seg(&x, FD_SS, (cs_sel + 8) & 0xFFFC, 0, 0xFFFFFFFFu, D_G | D_P | D_S | D_WR | D_ACC | D_B);
+        fd_set_cpl(&x, 0);
+        esp = fd_u64(env, ENV_SYSENTER_ESP);
+        target = fd_u64(env, ENV_SYSENTER_EIP);
+        if (!lma) {
+            esp &= 0xFFFFFFFFu;
+            target &= 0xFFFFFFFFu;
+        }
+        fd_set64(env, ENV_RSP, esp);
+        c->fast_sysenters++;
+    }
+    fd_set64(env, ENV_EIP, target - 2);   /* the helper adds the length next */
+    c->cur = NULL;
+    return 1;
+}
