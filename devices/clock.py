@@ -25,14 +25,15 @@ NS_PER_TICK = 1_000_000_000 // TICK_HZ
 class Timer:
     """A scheduled callback; ``cancel()`` it, or let it fire once."""
 
-    __slots__ = ("active", "callback", "deadline", "name", "seq")
+    __slots__ = ("active", "callback", "deadline", "name", "seq", "slack")
 
-    def __init__(self, deadline: int, seq: int, callback: Callable[[int], None], name: str):
+    def __init__(self, deadline: int, seq: int, callback: Callable[[int], None], name: str, slack: int = 0):
         self.deadline = deadline
         self.seq = seq
         self.callback = callback
         self.active = True
         self.name = name
+        self.slack = slack
 
     def __lt__(self, other: Timer) -> bool:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
@@ -58,6 +59,7 @@ class VirtualClock:
         self._manual = 0
         self.idle = 0
         self._heap: list[Timer] = []
+        self._soft: list[Timer] = []    # the timers with slack (never in the heap)
         self._seq = 0
         self.on_new_deadline: Callable[[int], None] | None = None
 
@@ -76,24 +78,59 @@ class VirtualClock:
         return tick - self.idle
 
     # -- timers -------------------------------------------------------------
-    def schedule(self, deadline: int, callback: Callable[[int], None], name: str = "timer") -> Timer:
-        """Call ``callback(now)`` once guest time reaches ``deadline`` ticks."""
+    def schedule(self, deadline: int, callback: Callable[[int], None], name: str = "timer",
+                 slack: int = 0) -> Timer:
+        """Call ``callback(now)`` once guest time reaches ``deadline`` ticks.
+
+        With ``slack`` the callback may come at any tick from ``deadline`` to
+        ``deadline + slack``: at the first point between two vCPU turns at or after
+        ``deadline`` (fire_soft_due, after the timers of that tick fired), the vCPU
+        made to stop exactly there only at the end of the slack.  Only for callbacks
+        the guest cannot see (the FT primary's log horizon): when they come depends
+        on where the run loop stops."""
         self._seq += 1
-        t = Timer(int(deadline), self._seq, callback, name)
-        heapq.heappush(self._heap, t)
+        t = Timer(int(deadline), self._seq, callback, name, max(0, int(slack)))
+        if t.slack:
+            self._soft.append(t)          # fire_due leaves them alone
+        else:
+            heapq.heappush(self._heap, t)
         if self.on_new_deadline is not None:
-            self.on_new_deadline(t.deadline)
+            self.on_new_deadline(t.deadline + t.slack)
         return t
 
-    def schedule_in(self, delta: int, callback: Callable[[int], None], name: str = "timer") -> Timer:
-        return self.schedule(self.now() + max(0, int(delta)), callback, name)
+    def schedule_in(self, delta: int, callback: Callable[[int], None], name: str = "timer",
+                    slack: int = 0) -> Timer:
+        return self.schedule(self.now() + max(0, int(delta)), callback, name, slack)
 
     def next_deadline(self) -> int | None:
-        """Tick of the earliest active timer, or None."""
+        """Tick by which the earliest active timer must fire (one with slack: its
+        deadline plus the slack), or None."""
         heap = self._heap
         while heap and not heap[0].active:
             heapq.heappop(heap)
-        return heap[0].deadline if heap else None
+        first = heap[0].deadline if heap else None
+        for t in self._soft:
+            if t.active and (first is None or t.deadline + t.slack < first):
+                first = t.deadline + t.slack
+        return first
+
+    def fire_soft_due(self) -> int:
+        """Fire the timers with slack whose deadline has been reached; how many.  The run
+        loop calls this between vCPU turns, after the exit's own timers (fire_due)."""
+        soft = self._soft
+        if not soft:
+            return 0
+        now = self.now()
+        fired = 0
+        for t in list(soft):
+            if not t.active:
+                soft.remove(t)
+            elif t.deadline <= now:
+                soft.remove(t)
+                t.active = False
+                t.callback(now)
+                fired += 1
+        return fired
 
     def fire_due(self) -> int:
         """Fire every active timer whose deadline has been reached; return how many."""
@@ -131,10 +168,10 @@ class VirtualClock:
                 break
             if nd > self._manual + self.idle:
                 self._manual = nd - self.idle
-            fired += self.fire_due()
+            fired += self.fire_due() + self.fire_soft_due()
         if tick > self._manual + self.idle:
             self._manual = tick - self.idle
-        return fired
+        return fired + self.fire_soft_due()     # the stop at ``tick``
 
     def advance(self, ticks: int) -> int:
         return self.advance_to(self.now() + ticks)
@@ -149,7 +186,7 @@ class VirtualClock:
         The sequence numbers keep the firing order of timers due at the same
         tick exactly as it was.
         """
-        timers = sorted((t.deadline, t.seq, t.name) for t in self._heap if t.active)
+        timers = sorted((t.deadline, t.seq, t.name) for t in self._heap + self._soft if t.active)
         return {"kind": "clock", "version": 2, "idle": self.idle, "manual": self._manual, "seq": self._seq,
                 "timers": [list(x) for x in timers]}
 
@@ -160,6 +197,7 @@ class VirtualClock:
         self.idle = int(state["idle"])
         self._manual = int(state["manual"])
         self._heap = []
+        self._soft = []
         self._restoring = [(int(d), int(s), str(n)) for d, s, n in state.get("timers", [])]
         self._saved_seq = int(state.get("seq", self._seq))
 
@@ -187,7 +225,7 @@ class VirtualClock:
     def find(self, name: str) -> Timer | None:
         """The active timer of that name (the first due), if any."""
         best = None
-        for t in self._heap:
+        for t in self._heap + self._soft:
             if t.active and t.name == name and (best is None or t < best):
                 best = t
         return best

@@ -33,7 +33,7 @@ from vmm.platform.storage import describe
 
 pytestmark = pytest.mark.skipif(not ft_guest.have_nasm(), reason="nasm builds the FT test guest")
 
-LINES, ASK, MEM = 100, 20, 4 << 20
+LINES, ASK, MEM = 120, 20, 4 << 20
 
 
 class _Recorder:
@@ -158,7 +158,8 @@ def _take_over_at(k: int, image: bytes, primary_out: bytes, msgs, disk: list | N
     if meta is not None:                     # a joined backup: the machine from the primary's state
         join = JoinState(meta["generation"], meta["icount"], meta["digests"], meta["input"], bytes(snap))
         console.preload(bytes(output))
-    rp = LiveReplica(feed, image, console, lambda now: None, join)
+    # the gate: the log is all here, and its last horizon is the latest heard of
+    rp = LiveReplica(feed, image, console, lambda now: horizon, join)
     rp.stop_at = horizon
     if join is None:
         rp.start_ticks()
@@ -306,7 +307,7 @@ def test_every_kill_point_of_drawn_runs(tmp_path_factory):
 
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None,
               derandomize=True)   # the same 30 runs every time: the kill-point count is the suite's floor
-    @given(lines=st.integers(30, 60), ask=st.sampled_from([0, 12, 25]), delay=st.sampled_from([10000, 20000]),
+    @given(lines=st.integers(45, 75), ask=st.sampled_from([0, 12, 25]), delay=st.sampled_from([10000, 20000]),
            type_every=st.integers(1, 3), smp=st.booleans(), disk=st.booleans())
     def one(lines, ask, delay, type_every, smp, disk):
         tmp = tmp_path_factory.mktemp("drawn")

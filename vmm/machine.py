@@ -288,6 +288,7 @@ class Machine:
             total = self.icount
             if total >= limit:
                 return self._result(StopReason.LIMIT, 0, f"instruction limit {limit} reached")
+            clock.fire_soft_due()      # between turns: the timers with slack
             v = self._pick()
             if v is None:
                 if all(self._stuck(x) for x in self.vcpus):

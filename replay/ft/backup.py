@@ -89,7 +89,7 @@ class LiveReplica(Replayer):
     """A replay that checks every digest like any other while the primary lives,
     stops at the tick ``stop_at`` when told to, and then runs live."""
 
-    def __init__(self, feed: _Feed, image: bytes | None, serial, gate: Callable[[int], None],
+    def __init__(self, feed: _Feed, image: bytes | None, serial, gate: Callable[[int], int | None],
                  join: JoinState | None = None, drive_files: dict[str, str] | None = None):
         self.live = False
         self._drive_files = drive_files or {}
@@ -162,13 +162,16 @@ class LiveReplica(Replayer):
         if self.live:
             return
         self.position = now
-        self._gate(now)
+        latest = self._gate(now)
         if self._next is None:
             self._advance()         # the events up to the next horizon are here now
         if self.stop_at is not None and now >= self.stop_at:
             self.m.request_host_stop("takeover")
             return
-        self.m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
+        # the next gate: the latest of the primary's horizons heard of (they come wherever
+        # its run loop stopped after FLUSH_TICKS, so they are not multiples of it)
+        nxt = latest if latest is not None and latest > now else now + FLUSH_TICKS
+        self.m.clock.schedule(nxt, self._tick, "ft-horizon")
 
     def _check(self, snapshot) -> None:
         if self.live or (self.stop_at is not None and self.m.clock.now() >= self.stop_at):
@@ -265,6 +268,7 @@ class Backup:
         self._ticks = 0
         self._position = 0    # the horizon tick the replay reached last (its gate)
         self._reported = 0    # the value of _ticks when the primary was last told the replay's position
+        self._told = 0        # ... and the position it was told
         self.lost: str | None = None
         self.lost_at: float | None = None
         self.heard_last: float | None = None
@@ -348,6 +352,7 @@ class Backup:
         if h > self._acked:
             self._acked = h
             self._reported = self._ticks
+            self._told = self._position
             self.link.send(wire.ACK, wire.u64(h) + wire.u64(self._position))
 
     def _on_lost(self, reason: str) -> None:
@@ -399,7 +404,7 @@ class Backup:
                 warned = True
             time.sleep(self.heartbeat)
 
-    def _gate(self, now: int) -> None:
+    def _gate(self, now: int) -> int:
         """At each horizon tick of the replay: go on only once the log is known whole past it."""
         self._ticks += 1
         self._position = now
@@ -407,12 +412,21 @@ class Backup:
             # no ACK told the primary where the replay is for a while (it waits under
             # --max-lag and sends no horizons, or the replay catches up on a backlog)
             self._reported = self._ticks
+            self._told = now
             self.link.send(wire.PROGRESS, wire.u64(now))
         with self.cv:
+            lag = (self.hello or {}).get("max_lag")
+            if self.horizon <= now and isinstance(lag, int) and now - self._told > lag // 2:
+                # about to wait for the next horizon while the primary may be waiting for
+                # this side under --max-lag (it sends none then): tell it where the replay is
+                self._reported = self._ticks
+                self._told = now
+                self.link.send(wire.PROGRESS, wire.u64(now))
             while self.horizon <= now and self.decision is None:
                 self.cv.wait(self.heartbeat)
             if self.decision == LOST:
                 self.replica.m.request_host_stop("the primary holds the arbiter")
+            return self.horizon
 
     # -- the run -----------------------------------------------------------------------
     def serve(self, wait: float | None = None, linger: float = 10.0) -> BackupResult:

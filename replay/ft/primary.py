@@ -2,8 +2,9 @@
 log going to the backup over a ``Link``, plus the output rule, the lag bound
 and what to do when the backup is lost.
 
-Every FLUSH_TICKS of virtual time a timer writes the events so far as a log
-chunk and sends a HORIZON (replay/ft/__init__.py).  Console output (and each
+About every FLUSH_TICKS of virtual time a timer (one with slack, at a stop of
+the run loop: HORIZON_SLACK below) writes the events so far as a log chunk and
+sends a HORIZON (replay/ft/__init__.py).  Console output (and each
 NIC frame, replay/ft/netgate.py) is stamped with the last horizon before it
 and released once the backup acknowledged a later horizon.  The same timer
 bounds the lag: while the backup's replay is more than ``max_lag`` ticks
@@ -34,6 +35,13 @@ from replay.ft.console import ConsoleServer
 from replay.ft.netgate import hold_frames
 
 FLUSH_TICKS = 100_000     # 1 ms of virtual time between horizons
+# A horizon comes at the first stop of the run loop from FLUSH_TICKS - HORIZON_SLACK / 2
+# after the last one (a guest that does I/O stops often), the vCPU made to stop exactly
+# there only HORIZON_SLACK later, so about FLUSH_TICKS apart on average: an exact stop
+# costs two entries into the CPU core and a block translated for it (a third of the
+# primary's overhead against a plain run).  The backup's gates follow the horizons it
+# heard of (replay/ft/backup.py), so it stops where they came.
+HORIZON_SLACK = FLUSH_TICKS // 2
 FORMING_PATIENCE = 30.0   # seconds of silence allowed while the pair forms (the backup builds its machine)
 JOIN_SNAPSHOT = "<ft join>"   # the snapshot a joined backup's log starts from: the one sent before it
 LAG_SAMPLES = 1 << 16
@@ -134,6 +142,7 @@ class Primary:
         self.link.patience = FORMING_PATIENCE
         self.link.start()
         self.link.send(wire.HELLO, wire.pack_json(dict(hello, protocol=wire.PROTOCOL, heartbeat=self.heartbeat,
+                                                       max_lag=self.max_lag,
                                                        arbiter=self.arbiter.path, side_port=self.side.port)))
 
     def on_writer(self, writer) -> None:
@@ -150,7 +159,7 @@ class Primary:
             raise FtError(f"the backup refused: {self.handshake or 'no answer within 120 s'}")
         self.machine = m
         self.gates = hold_frames(m, self.stamp)
-        m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
+        m.clock.schedule_in(FLUSH_TICKS - HORIZON_SLACK // 2, self._tick, "ft-horizon", slack=HORIZON_SLACK)
 
     def _new_link(self, sock: socket.socket) -> wire.Link:
         """A link whose messages reach this side only while it is the pair's link."""
@@ -224,7 +233,7 @@ class Primary:
             if self.fenced:
                 m.request_host_stop("this primary lost the arbiter to its backup")
                 return
-        m.clock.schedule_in(FLUSH_TICKS, self._tick, "ft-horizon")
+        m.clock.schedule_in(FLUSH_TICKS - HORIZON_SLACK // 2, self._tick, "ft-horizon", slack=HORIZON_SLACK)
         if self.alone and self.joining is not None:
             self._send_state(now)       # after the next horizon is scheduled: the snapshot holds it
 
@@ -259,6 +268,7 @@ class Primary:
         host, port = self.console.address or ("127.0.0.1", 0)
         link.send(wire.HELLO, wire.pack_json({
             "protocol": wire.PROTOCOL, "heartbeat": self.heartbeat, "arbiter": self.arbiter.base,
+            "max_lag": self.max_lag,
             "side_port": side.port, "console": [host, port], "join": True,
             "generation": self.arbiter.generation + 1}))
         self.say(f"a backup joins from {sock.getpeername()[0]}; its state goes out at the next horizon")
