@@ -83,13 +83,14 @@ def _file_ref(name: str, data: bytes) -> dict:
 def machine_config(mem_size: int, epoch: int, image_name: str, image: bytes, boot_kind: str,
                    cmdline: str, load_addr: int, input_kind: str, vcpus: int = 1, quantum: int | None = None,
                    mmu: str = "shadow", entries: list[tuple[int, int]] | None = None,
-                   initrd: tuple[str, bytes] | None = None, debug_exit: tuple[int, int] = (0x501, 2)) -> dict:
+                   initrd: tuple[str, bytes] | None = None, debug_exit: tuple[int, int] = (0x501, 2),
+                   platform: str = "pc-3") -> dict:
     """The machine's recipe: everything a recording's or a snapshot's header needs to
     build the same machine again (images by path and SHA-256)."""
     return {
         "initrd": _file_ref(*initrd) if initrd else None,
         "debug_exit": list(debug_exit),
-        "platform": "pc-2",
+        "platform": platform,
         "entries": [list(e) for e in entries or []],
         "vcpus": vcpus,
         "quantum": quantum,
@@ -398,7 +399,8 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            entries: list[tuple[int, int]] | None = None, initrd: tuple[str, bytes] | None = None,
            debug_exit: tuple[int, int] = (0x501, 2),
            input_to: str | None = None, drives: list[dict] | None = None, nics: list[dict] | None = None,
-           on_writer: Callable[[LogWriter], None] | None = None) -> tuple[RunResult, PcMachine]:
+           on_writer: Callable[[LogWriter], None] | None = None,
+           platform: str = "pc-3") -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
 
     ``on_writer`` is handed the log writer once the header is written (lockstep
@@ -418,7 +420,7 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
         cfg = machine_config(mem_size, epoch, image_name, image, boot_kind,
                              cmdline if cmdline is not None else image_name,
                              load_addr, input_kind, vcpus=vcpus, quantum=quantum, mmu=mmu, entries=entries,
-                             initrd=initrd, debug_exit=debug_exit)
+                             initrd=initrd, debug_exit=debug_exit, platform=platform)
         if drives:
             cfg["drives"] = drives
         if nics:

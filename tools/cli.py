@@ -146,6 +146,10 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--mmu", choices=["shadow", "nested"], default="shadow",
                    help="shadow: the VMM fills the CPU's TLB from the guest's page tables and the EPT "
                         "(default); nested: the CPU core walks the guest's tables itself")
+    r.add_argument("-M", "--machine", choices=["pc-3", "pc-2"], default="pc-3", metavar="TYPE",
+                   help="machine type: pc-3 (default) or pc-2, whose CPU does not report "
+                        "IA32_ARCH_CAPABILITIES, so Linux takes it for vulnerable to Meltdown and isolates its "
+                        "page tables (a replay builds the type its log names)")
     r.add_argument("--smp", type=parse_smp, default=1, metavar="N",
                    help="number of vCPUs, 1 to 64 (default 1); application processors wait for INIT/SIPI")
     r.add_argument("--restore", default=None, metavar="FILE",
@@ -365,7 +369,7 @@ def _machine(args, backend):
     cfg = machine_config(args.mem, DEFAULT_EPOCH if args.rtc_epoch is None else args.rtc_epoch, path, data,
                          args.boot, _cmdline(args, data), args.load_addr,
                          "none", vcpus=args.smp, mmu=args.mmu, initrd=_initrd(args),
-                         debug_exit=args.debug_exit, quantum=bios_quantum(args))
+                         debug_exit=args.debug_exit, quantum=bios_quantum(args), platform=args.machine)
     cfg["image"]["name"] = args.image     # as the user named it, in messages
     if getattr(args, "input_to", None) is not None:
         cfg["input_to"] = args.input_to
@@ -484,7 +488,7 @@ def cmd_record(args) -> int:
                             pace_idle=kind == "terminal", setup=setup, mmu=args.mmu, vcpus=args.smp,
                             restore=args.restore, save_at=args.save_at, initrd=_initrd(args),
                             debug_exit=args.debug_exit, quantum=bios_quantum(args),
-                            input_to=getattr(args, "input_to", None),
+                            input_to=getattr(args, "input_to", None), platform=args.machine,
                             drives=drives, nics=nics, report=lambda msg: print(f"vmm: {msg}", file=sys.stderr))
         except BootError as e:
             raise UsageError(str(e)) from None

@@ -217,7 +217,8 @@ def _primary(args) -> int:
                         live_input=console.poll_input, input_kind="ft", max_instructions=args.max_instructions,
                         serial=console, pace_idle=True, setup=setup, mmu=args.mmu, vcpus=args.smp,
                         initrd=_initrd(args), debug_exit=args.debug_exit, on_writer=p.on_writer,
-                        nics=cli_net.nics_from_args(args), drives=drives, quantum=bios_quantum(args))
+                        nics=cli_net.nics_from_args(args), drives=drives, quantum=bios_quantum(args),
+                        platform=args.machine)
         if p.fenced:
             raise Fenced()
         dt = time.perf_counter() - t0

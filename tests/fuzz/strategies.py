@@ -53,7 +53,7 @@ PLAUSIBLE = {
     "image.bundled": [None, "hello", "demo", "crash", "t_pic"],
     "image.sha256": ["00" * 32],
     "image.name": ["x", ""],
-    "platform": ["pc-1", "pc-2"],
+    "platform": ["pc-1", "pc-2", "pc-3"],
     "debug_exit": [[0x501, 2], [0xF4, 4], [0x3F8, 1], [0xFFFF, 1], [0, 1]],
     "initrd": [None, {"name": "i", "path": "/nonexistent/initrd", "sha256": "00" * 32}],
 }

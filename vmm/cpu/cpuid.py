@@ -9,13 +9,18 @@ IA32_TSC_DEADLINE MSR would need WRMSR to reach the VMM, which Unicorn does
 not offer).  Leaf 1 ECX bit 31 tells the guest it runs under a hypervisor;
 leaf 0x40000000 names it.
 
-Two models, by machine type (vmm/platform/pc.py): ``pc-1``, the table of the
-first recordings (no local APIC), and ``pc-2``, which adds the local APIC
+Three models, by machine type (vmm/platform/pc.py): ``pc-1``, the table of the
+first recordings (no local APIC); ``pc-2``, which adds the local APIC
 (leaf 1 EDX bit 9) with each vCPU's initial APIC ID in leaf 1 EBX[31:24],
 and the frequencies a kernel would otherwise calibrate: leaf 0x15 (TSC =
 crystal x 1/1, crystal 100 MHz: the machine's tick), leaf 0x16 (base,
 maximum and bus 100 MHz) and the hypervisor timing leaf 0x40000010 (TSC and
-APIC bus in kHz).
+APIC bus in kHz); and ``pc-3``, which adds IA32_ARCH_CAPABILITIES (leaf 7
+EDX bit 29, the MSR answered by vmm/cpu/native/msr.c) saying the CPU is not
+exposed to the speculative-execution flaws the MSR enumerates.  That is the
+truth for a CPU that executes nothing speculatively, and without it Linux
+takes a Sandy Bridge for vulnerable to Meltdown and isolates its page tables
+(a CR3 write, a full TLB flush under Unicorn, on every kernel entry and exit).
 """
 from __future__ import annotations
 
@@ -81,9 +86,20 @@ MAX_BASIC_PC2 = 0x16
 MAX_HYPERVISOR_PC2 = 0x4000_0010
 
 
-def pc2_cpuid(vcpu_id: int, vcpus: int):
-    """The ``pc-2`` model's CPUID function for one vCPU."""
+LEAF7_EDX_ARCH_CAPABILITIES = 1 << 29
+# IA32_ARCH_CAPABILITIES of pc-3 (SDM vol. 4, table 2-2): RDCL_NO (0: no Meltdown), SSB_NO (4),
+# MDS_NO (5), IF_PSCHANGE_MC_NO (6), TAA_NO (8), SBDR_SSDP_NO (13), FBSDP_NO (14), PSDP_NO (15),
+# BHI_NO (20), PBRSB_NO (24), GDS_NO (26), RFDS_NO (27), and ITS_NO (62), which hypervisors set for
+# their guests (Linux's msr-index.h): every "not affected" bit, nothing else
+ARCH_CAPABILITIES = sum(1 << b for b in (0, 4, 5, 6, 8, 13, 14, 15, 20, 24, 26, 27, 62))
+
+
+def pc2_cpuid(vcpu_id: int, vcpus: int, arch_capabilities: bool = False):
+    """The ``pc-2`` model's CPUID function for one vCPU; with ``arch_capabilities``,
+    ``pc-3``'s (IA32_ARCH_CAPABILITIES enumerated)."""
     def answer(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        if leaf == 0x7 and arch_capabilities:
+            return (0, 0, 0, LEAF7_EDX_ARCH_CAPABILITIES) if subleaf == 0 else (0, 0, 0, 0)
         if leaf == 0x0:
             return (MAX_BASIC_PC2,) + TABLE[0x0][1:]
         if leaf == 0x1:

@@ -141,6 +141,36 @@ def _uc_fn(name: str) -> int:
         return 0
 
 
+_rdmsr_installed = False
+
+
+def _install_rdmsr() -> int:
+    """Put msr.c's RDMSR in front of Unicorn's helper (once per process); 0 on success.
+
+    The helper's first whole instructions covering the 12-byte jump are copied
+    into a trampoline, so they must not depend on where they run: no branch,
+    call or RIP-relative operand (capstone says)."""
+    global _rdmsr_installed
+    if _rdmsr_installed:
+        return 0
+    addr = _uc_fn("helper_rdmsr_x86_64")
+    if not addr:
+        return -1
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    length = 0
+    for insn in md.disasm(ctypes.string_at(addr, 64), addr):
+        if insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL) \
+                or insn.group(capstone.CS_GRP_RET) or "rip" in insn.op_str:
+            return -3
+        length += insn.size
+        if length >= 12:
+            rc = lib.vmm_msr_install(addr, length)
+            _rdmsr_installed = rc == 0
+            return rc
+    return -3
+
+
 def _new_uc(tcg_buffer: int) -> unicorn.Uc:
     uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
     # Sandy Bridge: LM and NX, but RDRAND/RDSEED raise #UD (UNICORN.md 5)
@@ -927,6 +957,16 @@ class Engine:
             self._stop_requested = False
             return 1
         return 0
+
+    def set_arch_capabilities(self, value: int | None) -> None:
+        """What RDMSR of IA32_ARCH_CAPABILITIES (0x10A) reads on this engine's
+        vCPUs (msr.c); None: Unicorn's own answer, 0."""
+        if value is not None:
+            rc = _install_rdmsr()
+            if rc != 0:
+                raise VcpuError(f"cannot answer RDMSR of IA32_ARCH_CAPABILITIES in this Unicorn build (code {rc})")
+        if lib.vmm_core_set_arch_cap(self._core, value is not None, (value or 0) & 0xFFFF_FFFF_FFFF_FFFF) != 0:
+            raise VcpuError("the RDMSR replacement is not installed")
 
     def set_tick_counter(self, gpa: int, view: Callable[[], tuple[int, int, int, bool]],
                          comparators: tuple[int, int, object, Callable[[], tuple[int, int]]] | None = None) -> None:

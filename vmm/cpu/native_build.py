@@ -2,7 +2,9 @@
 
 The C lives in real files under vmm/cpu/native/: ``core.c`` (the exact
 instruction clock, I/O, MMIO and event hooks), ``mmu.c`` (the EPT walk and the
-shadow MMU) and ``api.cdef`` (what Python sees of them).  They are compiled as
+shadow MMU), ``deliver.c`` (exceptions, interrupts, SYSCALL/SYSENTER),
+``watch.c`` (watchpoints), ``msr.c`` (RDMSR of IA32_ARCH_CAPABILITIES) and
+``api.cdef`` (what Python sees of them).  They are compiled as
 one unit so the static helpers of core.c are visible to mmu.c.  setup.py runs
 this at install time (cffi_modules); vmm/cpu/native.py runs it on first use in
 a checkout that was not installed.
@@ -16,7 +18,7 @@ import os
 from cffi import FFI
 
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
-SOURCES = ("core.c", "mmu.c", "deliver.c", "watch.c")
+SOURCES = ("core.c", "mmu.c", "deliver.c", "watch.c", "msr.c")
 
 
 def _unicorn_paths() -> tuple[str, str]:

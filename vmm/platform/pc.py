@@ -1,9 +1,13 @@
 """The PC: the Machine plus its devices, wired as QEMU's i440FX/PIIX board is.
 
-Two machine types (as QEMU versions its boards, so a recording made on one
+Three machine types (as QEMU versions its boards, so a recording made on one
 replays on the same one):
 
-* ``pc-2`` (the default): the platform real kernels probe.  A local APIC per
+* ``pc-3`` (the default): ``pc-2`` with a CPU that enumerates
+  IA32_ARCH_CAPABILITIES and reports itself unaffected by Meltdown and the
+  other flaws of speculative execution (vmm/cpu/cpuid.py), so Linux does not
+  isolate its page tables.
+* ``pc-2``: the platform real kernels probe.  A local APIC per
   vCPU at 0xFEE00000 and the 8259 pair on every LINT0 ("virtual wire"), an
   82093AA I/O APIC at 0xFEC00000, the HPET at 0xFED00000 with the legacy
   replacement route, the ACPI PM block at 0x600 (PM timer, power-off through
@@ -49,7 +53,7 @@ from devices.timers.acpi_pm import AcpiPm, PiixResetControl
 from devices.timers.hpet import REG_MAIN_CNT, Hpet
 from host.serial import NullBackend, SerialBackend
 from vmm.boundary import CONSOLE, Boundary
-from vmm.cpu.cpuid import pc2_cpuid
+from vmm.cpu.cpuid import ARCH_CAPABILITIES, pc2_cpuid
 from vmm.digest import OutputStream
 from vmm.firmware.acpi import HPET_BLOCK_ID, AcpiConfig, AcpiTables
 from vmm.firmware.mptable import MpConfig, mptable
@@ -74,13 +78,13 @@ class PcConfig:
     mmu: str = "shadow"       # "shadow" (C TLB fill: guest tables + EPT) or "nested" (Unicorn walks)
     vcpus: int = 1
     quantum: int | None = None  # instructions per vCPU turn (None: the machine's default)
-    platform: str = "pc-2"      # the machine type (see the module docstring)
+    platform: str = "pc-3"      # the machine type (see the module docstring)
     debug_exit: tuple[int, int] = (0x501, 2)   # isa-debug-exit's iobase and iosize
     fw_cfg_files: dict[str, bytes] = field(default_factory=dict)   # more fw_cfg files: option ROMs
     # for a real BIOS ("vgaroms/NAME" a VGA BIOS, "genroms/NAME" others), as QEMU's rom_add_vga/option_rom
 
 
-PLATFORMS = ("pc-2", "pc-1")
+PLATFORMS = ("pc-3", "pc-2", "pc-1")
 LAPIC_BASE = 0xFEE0_0000
 IOAPIC_BASE = 0xFEC0_0000
 HPET_BASE = 0xFED0_0000
@@ -106,8 +110,11 @@ class PcMachine(Machine):
         self.add_device(pic)
         legacy = self.platform == "pc-1"
         if not legacy:
+            arch_cap = self.platform != "pc-2"
             for v in self.vcpus:
-                v.cpuid = pc2_cpuid(v.id, len(self.vcpus))
+                v.cpuid = pc2_cpuid(v.id, len(self.vcpus), arch_capabilities=arch_cap)
+            if arch_cap:
+                self.engine.set_arch_capabilities(ARCH_CAPABILITIES)
         if legacy:
             self.set_interrupt_controller(pic)
 

@@ -217,6 +217,8 @@ typedef struct vmm_core {
     uint64_t irq_misses;         /* ... tried in C and left to Python */
     uint64_t fast_syscalls;      /* SYSCALLs done in the hook (deliver.c fast_sysinsn) ... */
     uint64_t fast_sysenters;     /* ... and SYSENTERs */
+    uint64_t arch_cap;           /* IA32_ARCH_CAPABILITIES as RDMSR reads it (msr.c), if arch_cap_on */
+    uint32_t arch_cap_on;
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
     vmm_mmio_rec mmio_replay[VMM_MMIO_LOG];
     vmm_tbc_entry tbc[TBC_SIZE];
@@ -229,6 +231,7 @@ static int fast_deliver(vmm_core *c, int vector, int sw, uint32_t error);
 static int fast_page_fault(vmm_core *c);
 static int fast_sysinsn(vmm_core *c, int kind);
 static int64_t fd_retired(vmm_core *c, uint64_t lin);
+static __thread vmm_core *vmm_cur_core;   /* the core inside uc_emu_start on this thread (msr.c) */
 
 static int vmm_py_io(void *handle, int is_write, uint32_t port, int size,
                      uint32_t value, uint32_t *result);
@@ -987,8 +990,12 @@ static int vmm_core_run(vmm_core *c, uint64_t begin, uint64_t until)
     forced = c->forced != 0;   /* an exact stop's cut block: no second entry in this run */
     for (;;) {
         int e;
+        vmm_core *prev;
         vmm_mmu_run_start(c);
+        prev = vmm_cur_core;
+        vmm_cur_core = c;
         e = (int)uc_emu_start(c->uc, begin, until, 0, 0);
+        vmm_cur_core = prev;
         vmm_mmu_run_end(c);
         if (c->slow & VMM_SLOW_FORCED) {   /* a request no block took (the run stopped first) ends with it */
             *(uint32_t *)((uint8_t *)c->cpu + c->cflags_off) = 0xFFFFFFFFu;
