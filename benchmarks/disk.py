@@ -28,12 +28,12 @@ dd figures mean nothing here).  The vmm columns run the machine in this
 process; QEMU is ``qemu-system-x86_64 -nographic ... -drive
 file=IMG,if=virtio,format=raw`` (TCG), read through a pipe the same way.
 The ratio is vmm / QEMU throughput (issue 12 aims at >= 0.5 for virtio-blk).
-The two guests do not run the same kernel code by default: vmm's CPU is an
-Intel Sandy Bridge without IA32_ARCH_CAPABILITIES, so Linux turns on page
-table isolation (two CR3 writes, each a full TLB flush, per system call and
-interrupt from user mode), while QEMU's default CPU (qemu64) is AMD, which
-Linux does not isolate.  ``--append mitigations=off`` gives both kernels the
-same argument, so that both run without it.
+Both kernels run without page table isolation: vmm's default machine type,
+pc-3, reports IA32_ARCH_CAPABILITIES with RDCL_NO, and QEMU's default CPU
+(qemu64) is AMD, which Linux does not isolate.  (On pc-2, vmm's earlier CPU,
+Linux isolated them: two CR3 writes, each a full TLB flush, per system call
+and interrupt from user mode.)  ``--append ARGS`` gives both kernels more
+arguments, e.g. ``mitigations=off``.
 The machine is shared with other work, so figures move from run to run; a
 second table divides by the CPU time each emulator's process used between
 the same markers (this process's ``process_time`` for vmm, /proc/PID/stat for
