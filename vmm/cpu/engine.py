@@ -670,7 +670,22 @@ class Engine:
 
     @property
     def mmio_exact_stops(self) -> int:
-        return int(self._core.mmio_aborts)
+        """MMIO accesses that stopped the vCPU right after their instruction: by running it
+        again (mmio_abort) or, for a plain MOV store, at once (core.c mmio_store_stop)."""
+        return int(self._core.mmio_aborts) + int(self._core.mmio_store_stops)
+
+    @property
+    def mmio_store_stops(self) -> int:
+        return int(self._core.mmio_store_stops)
+
+    @property
+    def mmio_store_stop(self) -> bool:
+        """False: every MMIO stop runs its instruction again (the reference for tests)."""
+        return not self._core.mmio_store_stop_off
+
+    @mmio_store_stop.setter
+    def mmio_store_stop(self, on: bool) -> None:
+        self._core.mmio_store_stop_off = 0 if on else 1
 
     # -- instruction bytes ------------------------------------------------------------
     @property

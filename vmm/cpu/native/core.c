@@ -80,6 +80,8 @@
 
 #define HF_CS32 (1u << 4)
 #define HF_CS64 (1u << 15)
+#define HF_INHIBIT_IRQ_MASK (1u << 3)
+#define EFLAGS_TF (1ull << 8)
 #define TBC_TRAP (1u << 30)   /* in a block-count entry's mode: the block starts in the trap range */
 
 typedef struct {
@@ -217,6 +219,8 @@ typedef struct vmm_core {
     uint64_t irq_misses;         /* ... tried in C and left to Python */
     uint64_t fast_syscalls;      /* SYSCALLs done in the hook (deliver.c fast_sysinsn) ... */
     uint64_t fast_sysenters;     /* ... and SYSENTERs */
+    uint64_t mmio_store_stops;   /* MMIO writes that stopped right after their MOV (mmio_store_stop) */
+    uint32_t mmio_store_stop_off; /* 1: every such stop goes through mmio_abort (the reference) */
     uint64_t arch_cap;           /* IA32_ARCH_CAPABILITIES as RDMSR reads it (msr.c), if arch_cap_on */
     uint32_t arch_cap_on;
     vmm_mmio_rec mmio_log[VMM_MMIO_LOG];
@@ -739,6 +743,89 @@ static void mmio_abort(vmm_core *c)
     uc_emu_stop(c->uc);
 }
 
+/* A MOV store to memory (88/89 /r, C6/C7 /0 with a memory operand) at eip: its
+   length, and in *opsize the bytes it stores; 0 for anything else, and for 16-bit
+   addressing (the common forms only).  After its one store such an instruction
+   has nothing left to do. */
+static int store_insn_len(vmm_core *c, uint64_t eip, uint32_t *opsize)
+{
+    uint8_t b[16];
+    uint64_t cs_base = *(uint64_t *)(c->env + ENV_SEG_CS + 8);
+    uint32_t mode = code_mode(c);
+    int i, p66 = 0, p67 = 0, rexw = 0, n, op16, modrm, mod, rm;
+    if (vmm_code_read(c, cs_base + eip, b, sizeof(b)) != UC_ERR_OK)
+        return 0;
+    for (i = 0; i < 14; i++) {
+        uint8_t x = b[i];
+        if (x == 0x66) { p66 = 1; continue; }
+        if (x == 0x67) { p67 = 1; continue; }
+        if (x == 0x2E || x == 0x36 || x == 0x3E || x == 0x26 || x == 0x64 || x == 0x65)
+            continue;
+        if ((mode & HF_CS64) && (x & 0xF0) == 0x40) {
+            rexw = (x & 8) != 0;
+            continue;
+        }
+        break;
+    }
+    if (i >= 13)
+        return 0;
+    /* 16-bit addressing: a 16-bit segment without 0x67, a 32-bit one with it */
+    if (!(mode & HF_CS64) && (((mode & HF_CS32) != 0) == p67))
+        return 0;
+    op16 = (mode & HF_CS64) ? (p66 && !rexw) : (((mode & HF_CS32) == 0) != p66);
+    switch (b[i]) {
+    case 0x88: case 0xC6: *opsize = 1; break;
+    case 0x89: case 0xC7: *opsize = rexw ? 8 : op16 ? 2 : 4; break;
+    default: return 0;
+    }
+    modrm = b[i + 1];
+    mod = modrm >> 6;
+    rm = modrm & 7;
+    if (mod == 3 || ((b[i] == 0xC6 || b[i] == 0xC7) && ((modrm >> 3) & 7) != 0))
+        return 0;
+    n = i + 2;
+    if (rm == 4) {                         /* SIB */
+        if (mod == 0 && (b[n] & 7) == 5)
+            n += 4;
+        n += 1;
+    } else if (mod == 0 && rm == 5) {
+        n += 4;                            /* disp32 (RIP-relative in 64-bit mode) */
+    }
+    if (mod == 1) n += 1;
+    if (mod == 2) n += 4;
+    if (b[i] == 0xC6) n += 1;
+    if (b[i] == 0xC7) n += op16 ? 2 : 4;
+    return n <= 15 ? n : 0;
+}
+
+/* An MMIO write that asked for a stop, made by a plain MOV store whose whole
+   store it was: the instruction is complete, so the vCPU stops right after it
+   (as after an OUT, io_stop), where mmio_abort would stop at it and have the
+   VMM run it again with its accesses replayed.  Does not return if it stopped so. */
+static int mmio_store_stop(vmm_core *c, uint32_t size)
+{
+    vmm_mmio_rec *r = &c->mmio_log[c->mmio_log_len - 1];
+    uint32_t opsize = 0;
+    uint64_t eip;
+    int len;
+    if (*(uint64_t *)(c->env + ENV_EFLAGS) & EFLAGS_TF)
+        return 0;                          /* the #DB after the instruction is TCG's to raise */
+    if (!c->mmio_pc_off || !c->restore_state || !r->host_pc || !c->restore_state(c->cpu, r->host_pc, false))
+        return 0;
+    eip = env_eip(c);
+    len = store_insn_len(c, eip, &opsize);
+    if (len == 0 || opsize != size)        /* not a MOV store, or a part of one (a split access) */
+        return 0;
+    *(uint64_t *)(c->env + ENV_EIP) = eip + len;
+    /* an instruction in the shadow of STI or MOV SS ends the shadow by completing */
+    *(uint32_t *)(c->env + ENV_HFLAGS) &= ~HF_INHIBIT_IRQ_MASK;
+    c->stop_eip = eip + len;
+    c->stop_flags |= VMM_STOP_IO;
+    c->mmio_store_stops++;
+    exit_now(c);   /* a longjmp: Unicorn's exit-request check would put EIP back at the store */
+    return 1;
+}
+
 /* 1: the access was answered from the replay list (value in *v for reads) */
 static int mmio_replayed(vmm_core *c, uint64_t gpa, uint32_t size, uint32_t is_write, uint64_t *v)
 {
@@ -833,6 +920,8 @@ static void mmio_write_cb(uc_engine *uc, uint64_t offset, unsigned size, uint64_
     }
     if (vmm_py_mmio(c->handle, 1, gpa, (int)size, value, &dummy)) {
         mmio_log(c, gpa, size, 1, value);
+        if (!c->mmio_store_stop_off && mmio_store_stop(c, size))
+            return;
         mmio_abort(c);
         return;
     }
