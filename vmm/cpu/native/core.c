@@ -486,10 +486,6 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     if (__builtin_expect(e->size != size, 0)) goto full;
     if (__builtin_expect(e->mode != code_mode(c), 0)) goto full;
     if (__builtin_expect(*c->inval_ctr != c->fast_seen, 0)) goto full;
-    /* under the nested MMU every block asks QEMU's count itself (tbc_check_invalidations),
-       as before the count was read here: a CI run saw a block rewritten in place keep its
-       old count with only this read (tests/test_mmu_modes.py, once in three runs) */
-    if (__builtin_expect(c->watch_inval != 0, 0)) goto full;
     if (__builtin_expect(c->slow != 0, 0)) goto full;
     if (__builtin_expect(next > c->budget, 0)) goto full;
     if (__builtin_expect((*(uint64_t *)(c->env + ENV_EFLAGS) & c->irq_pending) != 0, 0)) goto full;
