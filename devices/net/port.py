@@ -34,12 +34,25 @@ needs no network.  For network frames that means:
   reached an idle guest late in its sleep is not handed over at the sleep's
   first poll.
 
-When to ask: every FAST_POLL_TICKS (100 us of virtual time) while the
-machine's network is busy (a frame went in or out in the last BUSY_TICKS),
-every SLOW_POLL_TICKS (1 ms) otherwise, and a frame sent by a NIC brings the
-next poll forward to FAST_POLL_TICKS.  All of that depends on virtual time
-and on what crossed the boundary, never on host state, so a replay asks at
-the same moments.  A poll takes at most MAX_FRAMES_PER_POLL frames.
+When to ask (all of it a function of virtual time and of what crossed the
+boundary, never of host state, so a replay asks at the same moments):
+
+* right after a NIC transmits: a poll due at the transmitting instruction
+  (``net-input.tx``), so the vCPU stops just after it (where the notify's
+  interrupt stops it anyway) and an answer the backend gave at once (libslirp
+  acknowledges a TCP segment inside ``send``) goes in there, with no stop of
+  its own.  This poll takes what waits and does not poll the backends; when
+  it finds nothing the next periodic poll is brought forward to
+  FAST_POLL_TICKS;
+* periodically (``net-input``), polling the backends first: FAST_POLL_TICKS
+  (100 us of virtual time) after a poll that took a frame, then twice as long
+  after each poll that took none, up to SLOW_POLL_TICKS (1 ms);
+* FAST_POLL_TICKS after a NIC's receiver got room (the guest refilled its
+  ring) while the network is busy (a frame went in or out in the last
+  BUSY_TICKS) and the last poll that handed over frames left a NIC with no
+  receive buffer at all (``can_receive(0)`` false).
+
+A poll takes at most MAX_FRAMES_PER_POLL frames.
 
 Outputs: each NIC's transmitted frames feed an output digest (``FrameStream``,
 named ``net:<nic id>``, registered in the machine's ``outputs`` so that
@@ -212,7 +225,7 @@ class NetInput:
     """
 
     kind = "net_input"
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, clock: Any, boundary: Callable[[], Any], name: str = "net-input") -> None:
         self.name = name
@@ -223,10 +236,14 @@ class NetInput:
         self._next = 0
         self.last_activity: int | None = None
         self.polls = 0
+        self.tx_polls = 0
         self.unknown = 0                # logged frames for no NIC of this machine (a damaged log)
         self.idle_hook: Callable[[], None] | None = None   # host-side, called by a poll that got nothing
         self.poll_hook: Callable[[], None] | None = None   # host-side, called at the end of every poll
         self._timer = None
+        self._tx_timer = None
+        self._interval = FAST_POLL_TICKS  # the periodic poll's next interval
+        self._starved = False           # the last poll that handed over frames left a NIC without buffers
 
     def add_port(self, nic_id: str, wire: Any, capture: Callable[[bytes, int], None] | None = None) -> NicPort:
         if nic_id in self.ports:
@@ -240,8 +257,8 @@ class NetInput:
         return port
 
     # -- the live source of the net channel ----------------------------------------------------
-    def source(self) -> bytes:
-        """The next frame for a NIC that can take it now, as a boundary payload (b"" if none)."""
+    def poll_wires(self) -> None:
+        """Let every backend move what waits on its host side (host-side only: never replaying)."""
         for port in self.ports.values():
             poll = getattr(port.wire, "poll", None)
             if callable(poll):
@@ -249,6 +266,10 @@ class NetInput:
                     poll()
                 except OSError:
                     port.host_errors += 1
+
+    def source(self) -> bytes:
+        """The next frame for a NIC that can take it now, as a boundary payload (b"" if none).
+        The backends are not polled here: a poll does that once before it asks."""
         n = len(self._order)
         for k in range(n):
             port = self.ports[self._order[(self._next + k) % n]]
@@ -267,34 +288,60 @@ class NetInput:
         self._timer = self.clock.schedule_in(delta, self.poll, self.name)
 
     def transmitted(self) -> None:
-        """A NIC sent a frame: its answer may come soon, so poll soon."""
-        self.last_activity = self.clock.now()
-        self._poll_soon()
+        """A NIC sent a frame: take its answer right after the transmitting instruction."""
+        now = self.clock.now()
+        self.last_activity = now
+        t = self._tx_timer
+        if t is None or not t.active:
+            self._tx_timer = self.clock.schedule(now, self._tx_poll, self.name + ".tx")
 
     def rx_ready(self) -> None:
-        """A NIC's receiver got room (the guest moved RDT): frames may be waiting, so poll soon."""
-        if self._busy(self.clock.now()):
+        """A NIC's receiver got room (the guest refilled it): frames may be waiting, so poll soon
+        if the last poll that handed over frames left a NIC without buffers."""
+        if self._starved and self._busy(self.clock.now()):
             self._poll_soon()
 
     def _poll_soon(self) -> None:
         now = self.clock.now()
+        self._interval = FAST_POLL_TICKS
         t = self._timer
         if t is not None and t.active and t.deadline > now + FAST_POLL_TICKS:
             t.cancel()
             self._arm(FAST_POLL_TICKS)
 
+    def _tx_poll(self, now: int) -> None:
+        self._tx_timer = None
+        self.tx_polls += 1
+        if not self._take(now):
+            self._poll_soon()             # no answer yet: it may come from the host soon
+        if self.poll_hook is not None:
+            self.poll_hook()
+
     def poll(self, now: int) -> None:
         self._timer = None
         self.polls += 1
         boundary = self._boundary()
-        for k in range(MAX_FRAMES_PER_POLL):
+        if not getattr(boundary, "replaying", False):
+            self.poll_wires()
+        got = self._take(now)
+        if got == 0 and self.idle_hook is not None:
+            self.idle_hook()
+        self._interval = FAST_POLL_TICKS if got else min(2 * self._interval, SLOW_POLL_TICKS)
+        self._arm(self._interval)
+        if self.poll_hook is not None:
+            self.poll_hook()
+
+    def _take(self, now: int) -> int:
+        """Hand the NICs what the boundary answers, up to MAX_FRAMES_PER_POLL; how many answers."""
+        boundary = self._boundary()
+        got = 0
+        for _ in range(MAX_FRAMES_PER_POLL):
             if getattr(boundary, "replaying", False) and not self._due(boundary):
                 break
             payload = boundary.input(NET_CHANNEL)
             if not payload:
-                if k == 0 and self.idle_hook is not None:
-                    self.idle_hook()
                 break
+            got += 1
             try:
                 nic_id, _tick, frame = decode_net_frame(payload)
             except ValueError:
@@ -306,9 +353,9 @@ class NetInput:
                 continue
             self.last_activity = now
             port.received_frame(frame)
-        self._arm(FAST_POLL_TICKS if self._busy(now) else SLOW_POLL_TICKS)
-        if self.poll_hook is not None:
-            self.poll_hook()
+        if got:
+            self._starved = any(p.nic is not None and not p.nic.can_receive(0) for p in self.ports.values())
+        return got
 
     def _due(self, boundary: Any) -> bool:
         """Replaying: is the log's next input, if it is a frame, one taken in at this time or
@@ -325,12 +372,17 @@ class NetInput:
 
     # -- state ---------------------------------------------------------------------------------------
     def save_state(self) -> State:
-        t = self._timer
+        t, tx = self._timer, self._tx_timer
         return {"kind": self.kind, "version": self.VERSION,
                 "poll_at": t.deadline if t is not None and t.active else None,
+                "tx_poll_at": tx.deadline if tx is not None and tx.active else None,
+                "interval": self._interval, "starved": self._starved,
                 "last_activity": self.last_activity, "next": self._next}
 
     def load_state(self, state: State) -> None:
+        if isinstance(state, dict) and state.get("kind") == self.kind and state.get("version") == 1:
+            # before the poll after a transmit and the backing-off interval
+            state = dict(state, version=self.VERSION, tx_poll_at=None, interval=FAST_POLL_TICKS, starved=True)
         check_state(state, self.kind, self.VERSION)
 
         def tick_or_none(key: str) -> int | None:
@@ -341,17 +393,30 @@ class NetInput:
                 raise DeviceStateError(f"{self.kind}: {key} must be a tick or None")
             return v
         poll_at = tick_or_none("poll_at")
+        tx_poll_at = tick_or_none("tx_poll_at")
         last = tick_or_none("last_activity")
         nxt = state.get("next")
         if not isinstance(nxt, int) or isinstance(nxt, bool) or nxt < 0:
             raise DeviceStateError(f"{self.kind}: next must be a port index")
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        interval = state.get("interval")
+        if not isinstance(interval, int) or isinstance(interval, bool) \
+                or not FAST_POLL_TICKS <= interval <= SLOW_POLL_TICKS:
+            raise DeviceStateError(f"{self.kind}: interval must be {FAST_POLL_TICKS}..{SLOW_POLL_TICKS} ticks")
+        starved = state.get("starved")
+        if not isinstance(starved, bool):
+            raise DeviceStateError(f"{self.kind}: starved must be a bool")
+        for t in (self._timer, self._tx_timer):
+            if t is not None:
+                t.cancel()
+        self._timer = self._tx_timer = None
         self.last_activity = last
         self._next = nxt % max(1, len(self._order))
+        self._interval = interval
+        self._starved = starved
         if poll_at is not None:
             self._timer = self.clock.schedule(poll_at, self.poll, self.name)
+        if tx_poll_at is not None:
+            self._tx_timer = self.clock.schedule(tx_poll_at, self._tx_poll, self.name + ".tx")
 
     def reset(self) -> None:
         """Nothing of the guest's lives here; polling goes on."""

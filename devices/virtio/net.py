@@ -210,10 +210,11 @@ class VirtioNet(VirtioDevice):
 
     def can_receive(self, size: int = 0) -> bool:
         """Would a frame of ``size`` bytes fit the receive chains the driver made available now?
-        (Without MRG_RXBUF: is there a chain at all; one too small for the frame drops it.)
+        (Without MRG_RXBUF, or for ``size`` 0: is there a chain at all; one too small for the
+        frame drops it.)
 
-        Only reads guest memory: a live run asks this before it takes a frame in, a replay
-        never does, so it must change nothing (no avail_event, no device error).  A ring it
+        Only reads guest memory: a live run asks this before it takes a frame in, which a
+        replay never does, so it must change nothing (no avail_event, no device error).  A ring it
         cannot read answers True, and ``deliver`` then meets the error, in the replay too."""
         if not self._live() or not self.transport.queues[RX].ready:
             return False
@@ -222,7 +223,7 @@ class VirtioNet(VirtioDevice):
         dma = t.dma
         try:
             n = q.pending(dma)
-            if not n or not t.has_feature(F_MRG_RXBUF):
+            if not n or not t.has_feature(F_MRG_RXBUF) or size <= 0:
                 return n > 0
             need = self.hdr_len + size
             ring = dma.read(q.avail + 4, 2 * q.size)
