@@ -178,8 +178,11 @@ class Machine:
         if not self._in_run:
             return
         if v is self._running:
-            if pins.intr or pins.pending_event:
-                # raised by a device access: take it right after this instruction
+            if pins.pending_event or (pins.intr and v.if_flag):
+                # raised by a device access: take it right after this instruction.  An
+                # interrupt raised with IF=0 (an EOI in a handler unmasking the next one)
+                # cannot be taken there: the block hook stops at the first block with IF=1,
+                # where the stop after this instruction would have led as well
                 v.request_stop()
         elif self.state[vid] != RUNNING and self._wakeable(v):
             # an idle vCPU woke up: end the sender's turn so it need not spin
