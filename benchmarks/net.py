@@ -24,6 +24,13 @@ bytes per CPU second the emulator's process used over the same span (/proc/PID/s
 first and last byte, all threads), which moves less than host time on a shared machine.
 
     python benchmarks/net.py [--model e1000|virtio|both] [--mbytes N] [--what switch|user|both] [--no-qemu]
+                             [--append ARGS]
+
+``--append ARGS`` adds kernel arguments to every guest, vmm's and QEMU's.  The two do not run
+the same kernel code by default: vmm's CPU is an Intel Sandy Bridge without
+IA32_ARCH_CAPABILITIES, so Linux turns on page table isolation (two CR3 writes, each a full
+TLB flush, per system call and interrupt from user mode), while QEMU's default CPU (qemu64) is
+AMD, which Linux does not isolate; ``--append mitigations=off`` runs both without it.
 
 Needs Debian's kernel packages (tools/debian.py); says so and exits 0 without them.
 """
@@ -85,7 +92,7 @@ class Meter:
             self.sizes.append(len(frame))
 
 
-def run_model(model: str, mbytes: int) -> dict:
+def run_model(model: str, mbytes: int, append: str = "") -> dict:
     kernel = debian.kernel()
     data = kernel.read_bytes()
     group = GroupRecording()
@@ -93,7 +100,8 @@ def run_model(model: str, mbytes: int) -> dict:
     for name, script, mac in (("rx", RECEIVER, "52:54:00:12:34:56"),
                               ("tx", SENDER.format(blocks=mbytes * 16), "52:54:00:12:34:57")):
         initrd = debian.initramfs(debian.INIT_HEADER + debian.LOAD_MODULES + script, MODULES[model])
-        cfg = machine_config(256 << 20, DEFAULT_EPOCH, str(kernel), data, "linux", "console=ttyS0 panic=-1",
+        cfg = machine_config(256 << 20, DEFAULT_EPOCH, str(kernel), data, "linux",
+                             f"console=ttyS0 panic=-1 {append}".strip(),
                              0x100000, "none", initrd=(str(initrd), initrd.read_bytes()))
         cfg["nics"] = describe_nics([{"model": model, "mac": mac}])
         m = group.add(name, cfg, data, os.devnull)
@@ -208,13 +216,13 @@ class Sink:
         self.thread.join(5)
 
 
-def run_user(model: str, mbytes: int, emulator: str) -> dict:
+def run_user(model: str, mbytes: int, emulator: str, append: str = "") -> dict:
     """One guest sending ``mbytes`` MiB to the host through user-mode networking, under vmm or QEMU."""
     kernel = debian.kernel()
     initrd = debian.initramfs(debian.INIT_HEADER + debian.LOAD_MODULES + USER_GUEST.format(blocks=mbytes * 16),
                               MODULES[model])
     sink = Sink()
-    append = f"console=ttyS0 panic=-1 hostport={sink.port}"
+    append = f"console=ttyS0 panic=-1 hostport={sink.port} {append}".strip()
     if emulator == "vmm":
         cmd = [sys.executable, "-m", "tools.cli", "run", "--kernel", str(kernel), "--initrd", str(initrd),
                "--mem", "256M", "--append", append, "--nic", f"model={model},net=user"]
@@ -245,14 +253,14 @@ def run_user(model: str, mbytes: int, emulator: str) -> dict:
 
 
 
-def user_table(models: list[str], mbytes: int, qemu: bool) -> None:
+def user_table(models: list[str], mbytes: int, qemu: bool, append: str = "") -> None:
     print(f"\nguest -> host over user networking (libslirp), {mbytes} MiB with busybox nc, host clock:")
     print(f"{'model':7s} {'vmm MB/s':>9} {'QEMU MB/s':>10} {'vmm/QEMU':>9}   {'vmm ping min/avg/max':>22}   "
           f"{'QEMU ping min/avg/max':>22}   {'vmm run s':>9} {'QEMU run s':>10}   "
           f"{'vmm MB/cpu-s':>12} {'QEMU MB/cpu-s':>13} {'ratio':>6}")
     for model in models:
-        v = run_user(model, mbytes, "vmm")
-        q = run_user(model, mbytes, "qemu") if qemu else None
+        v = run_user(model, mbytes, "vmm", append)
+        q = run_user(model, mbytes, "qemu", append) if qemu else None
         vr = v["bytes"] / v["host_s"] / 1e6
         qr = q["bytes"] / q["host_s"] / 1e6 if q else None
         print(f"{model:7s} {vr:9.2f} {qr if qr is not None else float('nan'):10.2f} "
@@ -270,6 +278,7 @@ def main() -> int:
     ap.add_argument("--what", choices=["switch", "user", "both"], default="both",
                     help="guest to guest on the switch, guest to host over user networking, or both")
     ap.add_argument("--no-qemu", action="store_true", help="no QEMU column in the user-networking table")
+    ap.add_argument("--append", default="", help="more kernel arguments, for every guest (e.g. mitigations=off)")
     a = ap.parse_args()
     try:
         debian.kernel()
@@ -279,7 +288,7 @@ def main() -> int:
         return 0
     models = ["e1000", "virtio"] if a.model == "both" else [a.model]
     for model in models if a.what != "user" else []:
-        r = run_model(model, a.mbytes)
+        r = run_model(model, a.mbytes, a.append)
         base_s, base_bytes = socketpair_baseline(r["sizes"], r["frames"])
         print(f"{model:7s} guest->guest over the switch: {r['frames']} frames, {r['bytes'] / 1e6:.1f} MB in "
               f"{r['host_s']:.2f} host s = {r['frames'] / r['host_s']:,.0f} frames/s, "
@@ -294,7 +303,7 @@ def main() -> int:
         qemu = not a.no_qemu and shutil.which("qemu-system-x86_64") is not None
         if not a.no_qemu and not qemu:
             print("net: no qemu-system-x86_64 on PATH: the QEMU column is left out")
-        user_table(models, a.mbytes, qemu)
+        user_table(models, a.mbytes, qemu, a.append)
     return 0
 
 
