@@ -32,7 +32,7 @@
 #include <sys/mman.h>
 #include <unicorn/unicorn.h>
 
-#define TBC_BITS 16
+#define TBC_BITS 17
 #define TBC_SIZE (1u << TBC_BITS)
 /* index by address only, so the entry load does not wait for the hflags load;
    the shadow MMU's per-page invalidation (mmu.c) uses the same macro */
@@ -975,7 +975,7 @@ static uint64_t host_write(vmm_core *c, uint8_t *host, uint64_t n, int code_chan
     c->tb_invalidate_range(c->uc, ram, ram + n);
     after = c->tcg_ctx ? c->tb_invalidations(c->tcg_ctx) : 1;
     if (after != before && code_changed) {
-        /* 1.5 MiB cleared: dear when it is done often, hence code_changed */
+        /* the whole table cleared (4 MiB): dear when it is done often, hence code_changed */
         memset(c->tbc, 0, sizeof(c->tbc));
         c->code_invalidations++;
     }
