@@ -89,7 +89,7 @@ typedef struct {
     uint32_t size;
     uint32_t icount;
     uint32_t mode;
-    uint32_t pad;
+    uint32_t succ;        /* the index of the block that ran after this one last (a prefetch hint) */
     uint32_t xoff;        /* 1 + offset in the block of an exception's EIP whose retired count is xn (0: none) */
     uint32_t xn;
 } vmm_tbc_entry;
@@ -479,8 +479,11 @@ __attribute__((noinline)) static void block_hook_full(uc_engine *uc, uint64_t ad
 static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmm_core *c = ud;
-    vmm_tbc_entry *e = &c->tbc[TBC_INDEX(addr)];
+    uint32_t idx = TBC_INDEX(addr);
+    vmm_tbc_entry *e = &c->tbc[idx];
     uint64_t next = c->icount + e->icount;
+    if (c->cur)
+        c->cur->succ = idx;     /* the block that came after the last one, for its next run */
     /* one predicted branch per test (cheaper here than or-ing flags) */
     if (__builtin_expect(e->pc != addr, 0)) goto full;
     if (__builtin_expect(e->size != size, 0)) goto full;
@@ -492,6 +495,9 @@ static void block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     c->icount = next;
     c->cur = e;
     c->mmio_log_len = 0;
+    /* the entry of the block that followed this one last time: most blocks have one
+       successor, and its entry is a cache miss more often than not */
+    __builtin_prefetch(&c->tbc[e->succ & (TBC_SIZE - 1)]);
     return;
 full:
     block_hook_full(uc, addr, size, ud);
