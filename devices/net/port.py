@@ -42,8 +42,9 @@ boundary, never of host state, so a replay asks at the same moments):
   interrupt stops it anyway) and an answer the backend gave at once (libslirp
   acknowledges a TCP segment inside ``send``) goes in there, with no stop of
   its own.  This poll takes what waits and does not poll the backends; when
-  it finds nothing the next periodic poll is brought forward to
-  FAST_POLL_TICKS;
+  it finds nothing (the answer, if any, comes from the host later: another
+  machine, a socket) the next periodic poll is brought forward to
+  FAST_POLL_TICKS and the periodic poll keeps that interval for BUSY_TICKS;
 * periodically (``net-input``), polling the backends first: FAST_POLL_TICKS
   (100 us of virtual time) after a poll that took a frame, then twice as long
   after each poll that took none, up to SLOW_POLL_TICKS (1 ms);
@@ -244,6 +245,7 @@ class NetInput:
         self._tx_timer = None
         self._interval = FAST_POLL_TICKS  # the periodic poll's next interval
         self._starved = False           # the last poll that handed over frames left a NIC without buffers
+        self._fast_until: int | None = None  # a transmit went unanswered: poll fast until then
 
     def add_port(self, nic_id: str, wire: Any, capture: Callable[[bytes, int], None] | None = None) -> NicPort:
         if nic_id in self.ports:
@@ -313,6 +315,7 @@ class NetInput:
         self._tx_timer = None
         self.tx_polls += 1
         if not self._take(now):
+            self._fast_until = now + BUSY_TICKS
             self._poll_soon()             # no answer yet: it may come from the host soon
         if self.poll_hook is not None:
             self.poll_hook()
@@ -326,7 +329,8 @@ class NetInput:
         got = self._take(now)
         if got == 0 and self.idle_hook is not None:
             self.idle_hook()
-        self._interval = FAST_POLL_TICKS if got else min(2 * self._interval, SLOW_POLL_TICKS)
+        fast = got or (self._fast_until is not None and now < self._fast_until)
+        self._interval = FAST_POLL_TICKS if fast else min(2 * self._interval, SLOW_POLL_TICKS)
         self._arm(self._interval)
         if self.poll_hook is not None:
             self.poll_hook()
@@ -376,7 +380,7 @@ class NetInput:
         return {"kind": self.kind, "version": self.VERSION,
                 "poll_at": t.deadline if t is not None and t.active else None,
                 "tx_poll_at": tx.deadline if tx is not None and tx.active else None,
-                "interval": self._interval, "starved": self._starved,
+                "interval": self._interval, "starved": self._starved, "fast_until": self._fast_until,
                 "last_activity": self.last_activity, "next": self._next}
 
     def load_state(self, state: State) -> None:
@@ -395,6 +399,7 @@ class NetInput:
         poll_at = tick_or_none("poll_at")
         tx_poll_at = tick_or_none("tx_poll_at")
         last = tick_or_none("last_activity")
+        fast_until = tick_or_none("fast_until") if "fast_until" in state else None
         nxt = state.get("next")
         if not isinstance(nxt, int) or isinstance(nxt, bool) or nxt < 0:
             raise DeviceStateError(f"{self.kind}: next must be a port index")
@@ -413,6 +418,7 @@ class NetInput:
         self._next = nxt % max(1, len(self._order))
         self._interval = interval
         self._starved = starved
+        self._fast_until = fast_until
         if poll_at is not None:
             self._timer = self.clock.schedule(poll_at, self.poll, self.name)
         if tx_poll_at is not None:

@@ -8,7 +8,7 @@ import pytest
 
 from devices.base import DeviceStateError
 from devices.clock import VirtualClock
-from devices.net.port import FAST_POLL_TICKS, SLOW_POLL_TICKS, NetInput, decode_net_frame
+from devices.net.port import BUSY_TICKS, FAST_POLL_TICKS, SLOW_POLL_TICKS, NetInput, decode_net_frame
 from replay.boundary import RecordingBoundary, ReplayBoundary
 
 FRAME = bytes(range(60))
@@ -93,6 +93,14 @@ def test_a_transmit_with_no_answer_brings_the_periodic_poll_forward():
     clock.advance_to(5_000)
     assert hub.tx_polls == 1 and nic.got == []
     assert hub._timer.deadline == 5_000 + FAST_POLL_TICKS
+    # and the periodic poll keeps that pace for BUSY_TICKS (the answer may come later), then backs off
+    gaps = []
+    while clock.now() < 5_000 + BUSY_TICKS + 8 * FAST_POLL_TICKS:
+        clock.advance_to(hub._timer.deadline)
+        gaps.append((clock.now(), hub._timer.deadline - clock.now()))
+    assert all(g == FAST_POLL_TICKS for t, g in gaps if t < 5_000 + BUSY_TICKS)
+    assert [g for t, g in gaps if t >= 5_000 + BUSY_TICKS][:3] == [2 * FAST_POLL_TICKS, 4 * FAST_POLL_TICKS,
+                                                                   8 * FAST_POLL_TICKS]
 
 
 def test_periodic_polls_back_off_while_nothing_comes_and_speed_up_when_frames_do():
@@ -156,7 +164,7 @@ def test_state_round_trip_and_the_previous_version():
     clock.advance_to(100)
     port.send(FRAME)                         # a poll due at 100, not fired yet
     st = hub.save_state()
-    assert st["version"] == 2 and st["tx_poll_at"] == 100
+    assert st["version"] == 2 and st["tx_poll_at"] == 100 and st["fast_until"] is None
     clock2, hub2, port2, _, nic2, _ = rig(RecordingBoundary(lambda e: None))
     hub2.load_state(st)
     assert hub2.save_state() == st
@@ -164,6 +172,7 @@ def test_state_round_trip_and_the_previous_version():
     hub2.load_state(v1)
     st2 = hub2.save_state()
     assert st2["poll_at"] == 500 and st2["tx_poll_at"] is None and st2["starved"] is True
-    for bad in ({"interval": 5}, {"interval": SLOW_POLL_TICKS * 2}, {"starved": 1}, {"tx_poll_at": -1}):
+    for bad in ({"interval": 5}, {"interval": SLOW_POLL_TICKS * 2}, {"starved": 1}, {"tx_poll_at": -1},
+                {"fast_until": "soon"}):
         with pytest.raises(DeviceStateError):
             hub2.load_state(dict(st, **bad))
