@@ -3,7 +3,8 @@
 and a host file-read baseline in the same run.
 
     python benchmarks/disk.py [--seq-mib N] [--random-ops N] [--append ARGS]
-                              [--only ide-pio,ide-dma,virtio-raw,virtio-qcow2,qemu-virtio]
+                              [--only ide-pio,ide-dma,virtio-raw,virtio-qcow2,
+                                      qemu-ide-pio,qemu-ide-dma,qemu-virtio]
 
 The guest is Debian's kernel with a busybox initramfs (tools/debian.py): for
 the IDE columns ata_piix and sd_mod (``ide-pio`` loads libata with dma=0,
@@ -26,8 +27,10 @@ by the host as they arrive, so the figures are host wall-clock time (in vmm
 guest time is virtual: an idle guest costs no host time, so the guest's own
 dd figures mean nothing here).  The vmm columns run the machine in this
 process; QEMU is ``qemu-system-x86_64 -nographic ... -drive
-file=IMG,if=virtio,format=raw`` (TCG), read through a pipe the same way.
-The ratio is vmm / QEMU throughput (issue 12 aims at >= 0.5 for virtio-blk).
+file=IMG,if=virtio|ide,format=raw`` (TCG; the qemu-* columns, the same guest
+scripts), read through a pipe the same way.  The ratios are each vmm column's
+throughput over QEMU's on the same interface (issue 12 aims at >= 0.5 for
+virtio-blk), and qcow2's over raw's.
 Both kernels run without page table isolation: vmm's default machine type,
 pc-3, reports IA32_ARCH_CAPABILITIES with RDCL_NO, and QEMU's default CPU
 (qemu64) is AMD, which Linux does not isolate.  (On pc-2, vmm's earlier CPU,
@@ -65,8 +68,13 @@ COLUMNS = {
     "ide-dma": ("ide", "raw", ["ata_piix", "sd_mod"], ""),
     "virtio-raw": ("virtio", "raw", ["virtio_pci", "virtio_blk"], ""),
     "virtio-qcow2": ("virtio", "qcow2", ["virtio_pci", "virtio_blk"], ""),
+    "qemu-ide-pio": ("ide", "raw", ["ata_piix", "sd_mod"], "dma=0"),
+    "qemu-ide-dma": ("ide", "raw", ["ata_piix", "sd_mod"], ""),
     "qemu-virtio": ("virtio", "raw", ["virtio_pci", "virtio_blk"], ""),
 }
+# the ratios printed: (column, the column it is divided by)
+RATIOS = [("ide-pio", "qemu-ide-pio"), ("ide-dma", "qemu-ide-dma"), ("virtio-raw", "qemu-virtio"),
+          ("virtio-qcow2", "qemu-virtio"), ("virtio-qcow2", "virtio-raw")]
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 DISK_MIB = 64
 BLOCK = 4096
@@ -228,10 +236,10 @@ def host_baseline(image: Path, seq_blocks: int, offs: list[int]) -> dict[str, fl
 
 
 def run_qemu(qemu: str, kernel: Path, initrd: Path, image: Path, fmt: str = "raw",
-             cmdline: str = CMDLINE) -> tuple[Marks, dict]:
+             cmdline: str = CMDLINE, interface: str = "virtio") -> tuple[Marks, dict]:
     marks = Marks(cpu=lambda: process_cpu(proc.pid))
     cmd = [qemu, "-nographic", "-no-reboot", "-accel", "tcg", "-m", "256M", "-kernel", str(kernel),
-           "-initrd", str(initrd), "-append", cmdline, "-drive", f"file={image},if=virtio,format={fmt}"]
+           "-initrd", str(initrd), "-append", cmdline, "-drive", f"file={image},if={interface},format={fmt}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     process_cpu(proc.pid)
@@ -265,11 +273,10 @@ def make_image(path: Path, fmt: str) -> None:
 
 
 def print_table(seconds: dict[str, dict[str, float]], seq_mib: int, random_ops: int) -> None:
-    ref = "qemu-virtio" if "qemu-virtio" in seconds else None
     names = list(seconds)
-    header = f"{'phase':<12}" + "".join(f"{c:>16}" for c in names)
-    if ref:
-        header += "".join(f"{c + '/qemu':>20}" for c in names if c not in (ref, "host-file"))
+    ratios = [(a, b) for a, b in RATIOS if a in seconds and b in seconds]
+    header = f"{'phase':<12}" + "".join(f"{c:>14}" for c in names)
+    header += "".join(f"{a + '/' + b:>{max(14, len(a) + len(b) + 3)}}" for a, b in ratios)
     print(header)
     for p in PHASES:
         row = f"{p:<12}"
@@ -277,14 +284,13 @@ def print_table(seconds: dict[str, dict[str, float]], seq_mib: int, random_ops: 
         for c in names:
             t = seconds[c].get(p)
             if t is None or t <= 0:
-                row += f"{'-':>16}"
+                row += f"{'-':>14}"
                 continue
             rates[c] = (seq_mib / t) if p.startswith("seq") else (random_ops / t)
-            row += f"{rates[c]:>10.2f} " + ("MiB/s" if p.startswith("seq") else "ops/s")
-        if ref:
-            for c in names:
-                if c not in (ref, "host-file"):
-                    row += f"{rates[c] / rates[ref]:>19.2f}x" if c in rates and ref in rates else f"{'-':>20}"
+            row += f"{rates[c]:>8.2f} " + ("MiB/s" if p.startswith("seq") else "ops/s")
+        for a, b in ratios:
+            w = max(14, len(a) + len(b) + 3)
+            row += f"{rates[a] / rates[b]:>{w - 1}.2f}x" if a in rates and b in rates else f"{'-':>{w}}"
         print(row)
 
 
@@ -329,7 +335,7 @@ def main() -> int:
             image = Path(tmp) / f"{col}.{fmt}"
             make_image(image, fmt)
             if col.startswith("qemu"):
-                marks, info = run_qemu(qemu, kernel, initrds[col], image, fmt, cmdline)
+                marks, info = run_qemu(qemu, kernel, initrds[col], image, fmt, cmdline, iface)
             else:
                 marks, info = run_vmm(kernel, initrds[col], image, iface, cmdline)
             seconds[col] = {p: t for p in PHASES if (t := marks.seconds(p)) is not None}
