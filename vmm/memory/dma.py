@@ -120,7 +120,7 @@ class DmaView:
         if self._direct(gpa, n, R):
             self.reads += 1
             self.bytes_read += n
-            return self.ept.memory.ram[gpa:gpa + n].tobytes()
+            return self.ept.memory.read(gpa, n)
         self._check(gpa, n, 0)
         self.reads += 1
         self.bytes_read += n
