@@ -127,3 +127,16 @@ class StatelessDevice:
 
     def load_state(self, st: dict) -> None:
         pass
+
+
+class ClockMachine:
+    """What a boundary binds to, for a device test with no CPU: vCPU 0 current, and the
+    icount the clock's tick."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.current = type("V", (), {"id": 0})()
+
+    @property
+    def icount(self):
+        return self.clock.now()

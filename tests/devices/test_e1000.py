@@ -31,6 +31,7 @@ from tests.devices.rigs_e1000 import (
     program_rings,
     queue_tx,
 )
+from tests.machine_helpers import ClockMachine
 
 PEER = bytes.fromhex("525400000002")
 
@@ -504,22 +505,12 @@ def test_dma_outside_ram_is_a_master_abort_not_a_crash():
 
 # -- the boundary: frames enter through the machine's input channel -----------------------------
 
-class FakeMachine:
-    def __init__(self, clock):
-        self.clock = clock
-        self.current = type("V", (), {"id": 0})()
-
-    @property
-    def icount(self):
-        return self.clock.now()
-
-
 def test_frames_cross_the_boundary_and_replay_without_a_wire():
     from replay.boundary import RecordingBoundary, ReplayBoundary
 
     def build(boundary):
         clock = VirtualClock()
-        m = FakeMachine(clock)
+        m = ClockMachine(clock)
         boundary.bind(m)
         hub = NetInput(clock, lambda: boundary)
         boundary.attach("net", hub.source)
@@ -558,7 +549,7 @@ def test_frames_cross_the_boundary_and_replay_without_a_wire():
     assert pos[0] == len(events) and bytes(ram2.mem) == recorded_ram and nic2.reg(e.RDH) == 7
 
 
-class HaltedMachine(FakeMachine):
+class HaltedMachine(ClockMachine):
     """A guest that retires no instructions: every poll happens at one icount."""
 
     @property

@@ -10,18 +10,9 @@ from devices.base import DeviceStateError
 from devices.clock import VirtualClock
 from devices.net.port import BUSY_TICKS, FAST_POLL_TICKS, SLOW_POLL_TICKS, NetInput, decode_net_frame
 from replay.boundary import RecordingBoundary, ReplayBoundary
+from tests.machine_helpers import ClockMachine
 
 FRAME = bytes(range(60))
-
-
-class Machine:
-    def __init__(self, clock):
-        self.clock = clock
-        self.current = type("V", (), {"id": 0})()
-
-    @property
-    def icount(self):
-        return self.clock.now()
 
 
 class Nic:
@@ -62,7 +53,7 @@ class Wire:
 
 def rig(boundary, answer=False, room=8):
     clock = VirtualClock()
-    boundary.bind(Machine(clock))
+    boundary.bind(ClockMachine(clock))
     hub = NetInput(clock, lambda: boundary)
     boundary.attach("net", hub.source)
     wire = Wire(answer)
