@@ -506,12 +506,32 @@ full:
 /* Length of a non-string IN/OUT at the current EIP, or 0 for string forms
    (INS/OUTS update ESI/EDI/ECX after the port access, so they cannot be cut
    short: they stop at the end of the block instead). */
+/* The index in b of the opcode after the legacy and (in 64-bit code) REX prefixes,
+   noting 0x66, 0x67 and REX.W; 15 if there is none within the 15 bytes. */
+static int skip_prefixes(const uint8_t *b, uint32_t mode, int *p66, int *p67, int *rexw)
+{
+    int i;
+    for (i = 0; i < 15; i++) {
+        uint8_t x = b[i];
+        if (x == 0x66) { *p66 = 1; continue; }
+        if (x == 0x67) { *p67 = 1; continue; }
+        if (x == 0xF0 || x == 0xF2 || x == 0xF3 || x == 0x2E ||
+            x == 0x36 || x == 0x3E || x == 0x26 || x == 0x64 || x == 0x65)
+            continue;
+        if ((mode & HF_CS64) && (x & 0xF0) == 0x40) {
+            *rexw = (x & 8) != 0;
+            continue;
+        }
+        break;
+    }
+    return i;
+}
+
 static int io_insn_len(vmm_core *c, uint64_t eip)
 {
     uint8_t b[16];
     uint64_t cs_base = *(uint64_t *)(c->env + ENV_SEG_CS + 8);
-    uint32_t mode = code_mode(c);
-    int i;
+    int i, p66 = 0, p67 = 0, rexw = 0;
     if (vmm_code_read(c, cs_base + eip, b, sizeof(b)) != UC_ERR_OK) {
         /* the instruction may end right before an unmapped page */
         for (i = 0; i < 15; i++) {
@@ -520,17 +540,10 @@ static int io_insn_len(vmm_core *c, uint64_t eip)
         }
         if (i == 0) return 0;
     }
-    for (i = 0; i < 15; i++) {
-        uint8_t x = b[i];
-        if (x == 0x66 || x == 0x67 || x == 0xF0 || x == 0xF2 || x == 0xF3 || x == 0x2E ||
-            x == 0x36 || x == 0x3E || x == 0x26 || x == 0x64 || x == 0x65)
-            continue;
-        if ((mode & HF_CS64) && (x & 0xF0) == 0x40)
-            continue;
-        if (x == 0xE4 || x == 0xE5 || x == 0xE6 || x == 0xE7) return i + 2;
-        if (x == 0xEC || x == 0xED || x == 0xEE || x == 0xEF) return i + 1;
-        return 0;
-    }
+    i = skip_prefixes(b, code_mode(c), &p66, &p67, &rexw);
+    if (i >= 15) return 0;
+    if (b[i] == 0xE4 || b[i] == 0xE5 || b[i] == 0xE6 || b[i] == 0xE7) return i + 2;
+    if (b[i] == 0xEC || b[i] == 0xED || b[i] == 0xEE || b[i] == 0xEF) return i + 1;
     return 0;
 }
 
@@ -538,6 +551,16 @@ static void exit_now(vmm_core *c)
 {
     uc_emu_stop(c->uc);
     c->loop_exit(c->cpu);   /* longjmp into cpu_exec; does not return */
+}
+
+/* Stop with EIP at ``next``, the instruction that made the I/O access complete
+   (VMM_STOP_IO). */
+static void stop_after(vmm_core *c, uint64_t next)
+{
+    *(uint64_t *)(c->env + ENV_EIP) = next;
+    c->stop_eip = next;
+    c->stop_flags |= VMM_STOP_IO;
+    exit_now(c);   /* a longjmp: Unicorn's exit-request check would put EIP back at the instruction */
 }
 
 static void io_stop(vmm_core *c, int is_in, int size, uint32_t value)
@@ -556,10 +579,7 @@ static void io_stop(vmm_core *c, int is_in, int size, uint32_t value)
         else if (size == 2) *rax = (*rax & ~0xFFFFull) | (value & 0xFFFF);
         else *rax = value;  /* a 32-bit destination zero-extends */
     }
-    *(uint64_t *)(c->env + ENV_EIP) = eip + len;
-    c->stop_eip = eip + len;
-    c->stop_flags |= VMM_STOP_IO;
-    exit_now(c);
+    stop_after(c, eip + len);
 }
 
 static void out_hook(uc_engine *uc, uint32_t port, int size, uint32_t value, void *ud)
@@ -757,18 +777,7 @@ static int store_insn_len(vmm_core *c, uint64_t eip, uint32_t *opsize)
     int i, p66 = 0, p67 = 0, rexw = 0, n, op16, modrm, mod, rm;
     if (vmm_code_read(c, cs_base + eip, b, sizeof(b)) != UC_ERR_OK)
         return 0;
-    for (i = 0; i < 14; i++) {
-        uint8_t x = b[i];
-        if (x == 0x66) { p66 = 1; continue; }
-        if (x == 0x67) { p67 = 1; continue; }
-        if (x == 0x2E || x == 0x36 || x == 0x3E || x == 0x26 || x == 0x64 || x == 0x65)
-            continue;
-        if ((mode & HF_CS64) && (x & 0xF0) == 0x40) {
-            rexw = (x & 8) != 0;
-            continue;
-        }
-        break;
-    }
+    i = skip_prefixes(b, mode, &p66, &p67, &rexw);
     if (i >= 13)
         return 0;
     /* 16-bit addressing: a 16-bit segment without 0x67, a 32-bit one with it */
@@ -818,13 +827,10 @@ static int mmio_store_stop(vmm_core *c, uint32_t size)
     len = store_insn_len(c, eip, &opsize);
     if (len == 0 || opsize != size)        /* not a MOV store, or a part of one (a split access) */
         return 0;
-    *(uint64_t *)(c->env + ENV_EIP) = eip + len;
     /* an instruction in the shadow of STI or MOV SS ends the shadow by completing */
     *(uint32_t *)(c->env + ENV_HFLAGS) &= ~HF_INHIBIT_IRQ_MASK;
-    c->stop_eip = eip + len;
-    c->stop_flags |= VMM_STOP_IO;
     c->mmio_store_stops++;
-    exit_now(c);   /* a longjmp: Unicorn's exit-request check would put EIP back at the store */
+    stop_after(c, eip + len);
     return 1;
 }
 
