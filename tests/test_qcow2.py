@@ -75,11 +75,17 @@ def kill_ops(seed: int, count: int, cluster: int) -> list[tuple]:
     return ops
 
 
-def run_kill_ops(path: str, seed: int, count: int, cluster: int, small_cache: bool, note) -> None:
+def run_kill_ops(path: str, seed: int, count: int, cluster: int, small_cache: bool, note,
+                 behind: bool = False) -> None:
     """Open the image and run the ops for ``seed``, calling ``note`` with
     ``F i`` once the flush that is op ``i`` has returned and ``O i`` after
-    any other op."""
+    any other op.  With ``behind`` the image is behind a write-behind queue
+    (host/images/writebehind.py, as ``vmm run`` opens a writable disk), whose
+    thread makes the writes, a few at a time."""
     im = open_image(path, True, limits=Limits(cache_bytes=1) if small_cache else Limits())
+    if behind:
+        from host.images.writebehind import WriteBehind
+        im = WriteBehind(im, batch=3 * 4096)
     note("READY")
     for i, op in enumerate(kill_ops(seed, count, cluster)):
         if op[0] == "write":
@@ -95,7 +101,7 @@ def run_kill_ops(path: str, seed: int, count: int, cluster: int, small_cache: bo
 
 
 def _child(path: str, seed: int, count: int, cluster: int, kill_at: int, small_cache: int,
-           torn: int = 0) -> None:
+           torn: int = 0, behind: int = 0) -> None:
     """Run in a child process: the ops for ``seed``, printing ``F i`` once the
     flush that is op ``i`` has returned; with ``kill_at`` > 0, SIGKILL itself
     just before its ``kill_at``-th write, truncate or fsync.  A small cache
@@ -123,7 +129,7 @@ def _child(path: str, seed: int, count: int, cluster: int, kill_at: int, small_c
         os.pwrite = counted(os.pwrite)
         os.fsync = counted(os.fsync)
         os.ftruncate = counted(os.ftruncate)
-    run_kill_ops(path, seed, count, cluster, small_cache, lambda mark: print(mark, flush=True))
+    run_kill_ops(path, seed, count, cluster, small_cache, lambda mark: print(mark, flush=True), bool(behind))
     print("DONE", flush=True)
 
 
@@ -840,36 +846,37 @@ def _verify_after_kill(path: str, seed: int, count: int, cluster: int, lines: li
 
 
 def _spawn(path: str, seed: int, count: int, cluster: int, kill_at: int,
-           small_cache: bool = False, torn: bool = False) -> subprocess.Popen:
+           small_cache: bool = False, torn: bool = False, behind: bool = False) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), "child", path, str(seed),
                              str(count), str(cluster), str(kill_at), str(int(small_cache)),
-                             str(int(torn))],
+                             str(int(torn)), str(int(behind))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @settings(max_examples=_examples(25, 400), **SETTINGS)
 @given(seed=st.integers(0, 1 << 30), kill_at=st.integers(1, 110),
-       cluster=st.sampled_from([512, 4096, 65536]), small_cache=st.booleans(), torn=st.booleans())
-def test_sigkill_at_any_io_call_keeps_flushed_writes(seed, kill_at, cluster, small_cache, torn):
+       cluster=st.sampled_from([512, 4096, 65536]), small_cache=st.booleans(), torn=st.booleans(),
+       behind=st.booleans())
+def test_sigkill_at_any_io_call_keeps_flushed_writes(seed, kill_at, cluster, small_cache, torn, behind):
     # 30 operations make 50 to 130 write/truncate/fsync calls.
     count = 30
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.qcow2")
         create(path, KILL_SIZE, cluster_size=cluster)
-        p = _spawn(path, seed, count, cluster, kill_at, small_cache, torn)
+        p = _spawn(path, seed, count, cluster, kill_at, small_cache, torn, behind)
         out, err = p.communicate(timeout=60)
         assert p.returncode in (0, -signal.SIGKILL), err
         _verify_after_kill(path, seed, count, cluster, out.split("\n"))
 
 
 @settings(max_examples=_examples(8, 100), **SETTINGS)
-@given(seed=st.integers(0, 1 << 30), delay=st.floats(0, 0.25))
-def test_sigkill_at_a_random_moment_keeps_flushed_writes(seed, delay):
+@given(seed=st.integers(0, 1 << 30), delay=st.floats(0, 0.25), behind=st.booleans())
+def test_sigkill_at_a_random_moment_keeps_flushed_writes(seed, delay, behind):
     count, cluster = 400, 4096
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.qcow2")
         create(path, KILL_SIZE, cluster_size=cluster)
-        p = _spawn(path, seed, count, cluster, 0)
+        p = _spawn(path, seed, count, cluster, 0, behind=behind)
         _verify_after_kill(path, seed, count, cluster, _kill_after_ready(p, delay))
 
 

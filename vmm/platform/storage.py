@@ -18,7 +18,10 @@ How an image is opened depends on who runs the machine (``attach_drives``'s
 
 * ``run``: as the user asked: read-write unless ``readonly`` (a CD-ROM is
   always read-only), or behind an in-memory copy-on-write overlay with
-  ``snapshot=on`` (QEMU's meaning: the guest writes, the file stays);
+  ``snapshot=on`` (QEMU's meaning: the guest writes, the file stays).  A
+  read-write file is behind a write-behind queue (host/images/writebehind.py):
+  a host thread makes the writes, joined into runs, while the vCPU runs on,
+  as QEMU's thread pool makes its guests' writes;
 * ``record``: always behind an in-memory overlay, so the image stays what
   the log's hash names and the recording can be replayed from it; the hash
   is that of the guest-visible content before the run;
@@ -41,6 +44,7 @@ from typing import Any
 
 from devices.base import DeviceStateError
 from host.images import ImageError, MemoryOverlay, open_image
+from host.images.writebehind import WriteBehind
 
 INTERFACES = ("ide", "virtio")
 MEDIA = ("disk", "cdrom")
@@ -181,7 +185,7 @@ def open_drive(d: dict, mode: str) -> Any:
     path, fmt = d["path"], d["format"]
     try:
         if mode == "run" and not d["snapshot"] and not d["readonly"]:
-            return open_image(path, True, fmt)
+            return WriteBehind(open_image(path, True, fmt))
         # a read-only drive (a CD-ROM) sits behind an overlay that takes no writes in every
         # mode, so a snapshot of a run holds its (empty) part and restores as it was saved
         img = ReplayOverlay(open_image(path, False, fmt), writable=not d["readonly"])
