@@ -26,11 +26,10 @@ first and last byte, all threads), which moves less than host time on a shared m
     python benchmarks/net.py [--model e1000|virtio|both] [--mbytes N] [--what switch|user|both] [--no-qemu]
                              [--append ARGS]
 
-``--append ARGS`` adds kernel arguments to every guest, vmm's and QEMU's.  The two do not run
-the same kernel code by default: vmm's CPU is an Intel Sandy Bridge without
-IA32_ARCH_CAPABILITIES, so Linux turns on page table isolation (two CR3 writes, each a full
-TLB flush, per system call and interrupt from user mode), while QEMU's default CPU (qemu64) is
-AMD, which Linux does not isolate; ``--append mitigations=off`` runs both without it.
+``--append ARGS`` adds kernel arguments to every guest, vmm's and QEMU's.  Both run the same
+kernel code by default: vmm's default machine type, pc-3, reports IA32_ARCH_CAPABILITIES with
+RDCL_NO, so Linux does not isolate its page tables, and QEMU's default CPU (qemu64) is AMD,
+which Linux does not isolate either (``-M pc-2`` would turn isolation on under vmm).
 
 Needs Debian's kernel packages (tools/debian.py); says so and exits 0 without them.
 """
