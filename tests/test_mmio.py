@@ -445,6 +445,42 @@ def test_the_stop_is_the_same_when_the_machine_runs_one_instruction_at_a_time(ki
     check_taken_right_after(g, dev, code, RAISE, ecx=1)
 
 
+PORT = 0x510                    # the doorbell's port: a byte OUT there raises its interrupt
+
+
+class PortDoorbell(Doorbell):
+    """The same doorbell, rung by a byte OUT to PORT (acknowledged through its MMIO offset 4)."""
+
+    name = "port-doorbell"
+    io_sizes = (1,)
+
+    def io_read(self, port: int, size: int) -> int:
+        return self.mmio_read(port - PORT, size)
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        self.mmio_write(port - PORT, size, value)
+
+
+@pytest.mark.parametrize("mmu", MMUS)
+@pytest.mark.parametrize("shadow", [True, False], ids=["in-the-sti-shadow", "after-it"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_interrupt_raised_by_an_out_is_taken_right_after_it(kind, shadow, mmu):
+    """SDM vol. 3 6.8.3: STI inhibits interrupts until the end of the next instruction, so an
+    OUT right after STI that raises one has it taken at the boundary after the OUT, as an OUT
+    outside the shadow does."""
+    out = "out dx, al\n"
+    code = ("xor ebx, ebx\nxor ecx, ecx\nmov al, 0x80\n" f"mov dx, {PORT:#x}\n" "sti\n"
+            + ("" if shadow else "nop\n") + out + "inc ebx\ninc ebx\n" + EXIT0)
+    g, dev = doorbell_guest(code, kind, mmu)
+    bell = PortDoorbell(kind, dev.line, dev.pins)
+    g.m.mmio.unregister(dev)
+    g.m.mmio.register(bell, DEV, 0x10)
+    g.m.io.register(bell, PORT, 1)
+    r = g.run(1000)
+    assert r.reason is StopReason.EXIT, r
+    check_taken_right_after(g, bell, code, out)
+
+
 def test_an_interrupt_raised_with_if_clear_waits_for_sti():
     """No stop after the store (the interrupt could not be taken there): the block hook stops
     where IF=1 lets it in, after the STI shadow."""

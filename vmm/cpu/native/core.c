@@ -554,9 +554,11 @@ static void exit_now(vmm_core *c)
 }
 
 /* Stop with EIP at ``next``, the instruction that made the I/O access complete
-   (VMM_STOP_IO). */
+   (VMM_STOP_IO).  An instruction in the shadow of STI or MOV SS ends the shadow
+   by completing (SDM vol. 3 6.8.3), so an interrupt it raised is taken here. */
 static void stop_after(vmm_core *c, uint64_t next)
 {
+    *(uint32_t *)(c->env + ENV_HFLAGS) &= ~HF_INHIBIT_IRQ_MASK;
     *(uint64_t *)(c->env + ENV_EIP) = next;
     c->stop_eip = next;
     c->stop_flags |= VMM_STOP_IO;
@@ -827,8 +829,6 @@ static int mmio_store_stop(vmm_core *c, uint32_t size)
     len = store_insn_len(c, eip, &opsize);
     if (len == 0 || opsize != size)        /* not a MOV store, or a part of one (a split access) */
         return 0;
-    /* an instruction in the shadow of STI or MOV SS ends the shadow by completing */
-    *(uint32_t *)(c->env + ENV_HFLAGS) &= ~HF_INHIBIT_IRQ_MASK;
     c->mmio_store_stops++;
     stop_after(c, eip + len);
     return 1;
