@@ -84,7 +84,7 @@ def machine_config(mem_size: int, epoch: int, image_name: str, image: bytes, boo
                    cmdline: str, load_addr: int, input_kind: str, vcpus: int = 1, quantum: int | None = None,
                    mmu: str = "shadow", entries: list[tuple[int, int]] | None = None,
                    initrd: tuple[str, bytes] | None = None, debug_exit: tuple[int, int] = (0x501, 2),
-                   platform: str = "pc-3") -> dict:
+                   platform: str = "pc-4") -> dict:
     """The machine's recipe: everything a recording's or a snapshot's header needs to
     build the same machine again (images by path and SHA-256)."""
     return {
@@ -400,7 +400,7 @@ def record(image_name: str, image: bytes, out_path, *, mem_size: int = 32 << 20,
            debug_exit: tuple[int, int] = (0x501, 2),
            input_to: str | None = None, drives: list[dict] | None = None, nics: list[dict] | None = None,
            on_writer: Callable[[LogWriter], None] | None = None,
-           platform: str = "pc-3") -> tuple[RunResult, PcMachine]:
+           platform: str = "pc-4") -> tuple[RunResult, PcMachine]:
     """Run a guest while writing its event log to ``out_path`` (a path or a binary stream).
 
     ``on_writer`` is handed the log writer once the header is written (lockstep

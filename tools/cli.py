@@ -146,8 +146,9 @@ def add_machine_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--mmu", choices=["shadow", "nested"], default="shadow",
                    help="shadow: the VMM fills the CPU's TLB from the guest's page tables and the EPT "
                         "(default); nested: the CPU core walks the guest's tables itself")
-    r.add_argument("-M", "--machine", choices=["pc-3", "pc-2"], default="pc-3", metavar="TYPE",
-                   help="machine type: pc-3 (default) or pc-2, whose CPU does not report "
+    r.add_argument("-M", "--machine", choices=["pc-4", "pc-3", "pc-2"], default="pc-4", metavar="TYPE",
+                   help="machine type: pc-4 (default); pc-3, whose virtio-net offers no TCP segmentation "
+                        "and transmits at every notify; or pc-2, whose CPU also does not report "
                         "IA32_ARCH_CAPABILITIES, so Linux takes it for vulnerable to Meltdown and isolates its "
                         "page tables (a replay builds the type its log names)")
     r.add_argument("--smp", type=parse_smp, default=1, metavar="N",

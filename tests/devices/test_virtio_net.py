@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devices.base import DeviceStateError
 from devices.bus import IoBus, MmioBus
 from devices.clock import VirtualClock
 from devices.net import l4_checksum_ok
@@ -33,11 +34,11 @@ class Wire:
         self.frames.append(frame)
 
 
-def make(accept: int = ~0, legacy: bool = False, ram: Ram | None = None):
+def make(accept: int = ~0, legacy: bool = False, ram: Ram | None = None, **opts):
     ram = ram or Ram(0x40000)
     io, mmio, clock = IoBus(), MmioBus(), VirtualClock()
     wire = Wire()
-    dev = vn.VirtioNet(wire, MAC)
+    dev = vn.VirtioNet(wire, MAC, **opts)
     fn = VirtioPciFunction(dev, io_bus=io, mmio_bus=mmio, dma=ram, clock=clock)
     drv = Driver(fn, io, mmio, ram, legacy=legacy)
     drv.init(accept)
@@ -264,3 +265,90 @@ def test_asking_whether_a_frame_fits_changes_no_guest_memory():
     assert dev.can_receive(60) and not fn.broken                               # deliver finds out
     dev.deliver(udp_frame(b"x"))
     assert fn.broken
+
+
+# -- TCP segmentation offload and transmit batching (machine type pc-4) ---------------------------
+def tcp_packet(payload: bytes, seq: int = 1000) -> bytes:
+    tcp = dpkt.tcp.TCP(sport=40000, dport=1234, seq=seq, ack=1, flags=dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH,
+                       win=500, data=payload)
+    ip = dpkt.ip.IP(src=bytes([10, 0, 2, 15]), dst=bytes([10, 0, 2, 2]), p=6, id=77, data=tcp)
+    return bytes(dpkt.ethernet.Ethernet(dst=PEER, src=MAC, type=0x0800, data=ip))
+
+
+def test_tso_packets_leave_as_segments_with_their_checksums():
+    dev, fn, drv, _, wire = make(tso=True)
+    assert fn.has_feature(vn.F_HOST_TSO4)
+    payload = bytes(range(256)) * 40                      # 10240 bytes: 8 segments of 1448, one of 104
+    big = tcp_packet(payload)
+    hdr = HDR.pack(vn.HDR_F_NEEDS_CSUM, vn.GSO_TCPV4, 54, 1448, 34, 16, 0)
+    transmit(drv, big, hdr)
+    assert dev.tso_packets == 1 and dev.tx_dropped == 0
+    assert [len(f) - 54 for f in wire.frames] == [1448] * 7 + [104]
+    got = b""
+    for f in wire.frames:
+        assert l4_checksum_ok(f)
+        tcp = dpkt.ethernet.Ethernet(f).data.data
+        assert tcp.seq == 1000 + len(got)
+        got += tcp.data
+    assert got == payload
+    assert len(drv.used(vn.TX)) == 1                     # one chain, returned once
+
+
+def test_tso_is_offered_only_when_asked_and_a_packet_too_large_for_it_is_dropped():
+    dev, fn, drv, _, wire = make()
+    assert not fn.has_feature(vn.F_HOST_TSO4)
+    dev, fn, drv, _, wire = make(tso=True, ram=Ram(0x80000))
+    too_big = b"\0" * (vn.MAX_FRAME + vn.ETH_HEADER + 1)
+    transmit(drv, too_big, HDR.pack(0, vn.GSO_TCPV4, 54, 1448, 34, 16, 0), split=False)
+    transmit(drv, udp_frame(b"u"), HDR.pack(0, vn.GSO_TCPV4, 42, 1448, 34, 6, 0))   # not TCP
+    assert wire.frames == [] and dev.tx_dropped == 2 and not fn.broken
+
+
+def test_a_transmit_soon_after_the_last_waits_for_the_batch():
+    dev, fn, drv, _, wire = make(tx_batch=1000)
+    clock = fn.clock
+    a, b, c = udp_frame(b"a"), udp_frame(b"b"), udp_frame(b"c")
+    transmit(drv, a)                                      # the first after a pause goes at once
+    assert wire.frames == [a]
+    clock.advance(300)
+    transmit(drv, b)
+    transmit(drv, c)                                      # both wait: the last transmit was 300 ticks ago
+    assert wire.frames == [a] and len(drv.used(vn.TX)) == 1
+    clock.advance(699)
+    assert wire.frames == [a]
+    clock.advance(1)                                      # 1000 ticks after the first: the batch goes
+    assert wire.frames == [a, b, c] and len(drv.used(vn.TX)) == 2   # the two returned now
+    clock.advance(5000)
+    d = udp_frame(b"d")
+    transmit(drv, d)                                      # a pause again: at once
+    assert wire.frames[-1] == d
+
+
+def test_a_pending_batch_survives_save_and_load():
+    dev, fn, drv, _, wire = make(tx_batch=1000)
+    clock = fn.clock
+    transmit(drv, udp_frame(b"a"))
+    clock.advance(10)
+    transmit(drv, udp_frame(b"b"))
+    st = dev.save_state()
+    assert st["tx_pending"] is True and st["version"] == 2
+    dev.reset()                                            # the timer goes
+    clock.advance(2000)
+    assert len(wire.frames) == 1
+    dev.load_state(st)                                     # armed again at last + batch (already past)
+    clock.advance(1)
+    assert len(wire.frames) == 2
+
+
+def test_a_version_1_state_loads_as_nothing_pending_and_bad_states_are_refused():
+    dev, fn, drv, _, wire = make(tx_batch=1000)
+    dev.load_state({"kind": dev.kind, "version": 1})
+    assert dev.save_state()["tx_pending"] is False
+    for bad in ({"kind": dev.kind, "version": 2, "last_tx": 0},
+                {"kind": dev.kind, "version": 2, "last_tx": "0", "tx_pending": False},
+                {"kind": dev.kind, "version": 3, "last_tx": 0, "tx_pending": False}):
+        with pytest.raises(DeviceStateError):
+            dev.load_state(bad)
+    plain, *_ = make()
+    with pytest.raises(DeviceStateError):
+        plain.load_state({"kind": plain.kind, "version": 2, "last_tx": 5, "tx_pending": True})

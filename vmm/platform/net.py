@@ -41,6 +41,8 @@ MODELS = ("e1000", "virtio")
 NIC_SLOTS = (3, 12, 13, 14, 15, 16, 17, 18)
 DEFAULT_MAC = bytes.fromhex("525400123456")
 IDLE_SLEEP = 0.001          # host seconds a poll that found nothing sleeps while the guest is halted
+PLATFORM_TSO = "pc-4"       # the first machine type whose virtio-net segments and batches
+TX_BATCH_TICKS = 100_000    # 1 ms: a transmit within this of the last one waits for the batch
 _ID = re.compile(r"net[0-9]")
 
 _switches: dict[str, Any] = {}
@@ -99,7 +101,8 @@ def attach_virtio_net(machine: Any, wire: Any, mac: bytes | str, slot: int, *, n
     nic_id = name or f"virtio-net.{slot}"
     mac = parse_mac(mac)
     port = nic_port(machine, nic_id, wire, capture)
-    dev = VirtioNet(port, mac, name=nic_id)
+    newer = getattr(machine, "platform", PLATFORM_TSO) not in ("pc-1", "pc-2", "pc-3")
+    dev = VirtioNet(port, mac, name=nic_id, tso=newer, tx_batch=TX_BATCH_TICKS if newer else 0)
     port.nic = dev
     dev.on_rx_ready = port.hub.rx_ready
     attach_virtio(machine, dev, slot)

@@ -1,9 +1,12 @@
 """The PC: the Machine plus its devices, wired as QEMU's i440FX/PIIX board is.
 
-Three machine types (as QEMU versions its boards, so a recording made on one
+Four machine types (as QEMU versions its boards, so a recording made on one
 replays on the same one):
 
-* ``pc-3`` (the default): ``pc-2`` with a CPU that enumerates
+* ``pc-4`` (the default): ``pc-3`` whose virtio-net cards offer TCP
+  segmentation offload (HOST_TSO4) and batch transmits that follow one
+  another within 1 ms of virtual time (devices/virtio/net.py ``tx_batch``).
+* ``pc-3``: ``pc-2`` with a CPU that enumerates
   IA32_ARCH_CAPABILITIES and reports itself unaffected by Meltdown and the
   other flaws of speculative execution (vmm/cpu/cpuid.py), so Linux does not
   isolate its page tables.
@@ -78,13 +81,13 @@ class PcConfig:
     mmu: str = "shadow"       # "shadow" (C TLB fill: guest tables + EPT) or "nested" (Unicorn walks)
     vcpus: int = 1
     quantum: int | None = None  # instructions per vCPU turn (None: the machine's default)
-    platform: str = "pc-3"      # the machine type (see the module docstring)
+    platform: str = "pc-4"      # the machine type (see the module docstring)
     debug_exit: tuple[int, int] = (0x501, 2)   # isa-debug-exit's iobase and iosize
     fw_cfg_files: dict[str, bytes] = field(default_factory=dict)   # more fw_cfg files: option ROMs
     # for a real BIOS ("vgaroms/NAME" a VGA BIOS, "genroms/NAME" others), as QEMU's rom_add_vga/option_rom
 
 
-PLATFORMS = ("pc-3", "pc-2", "pc-1")
+PLATFORMS = ("pc-4", "pc-3", "pc-2", "pc-1")
 LAPIC_BASE = 0xFEE0_0000
 IOAPIC_BASE = 0xFEC0_0000
 HPET_BASE = 0xFED0_0000
