@@ -130,7 +130,7 @@ HOSTILE_CONFIGS = [
     ("image.bundled", "nosuchguest"), ("image.bundled", "../../etc/passwd"), ("image.bundled", 5),
     ("snapshot", "x"), ("snapshot", {"path": 1, "sha256": "00" * 32}), ("snapshot", {"path": "/x"}),
     ("snapshot", {"path": "/x", "sha256": "zz" * 32}), ("snapshot", {"path": "a\0b", "sha256": "00" * 32}),
-    ("platform", "pc-4"), ("platform", None), ("debug_exit", [0x501]), ("debug_exit", [0x501, 3]),
+    ("platform", "pc-9"), ("platform", None), ("debug_exit", [0x501]), ("debug_exit", [0x501, 3]),
     ("debug_exit", [0xFFFF, 2]), ("debug_exit", "0x501"), ("debug_exit", [-1, 1]), ("debug_exit", [0x501, True]),
     ("initrd", "initrd.img"), ("initrd", {"path": "/x", "sha256": "00" * 32}),
     ("initrd", {"name": "i", "path": "/x", "sha256": "00"}), ("initrd", {"name": "i", "path": 5, "sha256": "00" * 32}),
