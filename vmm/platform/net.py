@@ -101,8 +101,10 @@ def attach_virtio_net(machine: Any, wire: Any, mac: bytes | str, slot: int, *, n
     nic_id = name or f"virtio-net.{slot}"
     mac = parse_mac(mac)
     port = nic_port(machine, nic_id, wire, capture)
-    newer = getattr(machine, "platform", PLATFORM_TSO) not in ("pc-1", "pc-2", "pc-3")
-    dev = VirtioNet(port, mac, name=nic_id, tso=newer, tx_batch=TX_BATCH_TICKS if newer else 0)
+    from vmm.platform.pc import since
+
+    offload = since(getattr(machine, "platform", PLATFORM_TSO), PLATFORM_TSO)
+    dev = VirtioNet(port, mac, name=nic_id, tso=offload, tx_batch=TX_BATCH_TICKS if offload else 0)
     port.nic = dev
     dev.on_rx_ready = port.hub.rx_ready
     attach_virtio(machine, dev, slot)

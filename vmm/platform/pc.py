@@ -87,7 +87,12 @@ class PcConfig:
     # for a real BIOS ("vgaroms/NAME" a VGA BIOS, "genroms/NAME" others), as QEMU's rom_add_vga/option_rom
 
 
-PLATFORMS = ("pc-4", "pc-3", "pc-2", "pc-1")
+PLATFORMS = ("pc-4", "pc-3", "pc-2", "pc-1")     # newest first
+
+
+def since(platform: str, first: str) -> bool:
+    """Does machine type ``platform`` have what ``first`` brought (is it ``first`` or newer)?"""
+    return PLATFORMS.index(platform) <= PLATFORMS.index(first)
 LAPIC_BASE = 0xFEE0_0000
 IOAPIC_BASE = 0xFEC0_0000
 HPET_BASE = 0xFED0_0000
@@ -113,7 +118,7 @@ class PcMachine(Machine):
         self.add_device(pic)
         legacy = self.platform == "pc-1"
         if not legacy:
-            arch_cap = self.platform != "pc-2"
+            arch_cap = since(self.platform, "pc-3")
             for v in self.vcpus:
                 v.cpuid = pc2_cpuid(v.id, len(self.vcpus), arch_capabilities=arch_cap)
             if arch_cap:

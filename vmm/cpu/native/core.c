@@ -503,9 +503,6 @@ full:
     block_hook_full(uc, addr, size, ud);
 }
 
-/* Length of a non-string IN/OUT at the current EIP, or 0 for string forms
-   (INS/OUTS update ESI/EDI/ECX after the port access, so they cannot be cut
-   short: they stop at the end of the block instead). */
 /* The index in b of the opcode after the legacy and (in 64-bit code) REX prefixes,
    noting 0x66, 0x67 and REX.W; 15 if there is none within the 15 bytes. */
 static int skip_prefixes(const uint8_t *b, uint32_t mode, int *p66, int *p67, int *rexw)
@@ -527,6 +524,9 @@ static int skip_prefixes(const uint8_t *b, uint32_t mode, int *p66, int *p67, in
     return i;
 }
 
+/* Length of a non-string IN/OUT at the current EIP, or 0 for string forms
+   (INS/OUTS update ESI/EDI/ECX after the port access, so they cannot be cut
+   short: they stop at the end of the block instead). */
 static int io_insn_len(vmm_core *c, uint64_t eip)
 {
     uint8_t b[16];
